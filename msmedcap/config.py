@@ -1,0 +1,367 @@
+"""One typed configuration for model, data, training and evaluation.
+
+A run's config = a YAML preset (packaged under ``msmedcap/presets`` or a file path) plus
+``section.key=value`` overrides from the command line. Everything is checked before any work
+starts: unknown keys, wrong types and missing files raise :class:`ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+BRANCHES = ("clip", "sam")
+VARIANT_BRANCHES = {"blip2": ("clip",), "sam-blip2": ("sam",), "msmedcap": ("clip", "sam")}
+
+
+class ConfigError(ValueError):
+    """A bad configuration: raised before any work starts, naming the key or file."""
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class ClipConfig:
+    """open_clip image encoder (frozen). ``name`` is an open_clip model name, or a path to an
+    open_clip model-config JSON (tiny presets ship theirs in the package)."""
+    name: str = "EVA01-g-14"
+    pretrained: Optional[str] = None  # open_clip pretrained tag or a weights file; None = random init
+    image_size: int = 224
+    # Which transformer block's output feeds the Q-Former; -2 = penultimate, as BLIP-2 does.
+    feature_layer: int = -2
+
+
+@dataclass
+class SamConfig:
+    """segment-anything image encoder (frozen)."""
+    type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
+    checkpoint: Optional[str] = None  # SAM .pth (full model or image-encoder-only); None = random init
+    image_size: int = 1024
+    token_layout: Literal["channels", "spatial"] = "channels"
+    # ImageEncoderViT kwargs overriding the registry type (tiny presets); empty = the registry's.
+    encoder: dict = field(default_factory=dict)
+
+
+@dataclass
+class QFormerConfig:
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_freq: int = 2
+    num_query_tokens: int = 32
+    embed_dim: int = 256  # ITC projection size
+    max_text_len: int = 32
+    tokenizer: str = "bert-base-uncased"  # HF name or directory
+    init_from: Optional[str] = None  # BERT weights (HF name or directory) for the Q-Former layers
+
+
+@dataclass
+class LMConfig:
+    name_or_path: Optional[str] = "facebook/opt-2.7b"  # HF name or directory; None = random init from `config`
+    tokenizer: str = "facebook/opt-2.7b"
+    config: dict = field(default_factory=dict)  # OPTConfig kwargs for random init (tiny presets)
+    prompt: str = "Question: Describe the image. Answer:"
+    num_soft_prompts: int = 0  # learned soft prompt embeddings prepended before the queries' projections
+    max_caption_len: int = 32
+
+
+@dataclass
+class ModelConfig:
+    variant: Literal["blip2", "sam-blip2", "msmedcap"] = "msmedcap"
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    # Mixed semantic pretraining: which branches each sample's domain trains in stage 1.
+    routing: dict = field(default_factory=lambda: {"general": ["clip", "sam"], "medical": ["sam"]})
+    # Frozen encoders' dtype: auto = fp16 on GPU, bf16 on CPU.
+    frozen_dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    blip2_checkpoint: Optional[str] = None  # HF-format BLIP-2 directory imported into the CLIP branch
+
+    @property
+    def branches(self) -> tuple:
+        return VARIANT_BRANCHES[self.variant]
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    # Weighted shard specs "PATTERN::WEIGHT" (brace expansion, weight optional = 1).
+    train: list = field(default_factory=lambda: [
+        "shards/demo/general-train-{000..003}.tar::1", "shards/demo/medical-train-{000..003}.tar::1"])
+    eval: list = field(default_factory=lambda: [
+        "shards/demo/general-eval-000.tar", "shards/demo/medical-eval-000.tar"])
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    max_image_pixels: int = 50_000_000  # decompression-bomb cap; larger images are skipped and counted
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class StageConfig:
+    steps: int = 1000
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["1", "2", "all"] = "all"
+    output_dir: str = "runs/demo"
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # trainables; auto = bf16 (fp16 where no bf16)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = evaluate only at the end
+    eval_at_end: bool = True
+
+
+# --------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    num_beams: int = 5
+    min_len: int = 8
+    max_len: int = 30
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    max_samples: int = 0  # 0 = all
+    gallery: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in allowed:
+            value = str(value)  # `train.stage=1` parses as int
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    if tp is list:
+        if isinstance(value, (str, tuple)):
+            value = [value] if isinstance(value, str) else list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!r} (known: {', '.join(sorted(names))})")
+    obj = cls()
+    for name, value in data.items():
+        setattr(obj, name, _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name))
+    return obj
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    packaged = PRESET_DIR / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        names = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name_or_path!r} (presets: {', '.join(names)}; or a .yaml path)")
+    return packaged
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("inherit", None)  # a preset may build on another preset
+    if base:
+        data = _merge(_read_yaml(preset_path(base)), data)
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """``model.qformer.num_layers=2`` -> nested dict; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def load_config(preset: str = "demo", overrides: Optional[list] = None, check_files: bool = True) -> Config:
+    """Preset (name or YAML path) + overrides -> a validated :class:`Config`."""
+    data = _read_yaml(preset_path(preset))
+    for ov in overrides or []:
+        data = _merge(data, parse_override(ov))
+    cfg = _build(Config, data)
+    validate(cfg, check_files=check_files)
+    return cfg
+
+
+def config_from_dict(data: dict, check_files: bool = False) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg, check_files=check_files)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+def expand_braces(pattern: str) -> list:
+    """webdataset's brace expansion (``{000..003}``, ``{a,b}``)."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def split_weighted_spec(spec: str) -> tuple:
+    """``"path-{0..3}.tar::2.5"`` -> (pattern, 2.5)."""
+    pattern, sep, weight = spec.rpartition("::")
+    if not sep:
+        return spec, 1.0
+    try:
+        w = float(weight)
+    except ValueError:
+        raise ConfigError(f"shard spec {spec!r}: weight {weight!r} is not a number") from None
+    if w <= 0:
+        raise ConfigError(f"shard spec {spec!r}: weight must be > 0")
+    return pattern, w
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path and not path.startswith("pipe:")
+
+
+def _is_hub_name(path: str) -> bool:
+    # "facebook/opt-2.7b" or "bert-base-uncased": not a local path, resolved by the library's loader.
+    return not path.startswith((".", "/", "~")) and not os.path.exists(path) and path.count("/") <= 1
+
+
+def validate(cfg: Config, check_files: bool = True) -> None:
+    m, t = cfg.model, cfg.train
+    for domain, branches in m.routing.items():
+        if domain not in ("general", "medical"):
+            raise ConfigError(f"model.routing: unknown domain {domain!r} (general, medical)")
+        if not isinstance(branches, list) or not set(branches) <= set(BRANCHES):
+            raise ConfigError(f"model.routing.{domain}: expected a list of {BRANCHES}, got {branches!r}")
+    if m.qformer.hidden_size % m.qformer.num_heads:
+        raise ConfigError("model.qformer.hidden_size must be divisible by model.qformer.num_heads")
+    for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):
+        for k in ("steps", "micro_batch_size", "grad_accum"):
+            if getattr(st, k) < 1:
+                raise ConfigError(f"train.{name}.{k} must be >= 1")
+        if st.min_lr > st.lr:
+            raise ConfigError(f"train.{name}.min_lr must be <= train.{name}.lr")
+    if cfg.eval.min_len > cfg.eval.max_len:
+        raise ConfigError("eval.min_len must be <= eval.max_len")
+    if not check_files:
+        return
+    for section in ("train", "eval"):
+        for spec in getattr(cfg.data, section):
+            pattern, _ = split_weighted_spec(spec)
+            for path in expand_braces(pattern):
+                if _is_local(path) and not os.path.isfile(path):
+                    raise ConfigError(f"data.{section}: shard file not found: {path} (from {spec!r})")
+    files = {
+        "model.clip.pretrained": m.clip.pretrained if m.clip.pretrained and os.sep in m.clip.pretrained else None,
+        "model.sam.checkpoint": m.sam.checkpoint,
+        "model.blip2_checkpoint": m.blip2_checkpoint,
+    }
+    for key, path in files.items():
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{key}: file not found: {path}")
+    for key, path in {"model.qformer.tokenizer": m.qformer.tokenizer, "model.lm.tokenizer": m.lm.tokenizer,
+                      "model.qformer.init_from": m.qformer.init_from, "model.lm.name_or_path": m.lm.name_or_path,
+                      "model.clip.name": m.clip.name if m.clip.name.endswith(".json") else None}.items():
+        if path and not _is_hub_name(path) and not os.path.exists(resolve_asset(path)):
+            raise ConfigError(f"{key}: not found: {path}")
+
+
+def resolve_asset(path: str) -> str:
+    """Paths starting with ``pkg://`` point inside the installed package (tiny tokenizers, configs)."""
+    if path.startswith("pkg://"):
+        return str(Path(__file__).parent / path[len("pkg://"):])
+    return path
