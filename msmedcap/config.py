@@ -215,7 +215,7 @@ def _build(cls, data: dict, prefix: str = ""):
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]!r} (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (known keys there: {', '.join(sorted(names))})")
     obj = cls()
     for name, value in data.items():
         setattr(obj, name, _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name))
