@@ -1,0 +1,82 @@
+"""`msmedcap score` (score existing predictions) and `msmedcap caption` (caption image files)."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("score", help="score predictions against references (pycocoevalcap)",
+                              description="Score {\"key\", \"prediction\"} JSONL lines against "
+                              "{\"key\", \"captions\": [...]} JSONL lines; per domain/source when the lines "
+                              "carry those fields.")
+    p.add_argument("predictions", help="PRED.jsonl: {\"key\", \"prediction\"} per line (evaluate's "
+                   "predictions.jsonl works as is)")
+    p.add_argument("--refs", help="REFS.jsonl: {\"key\", \"captions\": [...]} per line; default: the "
+                   "'references' field of the prediction lines")
+    p.add_argument("--out", help="write the scores here (JSON)")
+    p.add_argument("--spice", choices=("auto", "on", "off"), default="auto",
+                   help="SPICE: when its models are installed (auto), required (on), or skipped (off)")
+    p.set_defaults(func=run_score)
+
+    c = subparsers.add_parser("caption", help="caption image files with a trained checkpoint",
+                              description="Print one caption per image (PNG, JPEG; DICOM with pydicom).")
+    c.add_argument("images", nargs="+", metavar="IMAGE")
+    c.add_argument("--checkpoint", required=True, help="an export directory or a run directory (newest export)")
+    c.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size of the checkpoint's config")
+    c.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    c.add_argument("--json", action="store_true", help="print JSON lines {\"image\", \"caption\"}")
+    c.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                   help="config overrides, e.g. eval.num_beams=1")
+    c.set_defaults(func=run_caption)
+
+
+def _error(cmd: str, msg: str) -> int:
+    print(f"msmedcap {cmd}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run_score(args) -> int:
+    from msmedcap.eval.io import InputError, read_predictions, read_references, write_json
+    from msmedcap.eval.report import print_scores
+    from msmedcap.eval.scoring import ScoringError, check_keys, score_records
+
+    try:
+        preds = read_predictions(args.predictions)
+        if args.refs:
+            refs = {str(r["key"]): r for r in read_references(args.refs)}
+            check_keys({k: r["captions"] for k, r in refs.items()}, {str(p["key"]): p for p in preds},
+                       refs_name=args.refs, preds_name=args.predictions)
+            records = [{**refs[str(p["key"])], **p, "references": refs[str(p["key"])]["captions"]} for p in preds]
+        else:
+            no_refs = [p["key"] for p in preds if not isinstance(p.get("references"), list)]
+            if no_refs:
+                raise InputError(f"{args.predictions}: {len(no_refs)} line(s) carry no 'references' list "
+                                 f"(e.g. key {no_refs[0]!r}); pass --refs REFS.jsonl")
+            records = preds
+        start = time.time()
+        scores = score_records(records, spice=args.spice)
+    except (InputError, ScoringError) as e:
+        return _error("score", str(e))
+    scores.pop("per_sample")
+    scores.update(predictions=args.predictions, references=args.refs, score_seconds=round(time.time() - start, 2))
+    print_scores(scores, title=f"Scores: {args.predictions}")
+    if args.out:
+        write_json(args.out, scores)
+    return 0
+
+
+def run_caption(args) -> int:
+    from msmedcap.eval.captioner import CaptionError, caption_files
+
+    try:
+        results = caption_files(args.images, args.checkpoint, overrides=args.overrides,
+                                batch_size=args.batch_size, device=args.device)
+    except CaptionError as e:
+        return _error("caption", str(e))
+    import json
+
+    for path, caption in results:
+        print(json.dumps({"image": path, "caption": caption}) if args.json else f"{path}\t{caption}")
+    return 0
+

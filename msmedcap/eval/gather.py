@@ -1,0 +1,49 @@
+"""Gather each rank's evaluation records on rank 0, through torch.distributed (no shared files).
+
+Exact-once is checked on rank 0: a key that two ranks (or one rank twice) produced is an error, and
+so is a total that differs from the expected sample count when the caller knows it (shard manifests).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import torch.distributed as dist
+
+
+class CoverageError(RuntimeError):
+    """Some sample was evaluated twice, or records went missing between the ranks and rank 0."""
+
+
+def gather_records(records: list, rank: int = 0, world_size: int = 1,
+                   expected: Optional[int] = None) -> Optional[list]:
+    """All ranks' records, in rank order, on rank 0; None on the other ranks.
+
+    Each record is a dict with at least ``key``. Works with any backend whose ``gather`` exists
+    (gloo; nccl with the current CUDA device set). With one process, no process group is needed.
+    """
+    if world_size > 1:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
+        parts = [None] * world_size if rank == 0 else None
+        dist.gather_object(records, parts, dst=0)
+        if rank != 0:
+            return None
+    else:
+        parts = [records]
+    merged = [r for part in parts for r in part]
+    check_exact_once(merged, per_rank=[len(p) for p in parts], expected=expected)
+    return merged
+
+
+def check_exact_once(records: list, per_rank: Optional[list] = None, expected: Optional[int] = None) -> None:
+    counts = Counter(r["key"] for r in records)
+    dup = [k for k, c in counts.items() if c > 1]
+    if dup:
+        shown = ", ".join(repr(k) for k in sorted(dup)[:5])
+        raise CoverageError(f"{len(dup)} sample key(s) were evaluated more than once (e.g. {shown}); "
+                            f"records per rank: {per_rank}. Duplicate __key__ values in the shards, or "
+                            "shards read by two ranks")
+    if expected is not None and len(records) != expected:
+        raise CoverageError(f"{len(records)} samples evaluated but {expected} expected; records per rank: "
+                            f"{per_rank}")
