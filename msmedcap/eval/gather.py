@@ -16,24 +16,25 @@ class CoverageError(RuntimeError):
 
 
 def gather_records(records: list, rank: int = 0, world_size: int = 1,
-                   expected: Optional[int] = None) -> Optional[list]:
-    """All ranks' records, in rank order, on rank 0; None on the other ranks.
+                   expected: Optional[int] = None, group=None) -> Optional[list]:
+    """Every rank's list of records (index = rank) on rank 0, checked exact-once; None elsewhere.
 
     Each record is a dict with at least ``key``. Works with any backend whose ``gather`` exists
     (gloo; nccl with the current CUDA device set). With one process, no process group is needed.
+    ``group``: a torch.distributed group (default: the whole world); rank and world_size are then
+    this process's rank in it and its size, and the group's first rank receives.
     """
     if world_size > 1:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
         parts = [None] * world_size if rank == 0 else None
-        dist.gather_object(records, parts, dst=0)
+        dist.gather_object(records, parts, group=group, group_dst=0)
         if rank != 0:
             return None
     else:
         parts = [records]
-    merged = [r for part in parts for r in part]
-    check_exact_once(merged, per_rank=[len(p) for p in parts], expected=expected)
-    return merged
+    check_exact_once([r for part in parts for r in part], per_rank=[len(p) for p in parts], expected=expected)
+    return parts
 
 
 def check_exact_once(records: list, per_rank: Optional[list] = None, expected: Optional[int] = None) -> None:

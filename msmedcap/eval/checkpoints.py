@@ -1,0 +1,86 @@
+"""Finding and loading the weights export to evaluate: an export directory (trainable.safetensors
++ config.yaml, written by the trainer) or a run directory, whose newest complete export is used."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXPORT_WEIGHTS = "trainable.safetensors"
+EXPORT_CONFIG = "config.yaml"
+
+
+class CheckpointError(ValueError):
+    """No usable export where the user pointed: says where it looked."""
+
+
+def is_export(path: Path) -> bool:
+    return (path / EXPORT_WEIGHTS).is_file() and (path / EXPORT_CONFIG).is_file()
+
+
+def find_export(path) -> Path:
+    """``path`` itself if it is an export, else the newest export under it. Directories whose name
+    starts with a dot (checkpoints being written or deleted) are never used."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{path}: no such checkpoint, export or run directory")
+    if p.is_file():
+        p = p.parent  # e.g. .../export/trainable.safetensors
+    if is_export(p):
+        return p
+    found = [w.parent for w in p.rglob(EXPORT_WEIGHTS)
+             if is_export(w.parent) and not any(part.startswith(".") for part in w.parent.relative_to(p).parts)]
+    if not found:
+        raise CheckpointError(f"{path}: no export ({EXPORT_WEIGHTS} + {EXPORT_CONFIG}) in it or below it; "
+                              "is training finished, or is this the right run directory?")
+    return max(found, key=lambda d: (d / EXPORT_WEIGHTS).stat().st_mtime)
+
+
+def default_out_dir(checkpoint_arg, export: Path) -> Path:
+    """<run dir>/eval when a run directory was given, else <export>/eval."""
+    given = Path(checkpoint_arg)
+    return (export if is_export(given) or given.is_file() else given) / "eval"
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """eval.* and data.* overrides on a loaded config (the model is already built from the rest)."""
+    from msmedcap.config import ConfigError, _merge, config_from_dict, parse_override
+
+    data = cfg.to_dict()
+    for ov in overrides:
+        parsed = parse_override(ov)
+        if set(parsed) - {"eval", "data"}:
+            raise ConfigError(f"override {ov!r}: only eval.* and data.* can change at evaluation "
+                              "(the model is built from the export's own config)")
+        data = _merge(data, parsed)
+    return config_from_dict(data, check_files=False)
+
+
+def check_eval_shards(specs: Sequence[str]) -> None:
+    """Local eval shards must exist (train shards need not be on an evaluation machine)."""
+    import os
+
+    from msmedcap.config import ConfigError, expand_braces, split_weighted_spec
+
+    if not specs:
+        raise ConfigError("data.eval: no eval shards given")
+    for spec in specs:
+        pattern, _ = split_weighted_spec(spec)
+        for path in expand_braces(pattern):
+            if "://" not in path and not path.startswith("pipe:") and not os.path.isfile(path):
+                raise ConfigError(f"data.eval: shard file not found: {path} (from {spec!r})")
+
+
+def load_for_eval(export: Path, overrides: Sequence[str] = (), device: Optional[object] = None,
+                  data: Optional[Sequence[str]] = None):
+    """-> (model in eval mode on ``device``, its config with overrides and ``data`` eval specs)."""
+    from msmedcap.models import load_from_export
+
+    model, cfg = load_from_export(str(export))
+    cfg = apply_overrides(cfg, overrides)
+    if data:
+        cfg.data.eval = list(data)
+    check_eval_shards(cfg.data.eval)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, cfg

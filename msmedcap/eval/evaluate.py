@@ -1,0 +1,167 @@
+"""The fused evaluation job: each rank captions its disjoint part of the eval shards (batched beam
+search), rank 0 gathers every record, scores them once with pycocoevalcap and writes
+predictions.jsonl, scores.json and gallery.html, and prints the table."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from msmedcap.batch import CLIP_MEAN, CLIP_STD, DOMAINS, SAM_MEAN, SAM_STD
+
+
+def generation_kwargs(cfg) -> dict:
+    """model.generate settings from cfg.eval (the prompt is the model's, cfg.model.lm.prompt)."""
+    e = cfg.eval
+    return dict(num_beams=e.num_beams, min_len=e.min_len, max_len=e.max_len,
+                repetition_penalty=e.repetition_penalty, length_penalty=e.length_penalty)
+
+
+def model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- thumbnails
+def batch_thumbnails(batch: dict) -> list:
+    """Base64 JPEG thumbnails from the batch's own image tensors (no second read of the shards):
+    the highest-resolution one, un-normalised; SAM's zero padding (after normalisation) cropped."""
+    from PIL import Image
+
+    from msmedcap.eval.gallery import thumbnail_b64
+
+    candidates = [(k, mean, std) for k, mean, std in (("sam_image", SAM_MEAN, SAM_STD), ("clip_image", CLIP_MEAN, CLIP_STD))
+                  if torch.is_tensor(batch.get(k))]
+    if not candidates:
+        return [None] * len(batch["key"])
+    key, mean, std = max(candidates, key=lambda c: batch[c[0]].shape[-1])
+    images = batch[key].detach().float().cpu()
+    out = []
+    for img in images:
+        if key == "sam_image":  # padding is exactly 0 after normalisation: keep the used box
+            used = img.abs().sum(0) > 0
+            rows, cols = used.any(1).nonzero(), used.any(0).nonzero()
+            if len(rows) and len(cols):
+                img = img[:, : int(rows[-1]) + 1, : int(cols[-1]) + 1]
+        rgb = img * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        arr = (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        out.append(thumbnail_b64(Image.fromarray(arr, "RGB")))
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+def rank_quota(max_samples: int, rank: int, world_size: int) -> int:
+    """This rank's share of eval.max_samples (0 = no limit); the shares add up to max_samples."""
+    if max_samples <= 0:
+        return 0
+    return max_samples // world_size + (1 if rank < max_samples % world_size else 0)
+
+
+@torch.no_grad()
+def generate_records(model, batches, gen_kwargs: dict, limit: int = 0, thumbnails: bool = True,
+                     progress=None) -> list:
+    """Caption every batch -> records (key, source, domain, references, prediction[, thumbnail]).
+    ``limit`` > 0 stops after that many samples."""
+    device = model_device(model)
+    records = []
+    for batch in batches:
+        if limit and len(records) >= limit:
+            break
+        captions = model.generate(to_device(batch, device), **gen_kwargs)
+        if len(captions) != len(batch["key"]):
+            raise RuntimeError(f"model.generate returned {len(captions)} captions for {len(batch['key'])} samples")
+        thumbs = batch_thumbnails(batch) if thumbnails else [None] * len(captions)
+        domains = batch["domain"].tolist() if torch.is_tensor(batch["domain"]) else list(batch["domain"])
+        for i, caption in enumerate(captions):
+            rec = {"key": str(batch["key"][i]), "source": str(batch["source"][i]),
+                   "domain": DOMAINS[domains[i]] if isinstance(domains[i], int) else str(domains[i]),
+                   "references": [batch["caption"][i]], "prediction": caption.strip()}
+            if thumbs[i]:
+                rec["thumbnail"] = thumbs[i]
+            records.append(rec)
+        if progress:
+            progress(len(records))
+    return records[:limit] if limit else records
+
+
+# --------------------------------------------------------------------------- the job
+def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Optional[Sequence[str]] = None,
+             checkpoint: Optional[str] = None) -> Optional[dict]:
+    """Caption the eval shards on every rank, gather on rank 0, score, write, print.
+
+    Args:
+        model: the captioning model (``model.generate(batch, num_beams, min_len, max_len,
+            repetition_penalty, length_penalty) -> list[str]``); a DeepSpeed engine is unwrapped.
+            Every rank calls this with its own replica; its train/eval mode is restored afterwards.
+        cfg: the run's :class:`msmedcap.config.Config`; generation settings come from ``cfg.eval``,
+            the prompt from ``cfg.model.lm.prompt``, the shards from ``cfg.data.eval``.
+        out_dir: where rank 0 writes ``predictions.jsonl``, ``scores.json`` and ``gallery.html``.
+        rank, world_size: this process's place in the initialised torch.distributed group (all
+            ranks must call; 1 = no process group needed).
+        specs: shard specs to evaluate instead of ``cfg.data.eval``.
+        checkpoint: recorded in scores.json (the export or checkpoint the weights came from).
+
+    Returns:
+        On rank 0 the scores (as written to scores.json: overall, per domain, per source, counts,
+        times); ``None`` on the other ranks.
+    """
+    from msmedcap.data.loader import make_eval_loader
+    from msmedcap.eval.gather import gather_records
+    from msmedcap.eval.gallery import write_gallery
+    from msmedcap.eval.io import write_json, write_jsonl
+    from msmedcap.eval.report import print_scores
+    from msmedcap.eval.scoring import score_records
+
+    model = getattr(model, "module", model)  # DeepSpeed engine -> the model
+    specs = list(specs or cfg.data.eval)
+    was_training = model.training
+    model.eval()
+    start = time.time()
+    try:
+        loader = make_eval_loader(cfg, specs, rank, world_size, cfg.eval.batch_size)
+        records = generate_records(model, loader, generation_kwargs(cfg),
+                                   limit=rank_quota(cfg.eval.max_samples, rank, world_size),
+                                   thumbnails=cfg.eval.gallery)
+    finally:
+        model.train(was_training)
+    generate_s = time.time() - start
+    parts = gather_records(records, rank, world_size)
+    if rank != 0:
+        return None
+    everything = [r for part in parts for r in part]
+
+    start = time.time()
+    scores = score_records(everything)
+    score_s = time.time() - start
+    for rec in everything:
+        rec["scores"] = scores["per_sample"][rec["key"]]
+    del scores["per_sample"]
+    scores.update(
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        data=specs,
+        samples={"total": len(everything), "per_rank": [len(p) for p in parts], "max_samples": cfg.eval.max_samples},
+        generation={**generation_kwargs(cfg), "prompt": cfg.model.lm.prompt, "batch_size": cfg.eval.batch_size},
+        time={"generate_s": round(generate_s, 2), "score_s": round(score_s, 2),
+              "captions_per_s": round(len(everything) / max(generate_s, 1e-9), 2),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        world_size=world_size,
+        config=cfg.to_dict(),
+    )
+    out = Path(out_dir)
+    write_jsonl(out / "predictions.jsonl", ({k: v for k, v in r.items() if k != "thumbnail"} for r in everything))
+    write_json(out / "scores.json", scores)
+    if cfg.eval.gallery:
+        o = scores["overall"]
+        write_gallery(out / "gallery.html", everything, title=f"msmedcap {cfg.model.variant}: {out}",
+                      summary=f"{len(everything)} samples · checkpoint {checkpoint} · CIDEr {o['CIDEr']:.4f} · "
+                              f"BLEU-4 {o['Bleu_4']:.4f}")
+    print_scores(scores, title=f"{cfg.model.variant} · {len(everything)} samples · {out}")
+    return scores
+
