@@ -1,0 +1,66 @@
+# Sourced by launch/slurm/*.sbatch: what every msmedcap job does with its allocation.
+#
+# Ranks are started by `srun`, one task per rank (= per GPU), not by DeepSpeed's launcher:
+#  - srun needs no ssh/pdsh between nodes, and SLURM tracks, accounts and cleans up every rank;
+#  - a signal sent through SLURM reaches the ranks themselves. DeepSpeed's launcher would sit between
+#    them and die of SIGUSR1 (it handles only INT and TERM), taking the ranks down unsaved.
+# Each task maps SLURM's ids to torch.distributed's variables (RANK, LOCAL_RANK, WORLD_SIZE,
+# MASTER_ADDR, MASTER_PORT); deepspeed.init_distributed reads them as if its launcher had set them.
+
+MSMEDCAP_ROOT=${MSMEDCAP_ROOT:-$SLURM_SUBMIT_DIR}  # sbatch runs a copy of the script: find the checkout
+PYTHON=${PYTHON:-python}
+
+# msmedcap_setup ARGS...: the run dir and the rendezvous. The run dir is $RUN_DIR, else the
+# train.output_dir=... override among ARGS, else runs/slurm-$SLURM_JOB_ID; a requeued job keeps its
+# SLURM_JOB_ID, so it comes back to the same dir. The job's log goes to $RUN_DIR/job.log (appended).
+msmedcap_setup() {
+    local arg
+    if [[ -z ${RUN_DIR:-} ]]; then
+        RUN_DIR=runs/slurm-$SLURM_JOB_ID
+        for arg in "$@"; do
+            [[ $arg == train.output_dir=* ]] && RUN_DIR=${arg#train.output_dir=}
+        done
+    fi
+    mkdir -p "$RUN_DIR"
+    echo "msmedcap: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: log in $RUN_DIR/job.log"
+    exec >>"$RUN_DIR/job.log" 2>&1
+
+    local nodes
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    # Node names need not resolve (e.g. n1, n2 on one host): rendezvous at the first node's NodeAddr.
+    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "${nodes[0]}" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')}
+    MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    # One thread per allocated core, not one per core of the machine, for every rank.
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    export RUN_DIR MASTER_ADDR MASTER_PORT OMP_NUM_THREADS
+    echo "=== $(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}:" \
+         "${SLURM_NTASKS} ranks on ${nodes[*]}, rendezvous $MASTER_ADDR:$MASTER_PORT"
+}
+
+# msmedcap_srun CMD...: run CMD once per rank and wait for it. USR1 (time limit near, see
+# `--signal=B:USR1@...`) and TERM reaching this shell are passed on to the ranks through srun, then
+# the shell waits for them to finish; the signal's name is left in MSMEDCAP_SIGNAL.
+MSMEDCAP_SIGNAL=
+msmedcap_srun() {
+    local pid rc
+    srun --kill-on-bad-exit=1 bash -c \
+        'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &
+    pid=$!
+    trap "MSMEDCAP_SIGNAL=USR1; echo 'msmedcap: SIGUSR1: ranks checkpoint and stop'; kill -USR1 $pid" USR1
+    trap "MSMEDCAP_SIGNAL=TERM; echo 'msmedcap: SIGTERM: ranks checkpoint and stop'; kill -TERM $pid" TERM
+    # `wait` returns early when a trapped signal arrives: wait again until srun has really ended.
+    while :; do
+        wait "$pid" && rc=0 || rc=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+    echo "msmedcap: ranks ended with status $rc"
+    return "$rc"
+}
+
+# msmedcap_requeue: put this job back in the queue (same job id, so same run dir); it restarts
+# from the top with SLURM_RESTART_COUNT incremented. SLURM ends this shell right after.
+msmedcap_requeue() {
+    echo "msmedcap: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+}
