@@ -10,17 +10,11 @@
 MSMEDCAP_ROOT=${MSMEDCAP_ROOT:-$SLURM_SUBMIT_DIR}  # sbatch runs a copy of the script: find the checkout
 PYTHON=${PYTHON:-python}
 
-# msmedcap_setup ARGS...: the run dir and the rendezvous. The run dir is $RUN_DIR, else the
-# train.output_dir=... override among ARGS, else runs/slurm-$SLURM_JOB_ID; a requeued job keeps its
-# SLURM_JOB_ID, so it comes back to the same dir. The job's log goes to $RUN_DIR/job.log (appended).
+# msmedcap_setup: the run dir and the rendezvous. The run dir is $RUN_DIR, else
+# runs/slurm-$SLURM_JOB_ID: a requeued job keeps its SLURM_JOB_ID, so it comes back to the same dir.
+# The job's log goes to $RUN_DIR/job.log (appended).
 msmedcap_setup() {
-    local arg
-    if [[ -z ${RUN_DIR:-} ]]; then
-        RUN_DIR=runs/slurm-$SLURM_JOB_ID
-        for arg in "$@"; do
-            [[ $arg == train.output_dir=* ]] && RUN_DIR=${arg#train.output_dir=}
-        done
-    fi
+    RUN_DIR=${RUN_DIR:-runs/slurm-$SLURM_JOB_ID}
     mkdir -p "$RUN_DIR"
     echo "msmedcap: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: log in $RUN_DIR/job.log"
     exec >>"$RUN_DIR/job.log" 2>&1
@@ -34,7 +28,7 @@ msmedcap_setup() {
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     export RUN_DIR MASTER_ADDR MASTER_PORT OMP_NUM_THREADS
     echo "=== $(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}:" \
-         "${SLURM_NTASKS} ranks on ${nodes[*]}, rendezvous $MASTER_ADDR:$MASTER_PORT"
+         "${SLURM_NTASKS:-$SLURM_JOB_NUM_NODES} ranks on ${nodes[*]}, rendezvous $MASTER_ADDR:$MASTER_PORT"
 }
 
 # msmedcap_srun CMD...: run CMD once per rank and wait for it. USR1 (time limit near, see
@@ -46,8 +40,8 @@ msmedcap_srun() {
     srun --kill-on-bad-exit=1 bash -c \
         'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &
     pid=$!
-    trap "MSMEDCAP_SIGNAL=USR1; echo 'msmedcap: SIGUSR1: ranks checkpoint and stop'; kill -USR1 $pid" USR1
-    trap "MSMEDCAP_SIGNAL=TERM; echo 'msmedcap: SIGTERM: ranks checkpoint and stop'; kill -TERM $pid" TERM
+    trap "MSMEDCAP_SIGNAL=USR1; echo 'msmedcap: SIGUSR1: ranks checkpoint and stop'; kill -USR1 $pid || true" USR1
+    trap "MSMEDCAP_SIGNAL=TERM; echo 'msmedcap: SIGTERM: ranks checkpoint and stop'; kill -TERM $pid || true" TERM
     # `wait` returns early when a trapped signal arrives: wait again until srun has really ended.
     while :; do
         wait "$pid" && rc=0 || rc=$?
@@ -56,6 +50,18 @@ msmedcap_srun() {
     trap - USR1 TERM
     echo "msmedcap: ranks ended with status $rc"
     return "$rc"
+}
+
+# msmedcap_training_finished: true when the trainer's summary.json says no stage was stopped early.
+msmedcap_training_finished() {
+    "$PYTHON" - "$RUN_DIR/summary.json" <<'PY'
+import json, sys
+try:
+    stages = json.load(open(sys.argv[1]))["stages"]
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+sys.exit(any(s.get("stopped_by") for s in stages))
+PY
 }
 
 # msmedcap_requeue: put this job back in the queue (same job id, so same run dir); it restarts
