@@ -1,0 +1,157 @@
+"""The frozen image encoders: open_clip's CLIP vision tower and segment-anything's image encoder.
+
+Both are built through their libraries' own constructors and loaders, kept frozen (no grad, eval
+mode that ``model.train()`` cannot undo) and run under ``no_grad``. Each returns a token sequence
+``[B, N, C]`` for a Q-Former to cross-attend.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from msmedcap.config import ClipConfig, ConfigError, SamConfig, resolve_asset
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def frozen_dtype(name: str) -> torch.dtype:
+    """``auto`` = fp16 where a GPU is present, bf16 on CPU (fp16 matmuls are slow or missing there)."""
+    if name == "auto":
+        return torch.float16 if torch.cuda.is_available() else torch.bfloat16
+    return DTYPES[name]
+
+
+class FrozenEncoder(nn.Module):
+    """Base of the frozen parts: parameters without grad and eval mode that ``train()`` cannot undo."""
+
+    width: int  # channels of each output token
+    num_tokens: int
+
+    def freeze(self, dtype: torch.dtype) -> "FrozenEncoder":
+        self.requires_grad_(False)
+        self.to(dtype)
+        return super().train(False)
+
+    def train(self, mode: bool = True):  # frozen: dropout/drop-path stay off whatever the parent says
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.tokens(images.to(self.dtype))
+
+
+# --------------------------------------------------------------------------- CLIP
+def _open_clip_name(name: str) -> str:
+    """A built-in open_clip model name, or a model-config JSON registered with open_clip first."""
+    import open_clip
+
+    if name.endswith(".json"):
+        path = Path(resolve_asset(name))
+        if not path.is_file():
+            raise ConfigError(f"model.clip.name: open_clip model config not found: {path}")
+        open_clip.add_model_config(path)
+        return path.stem
+    return name
+
+
+class ClipEncoder(FrozenEncoder):
+    """open_clip vision tower cut after ``feature_layer`` (BLIP-2 takes the penultimate block's tokens,
+    class token included: EVA01-g-14 at 224 gives 257 x 1408). Blocks after it are removed."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        import open_clip
+
+        name = _open_clip_name(cfg.name)
+        clip = open_clip.create_model(name, pretrained=cfg.pretrained, force_image_size=cfg.image_size,
+                                      device=torch.empty(0).device)  # follows torch.device("meta") contexts
+        visual = clip.visual
+        trunk = getattr(visual, "trunk", None)  # timm towers (EVA) are wrapped: visual.trunk
+        blocks = trunk.blocks if trunk is not None else visual.transformer.resblocks
+        depth = len(blocks)
+        layer = cfg.feature_layer + depth if cfg.feature_layer < 0 else cfg.feature_layer
+        if not 0 <= layer < depth:
+            raise ConfigError(f"model.clip.feature_layer={cfg.feature_layer}: {name} has {depth} blocks")
+        if trunk is not None:
+            trunk.prune_intermediate_layers([layer], prune_norm=True, prune_head=True)
+            visual.head = nn.Identity()
+            self.width = trunk.embed_dim
+        else:
+            visual.prune_intermediate_layers([layer], prune_norm=True, prune_head=True)
+            self.width = visual.transformer.width
+        self.visual, self.layer = visual, layer
+        size = visual.image_size if trunk is None else trunk.patch_embed.img_size
+        patch = visual.patch_size if trunk is None else trunk.patch_embed.patch_size
+        self.num_tokens = 1 + (size[0] // patch[0]) * (size[1] // patch[1])
+        del clip  # the text tower is never used
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.visual.forward_intermediates(images, indices=[self.layer], stop_early=True,
+                                                intermediates_only=True, output_fmt="NLC",
+                                                output_extra_tokens=True)
+        return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+
+
+# --------------------------------------------------------------------------- SAM
+TINY_SAM_DEFAULTS = dict(embed_dim=64, depth=2, num_heads=2, patch_size=16, out_chans=32,
+                         global_attn_indexes=(1,), window_size=4)
+
+
+def load_sam_state(path: str) -> dict:
+    """A SAM ``.pth`` (full model or image encoder only), read with ``weights_only=True``, as the image
+    encoder's state dict."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+        raise ConfigError(f"model.sam.checkpoint: cannot read {path}: {e}") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    prefix = "image_encoder."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+class SamEncoder(FrozenEncoder):
+    """segment-anything's ``ImageEncoderViT`` (the registry's vit_b/l/h, or ``tiny`` built from
+    ``cfg.encoder``). Output ``[B, C, H, W]`` (256 x 64 x 64 for SAM) becomes tokens:
+    ``channels`` = C tokens of H*W (the reference implementation), ``spatial`` = H*W tokens of C."""
+
+    def __init__(self, cfg: SamConfig):
+        super().__init__()
+        from segment_anything import sam_model_registry
+        from segment_anything.modeling import ImageEncoderViT
+
+        if cfg.type == "tiny":
+            kwargs = {**TINY_SAM_DEFAULTS, **cfg.encoder}
+            kwargs["global_attn_indexes"] = tuple(kwargs["global_attn_indexes"])
+            self.encoder = ImageEncoderViT(img_size=cfg.image_size, mlp_ratio=4, qkv_bias=True, use_rel_pos=True,
+                                           norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+        else:
+            if cfg.encoder:
+                raise ConfigError("model.sam.encoder overrides are for type 'tiny'; "
+                                  f"{cfg.type} is built by segment-anything's registry")
+            if cfg.image_size != 1024:
+                raise ConfigError(f"model.sam.image_size: SAM {cfg.type} takes 1024, got {cfg.image_size}")
+            self.encoder = sam_model_registry[cfg.type](checkpoint=None).image_encoder
+        if cfg.checkpoint:
+            self.encoder.load_state_dict(load_sam_state(cfg.checkpoint))
+            log.info("SAM %s image encoder loaded from %s", cfg.type, cfg.checkpoint)
+        grid = self.encoder.img_size // self.encoder.patch_embed.proj.kernel_size[0]
+        chans = self.encoder.neck[0].out_channels
+        self.layout = cfg.token_layout
+        self.width, self.num_tokens = (grid * grid, chans) if self.layout == "channels" else (chans, grid * grid)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(images).flatten(2)  # [B, C, H*W]
+        return x if self.layout == "channels" else x.transpose(1, 2)

@@ -1,0 +1,198 @@
+"""Building the model with its weights; trainable-weights export and import; HF BLIP-2 import.
+
+Everything is read with safetensors or ``torch.load(weights_only=True)``: nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from msmedcap.config import Config, ConfigError, ModelConfig, config_from_dict, resolve_asset
+from msmedcap.models.msmedcap_model import MSMedCap
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+def build_model(cfg: ModelConfig, init_trainables: bool = True) -> MSMedCap:
+    """The model of ``cfg``: frozen parts from their weights (open_clip tag/file, SAM checkpoint, OPT
+    directory, a BLIP-2 checkpoint) or random init; Q-Formers from BERT when ``qformer.init_from`` is set
+    (skipped with ``init_trainables=False``, when an export overwrites them anyway)."""
+    model = MSMedCap(cfg)
+    if cfg.qformer.init_from and init_trainables:
+        for qformer in model.qformers.values():
+            qformer.init_from_bert(cfg.qformer.init_from)
+    if cfg.blip2_checkpoint:
+        import_blip2(model, cfg.blip2_checkpoint)
+    counts = model.parameter_counts()
+    log.info("parameters: %s", ", ".join(f"{k} {v['trainable'] / 1e6:.1f}M trainable + {v['frozen'] / 1e6:.1f}M "
+                                         "frozen" for k, v in counts.items()))
+    return model
+
+
+# --------------------------------------------------------------------------- trainable export
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename: a crash never leaves a half-written file at ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_trainable(model: MSMedCap, path_dir, cfg) -> Path:
+    """Write ``trainable.safetensors`` (trainable parameters only) and ``config.yaml`` (the full
+    :class:`Config`; a bare ModelConfig is wrapped) into ``path_dir``."""
+    path_dir = Path(path_dir)
+    path_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(cfg, ModelConfig):
+        cfg = Config(model=cfg)
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.trainable_named_parameters()}
+    meta = {"format": "msmedcap-trainable", "variant": model.cfg.variant}
+    _atomic_write(path_dir / TRAINABLE_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    _atomic_write(path_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
+    return path_dir
+
+
+def load_trainable(model: MSMedCap, path, strict: bool = True) -> None:
+    """Load an export's trainable weights (a directory or the ``.safetensors`` file). ``strict=False``
+    allows missing and extra names (e.g. stage 2 starting from another variant's stage 1)."""
+    path = Path(path)
+    file = path / TRAINABLE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no trainable weights at {file}")
+    state = load_file(str(file))
+    params = dict(model.trainable_named_parameters())
+    missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    if strict and (missing or unexpected):
+        raise ValueError(f"{file}: {len(missing)} trainable tensors missing {missing[:5]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:5]}")
+    for name in sorted(params.keys() & state.keys()):
+        if params[name].shape != state[name].shape:
+            raise ValueError(f"{file}: {name} has shape {tuple(state[name].shape)}, "
+                             f"the model's is {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(state[name])
+    log.info("loaded %d trainable tensors from %s (%d missing, %d ignored)",
+             len(params.keys() & state.keys()), file, len(missing), len(unexpected))
+
+
+def load_from_export(path_dir) -> tuple:
+    """Rebuild the model of an export (frozen parts from their original weights) -> (model, Config)."""
+    path_dir = Path(path_dir)
+    try:
+        cfg = config_from_dict(yaml.safe_load((path_dir / CONFIG_FILE).read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path_dir} is not an export: no {CONFIG_FILE}") from None
+    model = build_model(cfg.model, init_trainables=False)
+    model.load_trainable(path_dir, strict=True)
+    return model, cfg
+
+
+# --------------------------------------------------------------------------- HF BLIP-2 import
+def read_state_dict(directory: Path) -> dict:
+    """All tensors of an HF model directory (safetensors, sharded or not; else ``.bin`` weights_only)."""
+    for index_name, reader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", None)):
+        index = directory / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            break
+    else:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (directory / f).is_file()][:1]
+    if not files:
+        raise ConfigError(f"model.blip2_checkpoint: no weights (model.safetensors / pytorch_model.bin) in {directory}")
+    state = {}
+    for f in files:
+        p = str(directory / f)
+        state.update(load_file(p) if f.endswith(".safetensors") else torch.load(p, map_location="cpu",
+                                                                                 weights_only=True))
+    return state
+
+
+def blip2_key_map(state: dict) -> dict:
+    """HF BLIP-2 names -> this model's names, CLIP branch (the vision tower is mapped separately)."""
+    out = {}
+    for key, value in state.items():
+        if key == "query_tokens":
+            out["qformers.clip.query_tokens"] = value
+        elif key.startswith("qformer."):
+            out["qformers.clip.bert." + key[len("qformer."):]] = value
+        elif key.startswith("vision_model.post_layernorm."):
+            out["qformers.clip.ln_vision." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("language_projection."):
+            out["captioner.projections.clip." + key[len("language_projection."):]] = value
+        elif key.startswith("language_model."):
+            out["captioner.lm." + key[len("language_model."):]] = value
+    return out
+
+
+def eva_vision_key_map(state: dict, prefix: str = "encoders.clip.visual.trunk.") -> dict:
+    """HF ``Blip2VisionModel`` (EVA ViT-g) names -> timm ``Eva`` names inside open_clip's tower."""
+    out = {}
+    emb = "vision_model.embeddings."
+    names = {emb + "class_embedding": "cls_token", emb + "position_embedding": "pos_embed",
+             emb + "patch_embedding.weight": "patch_embed.proj.weight",
+             emb + "patch_embedding.bias": "patch_embed.proj.bias"}
+    for key, value in state.items():
+        if key in names:
+            out[prefix + names[key]] = value
+            continue
+        if not key.startswith("vision_model.encoder.layers."):
+            continue
+        i, rest = key[len("vision_model.encoder.layers."):].split(".", 1)
+        block = f"{prefix}blocks.{i}."
+        if rest == "self_attn.qkv.bias":  # q | k (zero in EVA) | v
+            q, _, v = value.chunk(3)
+            out[block + "attn.q_bias"], out[block + "attn.v_bias"] = q, v
+            continue
+        rest = (rest.replace("layer_norm1", "norm1").replace("layer_norm2", "norm2")
+                .replace("self_attn.projection", "attn.proj").replace("self_attn.", "attn."))
+        out[block + rest] = value
+    return out
+
+
+def import_blip2(model: MSMedCap, directory) -> None:
+    """An HF-format BLIP-2 checkpoint (``Blip2ForConditionalGeneration.save_pretrained``, e.g.
+    Salesforce/blip2-opt-2.7b) into the CLIP branch: Q-Former, query tokens, ``ln_vision``, language
+    projection and OPT must match the config's shapes; the vision tower loads into open_clip's EVA
+    where names and shapes match."""
+    from transformers import Blip2Config
+
+    directory = Path(resolve_asset(str(directory)))
+    if "clip" not in model.branches:
+        raise ConfigError(f"model.blip2_checkpoint imports into the CLIP branch; variant {model.cfg.variant} has none")
+    hf = Blip2Config.from_pretrained(directory)
+    q = model.cfg.qformer
+    expected = {"num_query_tokens": (hf.num_query_tokens, q.num_query_tokens),
+                "qformer.hidden_size": (hf.qformer_config.hidden_size, q.hidden_size),
+                "qformer.num_layers": (hf.qformer_config.num_hidden_layers, q.num_layers),
+                "qformer.cross_attention_freq": (hf.qformer_config.cross_attention_frequency, q.cross_attention_freq),
+                "clip encoder width": (hf.qformer_config.encoder_hidden_size, model.encoders["clip"].width)}
+    for key, (theirs, ours) in expected.items():
+        if theirs != ours:
+            raise ConfigError(f"model.blip2_checkpoint {directory}: {key} is {theirs}, the config gives {ours}")
+    state = read_state_dict(directory)
+    mine = model.state_dict()
+    main = blip2_key_map(state)
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape) if k in mine else 'absent'}"
+           for k, v in main.items() if k not in mine or mine[k].shape != v.shape]
+    if bad:
+        raise ConfigError(f"model.blip2_checkpoint {directory}: {len(bad)} tensors do not fit: {bad[:5]}")
+    vision = {k: v for k, v in eva_vision_key_map(state).items() if k in mine and mine[k].shape == v.shape}
+    model.load_state_dict({**main, **vision}, strict=False)
+    skipped = sum(1 for k in state if k.startswith("vision_model.")) - len(vision) - 2  # -2: post_layernorm
+    log.info("BLIP-2 %s imported: %d Q-Former/projection/LM tensors, %d vision tensors (%d skipped: no "
+             "matching name or shape in %s)", directory, len(main), len(vision), max(skipped, 0), model.cfg.clip.name)

@@ -1,0 +1,147 @@
+"""MSMedCap: frozen CLIP/SAM encoders -> Q-Formers -> frozen OPT, the three variants from one code path.
+
+``variant`` picks the branches (blip2 = CLIP, sam-blip2 = SAM, msmedcap = both). Stage 1 trains each
+branch's Q-Former on the samples whose ``domain`` routes to it (``cfg.routing``); every frozen encoder
+runs once per batch on exactly those samples, shared by ITC/ITM/ITG. Stage 2 and generation run every
+branch on every sample.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from msmedcap.batch import DOMAINS
+from msmedcap.config import ModelConfig
+from msmedcap.models.captioner import Captioner
+from msmedcap.models.encoders import ClipEncoder, SamEncoder, frozen_dtype
+from msmedcap.models.qformer import QFormer
+from msmedcap.models.stage1 import stage1_branch_loss
+from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
+
+log = logging.getLogger(__name__)
+
+ENCODERS = {"clip": ClipEncoder, "sam": SamEncoder}
+
+
+class MSMedCap(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.branches = tuple(cfg.branches)
+        dtype = frozen_dtype(cfg.frozen_dtype)
+        qtok = load_qformer_tokenizer(cfg.qformer.tokenizer)
+        self.dec_token_id = qtok.bos_token_id
+        self.encoders = nn.ModuleDict({b: ENCODERS[b](getattr(cfg, b)).freeze(dtype) for b in self.branches})
+        self.qformers = nn.ModuleDict({
+            b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id) for b in self.branches})
+        self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches},
+                                   load_lm_tokenizer(cfg.lm.tokenizer), dtype)
+        # routing[d, i] = samples of domain d train branch i in stage 1
+        routing = [[b in cfg.routing.get(d, []) for b in self.branches] for d in DOMAINS]
+        self.register_buffer("routing", torch.tensor(routing, dtype=torch.bool), persistent=False)
+        log.info("model %s: frozen encoders and LM in %s; trainables in %s", cfg.variant,
+                 str(dtype).replace("torch.", ""), str(self.qformers[self.branches[0]].dtype).replace("torch.", ""))
+
+    # ----------------------------------------------------------------- parameters
+    def train(self, mode: bool = True):
+        super().train(mode)  # encoders and the LM override train() and stay in eval mode
+        return self
+
+    def trainable_named_parameters(self) -> list:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    @staticmethod
+    def part_of(name: str) -> str:
+        top, sub = name.split(".")[:2]
+        return {"encoders": f"{sub}_encoder", "qformers": f"{sub}_qformer"}.get(top) or sub
+
+    def parameter_counts(self) -> dict:
+        """``{part: {"trainable": n, "frozen": n}}`` for clip/sam encoder and Q-Former, lm, projections,
+        soft_prompts, and ``total``."""
+        counts: dict = {}
+        for name, p in self.named_parameters():
+            for part in (self.part_of(name), "total"):
+                c = counts.setdefault(part, {"trainable": 0, "frozen": 0})
+                c["trainable" if p.requires_grad else "frozen"] += p.numel()
+        return counts
+
+    def _touch_trainables(self) -> torch.Tensor:
+        """0 x every trainable: each step gives every trainable a gradient (zero where unused, e.g. the
+        projections in stage 1), so DDP / ZeRO gradient reduction never waits on a missing one."""
+        return 0.0 * sum(p.sum() for _, p in self.trainable_named_parameters())
+
+    def load_trainable(self, path, strict: bool = True) -> None:
+        from msmedcap.models.loading import load_trainable
+
+        load_trainable(self, Path(path), strict=strict)
+
+    # ----------------------------------------------------------------- forward pieces
+    @property
+    def device(self) -> torch.device:
+        return self.captioner.soft_prompts.device
+
+    def encode(self, batch: dict, branch: str, index=None) -> torch.Tensor:
+        """Frozen encoder tokens of ``batch[f"{branch}_image"]`` (rows ``index`` only if given)."""
+        key = f"{branch}_image"
+        if key not in batch:
+            raise KeyError(f"batch has no {key!r}: variant {self.cfg.variant} needs it")
+        images = batch[key].to(self.device, non_blocking=True)
+        return self.encoders[branch](images if index is None else images[index])
+
+    def query_outputs(self, batch: dict = None, image_features: dict = None) -> dict:
+        """Each branch's Q-Former query outputs; ``image_features`` (branch -> frozen encoder tokens)
+        skips the encoders."""
+        features = image_features or {b: self.encode(batch, b) for b in self.branches}
+        return {b: q.queries(q.image_embeds(features[b].to(self.device))) for b, q in self.qformers.items()}
+
+    # ----------------------------------------------------------------- stage 1
+    def route(self, domain: torch.Tensor) -> torch.Tensor:
+        """``[B, branches]`` bool: which branches each sample trains in stage 1."""
+        return self.routing[domain.to(self.routing.device)]
+
+    def stage1_loss(self, batch: dict, generator: torch.Generator = None) -> dict:
+        """ITC + ITM + ITG of every branch on its routed samples. Returns ``loss`` and detached
+        ``itc/itm/itg`` (summed over branches) and ``{branch}/{head}``."""
+        routed = self.route(batch["domain"])
+        ids = batch["text_input_ids"].to(self.device)
+        mask = batch["text_attention_mask"].to(self.device)
+        total = self._touch_trainables()
+        out = {}
+        for i, b in enumerate(self.branches):
+            index = routed[:, i].nonzero().squeeze(1).to(self.device)
+            if index.numel():
+                tokens = self.encode(batch, b, index)
+            else:  # nothing routed here: no encoder call, empty tokens keep the shapes
+                enc = self.encoders[b]
+                tokens = torch.zeros(0, enc.num_tokens, enc.width, dtype=enc.dtype, device=self.device)
+            losses = stage1_branch_loss(self.qformers[b], tokens, ids[index], mask[index], len(routed),
+                                        self.dec_token_id, generator)
+            for head, value in losses.items():
+                total = total + value
+                out[f"{b}/{head}"] = value.detach()
+                out[head] = out.get(head, 0.0) + value.detach()
+        out["loss"] = total
+        return out
+
+    # ----------------------------------------------------------------- stage 2
+    def stage2_loss(self, batch: dict, image_features: dict = None) -> dict:
+        queries = self.query_outputs(batch, image_features)
+        lm = self.captioner.loss(queries, batch["lm_input_ids"].to(self.device),
+                                 batch["lm_attention_mask"].to(self.device))
+        return {"loss": lm + self._touch_trainables(), "lm": lm.detach()}
+
+    def caption_logits(self, batch: dict, image_features: dict = None) -> torch.Tensor:
+        """Logits predicting each caption token of ``batch["lm_input_ids"]``."""
+        return self.captioner.logits(self.query_outputs(batch, image_features),
+                                     batch["lm_input_ids"].to(self.device), batch["lm_attention_mask"].to(self.device))
+
+    @torch.no_grad()
+    def generate(self, batch: dict, num_beams: int = 5, min_len: int = 8, max_len: int = 30,
+                 repetition_penalty: float = 1.0, length_penalty: float = 1.0, image_features: dict = None) -> list:
+        """Batched beam search; one caption per sample, cut at the first newline."""
+        return self.captioner.generate(self.query_outputs(batch, image_features), num_beams=num_beams,
+                                       min_len=min_len, max_len=max_len, repetition_penalty=repetition_penalty,
+                                       length_penalty=length_penalty)

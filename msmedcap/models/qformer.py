@@ -1,0 +1,155 @@
+"""One Q-Former with its stage-1 heads, on transformers' ``Blip2QFormerModel`` + ``Blip2TextEmbeddings``.
+
+What transformers lacks and is written here: the text-only and ITG passes (causal text mask over
+visible queries), the ITG language-model head (tied to the word embeddings, as BERT's), the ITC
+projections/temperature and the ITM head as BLIP-2 trains them, and BERT initialisation.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Blip2QFormerConfig
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
+
+from msmedcap.config import QFormerConfig
+
+log = logging.getLogger(__name__)
+
+
+def qformer_hf_config(cfg: QFormerConfig, encoder_width: int, vocab_size: int, pad_token_id: int) -> Blip2QFormerConfig:
+    return Blip2QFormerConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        cross_attention_frequency=cfg.cross_attention_freq, encoder_hidden_size=encoder_width,
+        max_position_embeddings=512, pad_token_id=pad_token_id, use_qformer_text_input=True,
+        attn_implementation="sdpa")
+
+
+class QFormer(nn.Module):
+    """Learned queries cross-attending one encoder's tokens (after a trainable LayerNorm, BLIP-2's
+    ``ln_vision``); text shares the self-attention. Heads: ITC projections + temperature, ITM, ITG."""
+
+    def __init__(self, cfg: QFormerConfig, encoder_width: int, vocab_size: int, pad_token_id: int):
+        super().__init__()
+        hf = qformer_hf_config(cfg, encoder_width, vocab_size, pad_token_id)
+        h = cfg.hidden_size
+        self.ln_vision = nn.LayerNorm(encoder_width)
+        self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, h) * hf.initializer_range)
+        self.embeddings = Blip2TextEmbeddings(hf)
+        self.bert = Blip2QFormerModel(hf)  # .layernorm is BERT's embedding LayerNorm
+        # stage-1 heads
+        self.vision_proj = nn.Linear(h, cfg.embed_dim)
+        self.text_proj = nn.Linear(h, cfg.embed_dim)
+        self.itm_head = nn.Linear(h, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        # ITG head = BERT's LM prediction head; the decoder weight is the word embedding matrix
+        self.itg_transform = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=hf.layer_norm_eps))
+        self.itg_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.num_queries = cfg.num_query_tokens
+        self._init_heads(hf.initializer_range)
+
+    def _init_heads(self, std: float) -> None:
+        for module in (self.vision_proj, self.text_proj, self.itm_head, self.itg_transform[0]):
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.bias)
+        emb = self.embeddings
+        nn.init.normal_(emb.word_embeddings.weight, std=std)
+        nn.init.normal_(emb.position_embeddings.weight, std=std)
+        if emb.word_embeddings.padding_idx is not None:
+            emb.word_embeddings.weight.data[emb.word_embeddings.padding_idx].zero_()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query_tokens.dtype
+
+    # ----------------------------------------------------------------- passes
+    def image_embeds(self, encoder_tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder tokens -> trainable LayerNorm, in this module's dtype."""
+        return self.ln_vision(encoder_tokens.to(self.ln_vision.weight.dtype))
+
+    def queries(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Query outputs ``[B, Q, H]`` (ITC image side, stage-2 input)."""
+        q = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.bert(query_embeds=q, encoder_hidden_states=image_embeds).last_hidden_state
+
+    def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only pass ``[B, T, H]`` (no cross-attention, text FFN)."""
+        emb = self.embeddings(input_ids=input_ids)
+        return self.bert(query_embeds=emb, query_length=0, attention_mask=attention_mask).last_hidden_state
+
+    def multimodal(self, input_ids, attention_mask, image_embeds) -> torch.Tensor:
+        """Queries + text with bidirectional self-attention, queries cross-attend (ITM): ``[B, Q, H]``."""
+        q = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+        emb = self.embeddings(input_ids=input_ids, query_embeds=q)
+        mask = torch.cat([attention_mask.new_ones(q.shape[:2]), attention_mask], dim=1)
+        out = self.bert(query_embeds=emb, query_length=self.num_queries, attention_mask=mask,
+                        encoder_hidden_states=image_embeds).last_hidden_state
+        return out[:, : self.num_queries]
+
+    def itg_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask ``[B, 1, Q+T, Q+T]``: queries see queries only; text sees all queries and the
+        text up to itself (BLIP-2's image-grounded generation), padding hidden."""
+        b, t = attention_mask.shape
+        q, n = self.num_queries, self.num_queries + t
+        allowed = torch.zeros(n, n, dtype=torch.bool, device=attention_mask.device)
+        allowed[:, :q] = True
+        allowed[q:, q:] = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+        keys = torch.cat([attention_mask.new_ones(b, q), attention_mask], dim=1).bool()
+        allowed = allowed[None] & keys[:, None, :]
+        return torch.zeros(b, 1, n, n, dtype=dtype, device=attention_mask.device).masked_fill(
+            ~allowed[:, None], torch.finfo(dtype).min)
+
+    def decode(self, input_ids, attention_mask, image_embeds) -> torch.Tensor:
+        """ITG logits ``[B, T, V]`` for text positions, conditioned on the queries."""
+        q = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+        emb = self.embeddings(input_ids=input_ids, query_embeds=q)
+        mask = self.itg_mask(attention_mask, emb.dtype)
+        out = self.bert(query_embeds=emb, query_length=self.num_queries, attention_mask=mask,
+                        encoder_hidden_states=image_embeds).last_hidden_state
+        h = self.itg_transform(out[:, self.num_queries:])
+        return F.linear(h, self.embeddings.word_embeddings.weight, self.itg_bias)
+
+    # ----------------------------------------------------------------- init
+    def init_from_bert(self, name_or_path: str) -> None:
+        """BLIP-2's initialisation: BERT-base weights into self-attention, both FFNs (query FFN copied
+        from the text FFN), embeddings and the LM head; cross-attention stays random."""
+        from transformers import BertForMaskedLM
+
+        from msmedcap.config import resolve_asset
+
+        bert = BertForMaskedLM.from_pretrained(resolve_asset(name_or_path)).state_dict()
+        mine = self.state_dict()
+        loaded = {}
+
+        def take(dst: str, src: str) -> None:
+            if src in bert and dst in mine:
+                value = bert[src]
+                if dst == "embeddings.word_embeddings.weight" or dst == "itg_bias":
+                    n = min(value.shape[0], mine[dst].shape[0])  # our vocab adds [DEC]
+                    value = torch.cat([value[:n], mine[dst][n:]])
+                if value.shape == mine[dst].shape:
+                    loaded[dst] = value
+
+        take("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight")
+        take("embeddings.position_embeddings.weight", "bert.embeddings.position_embeddings.weight")
+        for p in ("weight", "bias"):
+            take(f"bert.layernorm.{p}", f"bert.embeddings.LayerNorm.{p}")
+            take(f"itg_transform.0.{p}", f"cls.predictions.transform.dense.{p}")
+            take(f"itg_transform.2.{p}", f"cls.predictions.transform.LayerNorm.{p}")
+        take("itg_bias", "cls.predictions.bias")
+        for i in range(len(self.bert.encoder.layer)):
+            src, dst = f"bert.encoder.layer.{i}.", f"bert.encoder.layer.{i}."
+            for p in ("weight", "bias"):
+                for name in ("query", "key", "value"):
+                    take(f"{dst}attention.attention.{name}.{p}", f"{src}attention.self.{name}.{p}")
+                take(f"{dst}attention.output.dense.{p}", f"{src}attention.output.dense.{p}")
+                take(f"{dst}attention.output.LayerNorm.{p}", f"{src}attention.output.LayerNorm.{p}")
+                for suffix in ("", "_query"):
+                    take(f"{dst}intermediate{suffix}.dense.{p}", f"{src}intermediate.dense.{p}")
+                    take(f"{dst}output{suffix}.dense.{p}", f"{src}output.dense.{p}")
+                    take(f"{dst}output{suffix}.LayerNorm.{p}", f"{src}output.LayerNorm.{p}")
+        self.load_state_dict(loaded, strict=False)
+        log.info("Q-Former: %d of %d tensors initialised from BERT %s", len(loaded), len(mine), name_or_path)
