@@ -1,0 +1,45 @@
+"""SIGTERM / SIGUSR1 -> checkpoint at the next step boundary, then exit 0.
+
+Schedulers (SLURM ``--signal``, preemption, ``deepspeed``'s launcher forwarding SIGTERM) warn a job
+before killing it. The handler only records the signal; the training loop asks
+:meth:`StopRequest.agreed` once per optimizer step, which all-reduces the flag so every rank stops
+at the same step even when the signal reached them at different moments.
+
+Install before any DataLoader worker is forked: workers inherit the handler, so a signal sent to
+the whole process tree (what the launcher does) does not kill them mid-batch.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Optional
+
+import torch
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signum: Optional[int] = None
+        for s in signals:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary",
+                  file=sys.stderr, flush=True)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal on another rank"
+
+    def agreed(self, device) -> bool:
+        """True on every rank once any rank has received a stop signal (a collective call)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

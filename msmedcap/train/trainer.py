@@ -1,0 +1,428 @@
+"""The training loop: stage 1 (ITC/ITM/ITG), stage 2 (captioning), then evaluation.
+
+DeepSpeed owns the distributed part (ZeRO-2 over the trainable parameters only, gradient
+accumulation, clipping, bf16/fp16, AdamW + warmup/cosine from the filled JSON); this module owns
+the order of things, the data position, checkpoints, signals and logging. Output layout::
+
+    OUTPUT_DIR/config.yaml  metrics.jsonl  loss.png  tensorboard/  summary.json  eval/
+    OUTPUT_DIR/stage1/checkpoints/stepNNNNNNNN/ ...   (see checkpoint.py)
+    OUTPUT_DIR/stage1/export/                          the finished stage's trainable weights + config
+    OUTPUT_DIR/stage2/...
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from msmedcap.config import Config, ConfigError
+from msmedcap.train.checkpoint import CheckpointManager, latest_checkpoint, set_rng_states
+from msmedcap.train.ds_config import fill_ds_config, precision_of
+from msmedcap.train.metrics import MetricsLog, count_flops, peak_memory_mb
+from msmedcap.train.schedule import warmup_cosine
+from msmedcap.train.signals import StopRequest
+
+
+def stage_dir(cfg: Config, stage: int) -> Path:
+    return Path(cfg.train.output_dir) / f"stage{stage}"
+
+
+def export_dir(cfg: Config, stage: int) -> Path:
+    return stage_dir(cfg, stage) / "export"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class StageLoss(nn.Module):
+    """What DeepSpeed wraps: ``forward(batch)`` is the model's loss for one stage (the engine's
+    forward must run so ZeRO's backward hooks are armed)."""
+
+    def __init__(self, model: nn.Module, stage: int):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+
+    def forward(self, batch: dict) -> dict:
+        return getattr(self.model, f"stage{self.stage}_loss")(batch)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """Trainable parameters only; no weight decay on biases, norms and other 1-D tensors (BLIP-2)."""
+    decay, no_decay = [], []
+    for name, p in model.trainable_named_parameters():
+        if p.ndim < 2 or name.endswith("bias") or "norm" in name.lower() or ".ln" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors to the device; images to the engine's dtype (a bf16 engine's convolutions need it)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+        out[k] = v
+    return out
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the trainable weights: equal on every rank when data parallelism is sound."""
+    h = hashlib.sha256()
+    for name, p in model.trainable_named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class StageResult:
+    stage: int
+    steps_done: int = 0
+    total_steps: int = 0
+    resumed_from: Optional[str] = None
+    stopped_by: Optional[str] = None
+    seconds: float = 0.0
+    first_loss: Optional[float] = None
+    last_loss: Optional[float] = None
+    checkpoint: Optional[str] = None
+    export: Optional[str] = None
+    weights_sha256: Optional[str] = None
+    skipped_samples: dict = field(default_factory=dict)
+    overflow_skipped_steps: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_json: dict, ds_source: str):
+        import deepspeed
+        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg, self.ds_json, self.ds_source = cfg, ds_json, ds_source
+        self.acc = get_accelerator()
+        deepspeed.init_distributed(dist_backend=self.acc.communication_backend_name())
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device_type = self.acc.device_name()
+        if self.device_type == "cpu":
+            self.device = torch.device("cpu")
+        else:
+            self.acc.set_device(self.local_rank)
+            self.device = torch.device(self.acc.device_name(self.local_rank))
+        self.stop = StopRequest()  # before any DataLoader worker forks
+        self.out = Path(cfg.train.output_dir)
+        self.log: Optional[MetricsLog] = None
+
+    # ------------------------------------------------------------------ helpers
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def print0(self, *args) -> None:
+        if self.rank == 0:
+            print(*args, flush=True)
+
+    def ds_config(self, stage: int) -> dict:
+        return fill_ds_config(self.ds_json, self.cfg, stage, self.world, self.device_type,
+                              self.acc.is_bf16_supported(), source=self.ds_source)
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, stages: list, resume: Optional[str], overwrite: bool) -> dict:
+        """stage -> None (train from scratch), a checkpoint Path (resume it), or "done" (skip)."""
+        plan = {s: None for s in stages}
+        if resume == "auto":
+            for s in stages:
+                if export_dir(self.cfg, s).is_dir():
+                    plan[s] = "done"
+                else:
+                    plan[s] = latest_checkpoint(stage_dir(self.cfg, s) / "checkpoints")
+                    break
+        elif resume:
+            path = Path(resume)
+            state_file = path / "trainer_state.json"
+            if not state_file.is_file():
+                raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json)")
+            stage = json.loads(state_file.read_text())["stage"]
+            if stage not in stages:
+                raise ConfigError(f"--resume {resume}: a stage-{stage} checkpoint, but train.stage={self.cfg.train.stage}")
+            for s in stages:
+                plan[s] = "done" if s < stage else (path if s == stage else None)
+        else:
+            earlier = [stage_dir(self.cfg, s) for s in stages if stage_dir(self.cfg, s).exists()]
+            if earlier and not overwrite:
+                raise ConfigError(f"{earlier[0]} holds an earlier run: pass --resume auto to continue it, "
+                                  "--overwrite to start afresh, or another train.output_dir")
+            self.barrier()  # everyone has looked before rank 0 deletes
+            if earlier and self.rank == 0:
+                for d in earlier:
+                    shutil.rmtree(d)
+        return plan
+
+    # ------------------------------------------------------------------ one stage
+    def build(self, stage: int) -> nn.Module:
+        from msmedcap.models import build_model, load_from_export
+
+        seed_everything(self.cfg.train.seed)  # identical frozen weights and initial trainables on all ranks
+        init = export_dir(self.cfg, 1)
+        if stage == 2 and init.is_dir():
+            self.print0(f"stage 2 starts from stage 1's export {init}")
+            return load_from_export(init, self.cfg)
+        if stage == 2:
+            self.print0(f"warning: no stage-1 export at {init}; stage 2 starts from the model config's weights")
+        return build_model(self.cfg.model)
+
+    def run_stage(self, stage: int, resume_from: Optional[Path]) -> StageResult:
+        import deepspeed
+        from msmedcap.data.loader import make_train_loader
+        from msmedcap.models import save_trainable
+
+        cfg, st = self.cfg, getattr(self.cfg.train, f"stage{stage}")
+        result = StageResult(stage, total_steps=st.steps, resumed_from=str(resume_from) if resume_from else None)
+        t_start = time.time()
+        ds_cfg = self.ds_config(stage)
+        model = self.build(stage)
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=StageLoss(model, stage), model_parameters=param_groups(model, st.weight_decay), config=ds_cfg,
+            lr_scheduler=None if "scheduler" in ds_cfg else warmup_cosine(st))
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds_cfg)]
+        ckpts = CheckpointManager(stage_dir(cfg, stage) / "checkpoints", cfg.train.keep_last, self.rank, self.barrier)
+
+        step, rng = 0, None
+        if resume_from is not None:
+            client = ckpts.load(engine, resume_from)
+            step, rng = client["step"], client["rng"]
+            if client.get("world_size") != self.world:
+                self.print0(f"warning: checkpoint was written by {client.get('world_size')} ranks, now {self.world}: "
+                            "the data order differs from an uninterrupted run")
+            self.print0(f"stage {stage}: resumed from {resume_from} at step {step}")
+        seed_everything(cfg.train.seed + 1000 * stage + self.rank)  # per-rank dropout / negative sampling
+        batches = iter(make_train_loader(cfg, stage, self.rank, self.world, step))
+        if rng is not None:
+            set_rng_states(rng)  # after the loader started: starting it draws from torch's generator
+
+        def client_state() -> dict:
+            return {"stage": stage, "step": step, "world_size": self.world, "seed": cfg.train.seed,
+                    "data": {"start_step": step}, "config": cfg.to_dict()}
+
+        def export(d: Path) -> None:
+            save_trainable(model, d, cfg)
+
+        if self.log:
+            self.log.start_stage(stage, step, st.steps)
+        window = Window()
+        flops_per_micro = None
+        t_window = time.time()
+        while step < st.steps:
+            for _ in range(st.grad_accum):
+                batch = next(batches)
+                inputs = to_device(batch, self.device, dtype)
+
+                def fwd_bwd():
+                    out = engine(inputs)
+                    engine.backward(out["loss"])
+                    return out
+
+                if flops_per_micro is None:
+                    out, flops_per_micro = count_flops(fwd_bwd)
+                else:
+                    out = fwd_bwd()
+                engine.step()
+                window.add(out, batch, stage)
+            step += 1
+            result.steps_done = step
+            window.steps += 1
+            if step % cfg.train.log_every == 0 or step == st.steps:
+                stats = window.reduce(self.dist)
+                if result.first_loss is None:
+                    result.first_loss = stats["loss"]
+                result.last_loss = stats["loss"]
+                for k, v in stats["skipped"].items():
+                    result.skipped_samples[k] = result.skipped_samples.get(k, 0) + v
+                result.overflow_skipped_steps = int(engine.skipped_steps)
+                dt = time.time() - t_window
+                if self.log:
+                    grad_norm = engine.get_global_grad_norm()
+                    self.log.log({
+                        "step": step, **stats["losses"],
+                        "lr": float(scheduler.get_last_lr()[0]),
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "samples_per_s": stats["samples"] / dt, "tokens_per_s": stats["tokens"] / dt,
+                        "flops_per_s": flops_per_micro * stats["micro_batches"] / dt,
+                        "skipped_samples": stats["skipped"], "overflow_skipped_steps": result.overflow_skipped_steps,
+                        "peak_memory_mb": peak_memory_mb(self.device_type), "elapsed_s": time.time() - t_start})
+                window, t_window = Window(), time.time()
+            stopping = self.stop.agreed(self.device)
+            if step % cfg.train.ckpt_every == 0 or step == st.steps or stopping:
+                result.checkpoint = str(ckpts.save(engine, step, client_state(), export))
+            if stopping:
+                result.stopped_by = self.stop.name
+                break
+        if self.log:
+            self.log.end_stage()
+        result.weights_sha256 = self.check_replicas(model)
+        if not result.stopped_by and self.rank == 0:
+            final = export_dir(cfg, stage)
+            tmp = final.with_name(".export.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_trainable(model, tmp, cfg)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)  # the export's existence marks the stage as finished
+        if not result.stopped_by:
+            result.export = str(export_dir(cfg, stage))
+        self.barrier()
+        del batches
+        result.seconds = time.time() - t_start
+        self.model = model
+        engine.destroy()
+        del engine
+        gc.collect()
+        return result
+
+    def check_replicas(self, model: nn.Module) -> str:
+        """Every rank hashes its trainable weights; all must agree (ZeRO-2 keeps full replicas)."""
+        digest = weights_digest(model)
+        print(f"rank {self.rank}: trainable weights sha256 {digest}", flush=True)
+        digests = [None] * self.world
+        self.dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"trainable weights differ across ranks: {digests}")
+        return digest
+
+    # ------------------------------------------------------------------ the job
+    def run(self, resume: Optional[str], overwrite: bool) -> int:
+        cfg = self.cfg
+        stages = [1, 2] if cfg.train.stage == "all" else [int(cfg.train.stage)]
+        for s in stages:
+            self.ds_config(s)  # a contradicting JSON fails before any work
+        plan = self.plan(stages, resume, overwrite)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
+            self.log = MetricsLog(self.out)
+        t0 = time.time()
+        results = []
+        self.model = None
+        for s in stages:
+            if plan[s] == "done":
+                self.print0(f"stage {s}: already finished ({export_dir(cfg, s)}), skipping")
+                continue
+            results.append(self.run_stage(s, plan[s]))
+            if results[-1].stopped_by:
+                break
+        stopped = any(r.stopped_by for r in results)
+        evaluation = None
+        if not stopped and cfg.train.eval_at_end:
+            evaluation = self.evaluate(stages[-1])
+        plot = self.log.close() if self.log else None
+        if self.rank == 0:
+            self.summarize(results, evaluation, plot, time.time() - t0)
+        self.barrier()
+        return 0
+
+    def evaluate(self, stage: int) -> Optional[dict]:
+        from msmedcap.models import load_from_export
+
+        model = self.model
+        if model is None:  # every stage was already finished: evaluate the last export
+            model = load_from_export(export_dir(self.cfg, stage), self.cfg)
+        return validation_loss(self.cfg, model, stage, self.rank, self.world, self.device, self.dist)
+
+    def summarize(self, results: list, evaluation: Optional[dict], plot: Optional[Path], seconds: float) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        summary = {"output_dir": str(self.out), "seconds": seconds, "world_size": self.world,
+                   "stages": [r.__dict__ for r in results], "evaluation": evaluation,
+                   "metrics": str(self.out / "metrics.jsonl"), "loss_plot": str(plot) if plot else None,
+                   "tensorboard": str(self.out / "tensorboard") if self.log and self.log.tb else None}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        table = Table(title=f"msmedcap training: {seconds:.0f} s on {self.world} rank(s)")
+        for col in ("stage", "steps", "loss first → last", "skipped", "time", "export"):
+            table.add_column(col)
+        for r in results:
+            note = f" (stopped by {r.stopped_by})" if r.stopped_by else ""
+            first = f"{r.first_loss:.3f}" if r.first_loss is not None else "-"
+            last = f"{r.last_loss:.3f}" if r.last_loss is not None else "-"
+            table.add_row(str(r.stage), f"{r.steps_done}/{r.total_steps}{note}", f"{first} → {last}",
+                          f"{sum(r.skipped_samples.values())} samples, {r.overflow_skipped_steps} steps",
+                          f"{r.seconds:.0f} s", r.export or r.checkpoint or "-")
+        console = Console()
+        console.print(table)
+        if evaluation:
+            console.print(f"evaluation: {evaluation}")
+        for name, path in (("checkpoints", self.out / "stage*/checkpoints"), ("metrics", summary["metrics"]),
+                           ("loss curve", summary["loss_plot"]), ("tensorboard", summary["tensorboard"]),
+                           ("summary", self.out / "summary.json")):
+            if path:
+                console.print(f"{name:>12}: {path}", highlight=False)
+
+
+class Window:
+    """Sums over the micro-batches since the last log step, reduced over ranks when logged."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.counts: dict = {}
+        self.samples = self.tokens = self.micro_batches = self.steps = 0
+        self.skipped: dict = {}
+
+    def add(self, out: dict, batch: dict, stage: int) -> None:
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.numel() != 1:
+                continue
+            key = "loss" if k == "loss" else (k if k.startswith("loss") else f"loss_{k}")
+            self.sums[key] = self.sums.get(key, 0.0) + float(v)
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.samples += len(batch["key"])
+        mask = batch["text_attention_mask" if stage == 1 else "lm_attention_mask"]
+        self.tokens += int(mask.sum())
+        self.micro_batches += 1
+        for reason, n in (batch.get("skipped") or {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+
+    def reduce(self, dist) -> dict:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self.sums, self.counts, self.samples, self.tokens, self.micro_batches,
+                                       self.skipped))
+        sums, counts, skipped = {}, {}, {}
+        samples = tokens = micro = 0
+        for s, c, n, t, m, sk in parts:
+            for k in s:
+                sums[k] = sums.get(k, 0.0) + s[k]
+                counts[k] = counts.get(k, 0) + c[k]
+            for k, v in sk.items():
+                skipped[k] = skipped.get(k, 0) + v
+            samples, tokens, micro = samples + n, tokens + t, micro + m
+        losses = {k: sums[k] / counts[k] for k in sorted(sums, key=lambda k: (k != "loss", k))}
+        return {"losses": losses, "loss": losses["loss"], "samples": samples, "tokens": tokens,
+                "micro_batches": micro, "skipped": skipped}
+
+
+def train(cfg: Config, ds_json: dict, ds_source: str = "DeepSpeed config", resume: Optional[str] = None,
+          overwrite: bool = False) -> int:
+    try:
+        trainer = Trainer(cfg, ds_json, ds_source)
+        return trainer.run(resume, overwrite)
+    except ConfigError as e:
+        import sys
+
+        print(f"pretrain: config error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,211 @@
+"""Trainer pieces without the launcher: DeepSpeed config filling, checkpoints on a real
+single-process DeepSpeed engine, signals, metrics, launch-script arguments."""
+import importlib.util
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from msmedcap.config import ConfigError, load_config
+from msmedcap.train.ds_config import fill_ds_config, read_ds_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("demo", ["train.stage1.steps=50", "train.stage1.grad_accum=2", "train.stage1.lr=2e-3",
+                                "train.stage1.min_lr=2e-4", "train.stage1.warmup_lr=2e-5"], check_files=False)
+
+
+def test_auto_values_filled_from_the_run_config(cfg):
+    ds = fill_ds_config(read_ds_json(REPO / "ds_configs/zero2.json"), cfg, 1, world_size=3)
+    st = cfg.train.stage1
+    assert ds["train_micro_batch_size_per_gpu"] == st.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == st.micro_batch_size * 2 * 3
+    assert ds["gradient_clipping"] == st.grad_clip
+    assert ds["optimizer"]["params"] == {"lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                                         "weight_decay": st.weight_decay, "torch_adam": True}
+    assert "scheduler" not in ds  # the trainer's warmup+cosine LambdaLR
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False  # CPU
+    assert "auto" not in json.dumps(ds)
+    # The stage-2 fill of the same JSON takes stage 2's values.
+    ds2 = fill_ds_config(read_ds_json(REPO / "ds_configs/zero2_offload.json"), cfg, 2, world_size=1)
+    assert ds2["optimizer"]["params"]["lr"] == cfg.train.stage2.lr
+    assert ds2["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    # A JSON bringing DeepSpeed's own scheduler gets its "auto" values from the stage too.
+    own = {"scheduler": {"type": "WarmupCosineLR", "params": {k: "auto" for k in (
+        "total_num_steps", "warmup_num_steps", "warmup_min_ratio", "cos_min_ratio")}}}
+    sp = fill_ds_config(own, cfg, 1, 1)["scheduler"]["params"]
+    assert sp == {"total_num_steps": 50, "warmup_num_steps": st.warmup_steps, "warmup_min_ratio": pytest.approx(0.01),
+                  "cos_min_ratio": pytest.approx(0.1)}
+
+
+def test_warmup_then_cosine_to_min_lr(cfg):
+    from msmedcap.train.schedule import lr_at
+
+    st = cfg.train.stage1  # 50 steps, warmup 20 from 2e-5 to 2e-3, cosine to 2e-4
+    lrs = [lr_at(i, st) for i in range(st.steps + 5)]
+    assert lrs[0] == pytest.approx(2e-5) and lrs[10] == pytest.approx((2e-5 + 2e-3) / 2)
+    assert max(lrs) == lrs[20] == pytest.approx(2e-3)
+    assert lrs[35] == pytest.approx((2e-3 + 2e-4) / 2) and lrs[50] == lrs[54] == pytest.approx(2e-4)
+    assert all(a < b for a, b in zip(lrs[:20], lrs[1:21])) and all(a > b for a, b in zip(lrs[20:50], lrs[21:51]))
+
+
+def test_contradicting_json_refused_naming_both_keys(cfg):
+    ds = read_ds_json(REPO / "ds_configs/zero2.json")
+    ds["optimizer"]["params"]["lr"] = 1e-4
+    ds["train_batch_size"] = 7
+    ds["gradient_accumulation_steps"] = 2  # agrees: no complaint
+    with pytest.raises(ConfigError) as e:
+        fill_ds_config(ds, cfg, 1, world_size=2, source="my.json")
+    msg = str(e.value)
+    assert "my.json" in msg and "optimizer.params.lr=0.0001 contradicts train.stage1.lr=0.002" in msg
+    assert "train_batch_size=7" in msg and "gradient_accumulation_steps" not in msg
+    # precision: explicit JSON bf16 with the config's auto is fine; with an explicit fp32 it contradicts
+    ds = read_ds_json(REPO / "ds_configs/zero2.json")
+    ds["bf16"]["enabled"] = True
+    assert fill_ds_config(ds, cfg, 1, 1)["bf16"]["enabled"] is True
+    fp32 = load_config("demo", ["train.precision=fp32"], check_files=False)
+    with pytest.raises(ConfigError, match="bf16.enabled=True contradicts train.precision"):
+        fill_ds_config(ds, fp32, 1, 1)
+    fp16 = load_config("demo", ["train.precision=fp16"], check_files=False)
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
+        fill_ds_config(read_ds_json(REPO / "ds_configs/zero2.json"), fp16, 1, 1)
+    with pytest.raises(ConfigError, match="no run-config value to fill \"auto\" at zero_optimization.sub_group_size"):
+        fill_ds_config({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, cfg, 1, 1)
+
+
+def test_launch_script_arguments(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("pretrain", REPO / "launch/pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    a = pretrain.parse_args(["--deepspeed", "ds_configs/zero2_offload.json", "--config", "paper",
+                             "train.stage=1", "--resume", "auto", "--local_rank=1"])
+    assert a.ds_config == Path("ds_configs/zero2_offload.json") and a.config == "paper"
+    assert a.overrides == ["train.stage=1"] and a.resume == "auto" and a.local_rank == 1
+    a = pretrain.parse_args(["--deepspeed", "--deepspeed_config", "x.json", "train.seed=3"])
+    assert a.ds_config == Path("x.json") and a.overrides == ["train.seed=3"]
+    a = pretrain.parse_args(["--deepspeed", "train.seed=3"])
+    assert a.ds_config == pretrain.DEFAULT_DS_CONFIG and a.overrides == ["train.seed=3"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert pretrain.main(["--deepspeed", str(bad)]) == 2  # fails before any work
+    assert "bad.json: invalid JSON" in capsys.readouterr().err
+    assert pretrain.main(["train.stage1.lr=oops"]) == 2
+    assert "train.stage1.lr: expected a number" in capsys.readouterr().err
+
+
+def test_stop_signal_recorded_not_fatal():
+    from msmedcap.train.signals import StopRequest
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = StopRequest()
+        assert not stop.agreed("cpu")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.agreed("cpu") and stop.name == "SIGUSR1"
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_metrics_resume_drops_records_after_the_checkpoint(tmp_path):
+    from msmedcap.train.metrics import MetricsLog, read_records
+
+    log = MetricsLog(tmp_path)
+    rec = dict(lr=1e-3, grad_norm=1.0, samples_per_s=1.0, tokens_per_s=1.0, flops_per_s=1.0,
+               skipped_samples={"decode": 1}, overflow_skipped_steps=0, peak_memory_mb=1.0, elapsed_s=1.0)
+    log.start_stage(1, 0, 4)
+    for step in (1, 2, 3, 4):
+        log.log({"step": step, "loss": 5.0 - step, "loss_itc": 1.0, **rec})
+    log.start_stage(2, 0, 4)
+    log.log({"step": 1, "loss": 3.0, **rec})
+    log.start_stage(1, 2, 4)  # resumed stage 1 at step 2: later records (and stage 2) go
+    log.log({"step": 3, "loss": 1.5, **rec})
+    assert [(r["stage"], r["step"], r["loss"]) for r in read_records(tmp_path / "metrics.jsonl")] == \
+        [(1, 1, 4.0), (1, 2, 3.0), (1, 3, 1.5)]
+    assert log.close() == tmp_path / "loss.png" and (tmp_path / "loss.png").stat().st_size > 1000
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.frozen(x)).pow(2).mean()
+
+
+def test_checkpoints_atomic_rotating_trainable_only(tmp_path, monkeypatch):
+    """A real one-rank DeepSpeed engine: keep-last-K, `latest`, no frozen weights, a stale
+    half-written directory never picked up, and load restoring weights, optimizer, lr and RNG."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from msmedcap.train.checkpoint import CheckpointManager, latest_checkpoint, set_rng_states
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    from msmedcap.train.schedule import warmup_cosine
+
+    cfg = load_config("demo", ["train.stage1.steps=10", "train.stage1.warmup_steps=2", "train.stage1.micro_batch_size=4"],
+                      check_files=False)
+    ds = fill_ds_config(read_ds_json(REPO / "ds_configs/zero2.json"), cfg, 1, 1)
+    deepspeed.init_distributed("gloo")
+    try:
+        def engine():
+            torch.manual_seed(0)
+            model = Tiny()
+            e, _, _, sched = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                                  if p.requires_grad], config=ds,
+                                                  lr_scheduler=warmup_cosine(cfg.train.stage1))
+            return e, sched
+
+        e, sched = engine()
+        root = tmp_path / "ckpt"
+        mgr = CheckpointManager(root, keep_last=2, rank=0, barrier=dist.barrier)
+        x = torch.randn(4, 8, dtype=torch.bfloat16)
+        exported = []
+        for step in (1, 2, 3):
+            e.backward(e(x))
+            e.step()
+            mgr.save(e, step, {"stage": 1, "step": step}, exported.append)
+        assert sorted(p.name for p in root.iterdir() if p.suffix != ".py") == ["latest", "step00000002", "step00000003"]
+        assert (root / "latest").read_text() == "step00000003" and len(exported) == 3
+        states = torch.load(root / "step00000003/mp_rank_00_model_states.pt", weights_only=False)
+        assert set(states["module"]) == {"head.weight", "head.bias"}  # the frozen layer is not in it
+        assert states["stage"] == 1 and states["step"] == 3
+        assert json.loads((root / "step00000003/trainer_state.json").read_text()) == {"stage": 1, "step": 3}
+        # A kill mid-save leaves a dot-directory: never the latest, cleaned by the next save.
+        (root / ".tmp-step00000004").mkdir()
+        assert latest_checkpoint(root).name == "step00000003"
+        rng_at_3 = torch.get_rng_state()
+        expected = [e(x).item() for _ in range(1)]
+        e.backward(e(x))
+        e.step()
+        lr_after_4 = sched.get_last_lr()[0]
+        loss_after_4 = e(x).item()
+
+        e2, sched2 = engine()  # fresh weights, as after a restart
+        client = CheckpointManager(root, 2, 0, dist.barrier).load(e2, root / "step00000003")
+        assert client["step"] == 3 and client["rng"] is not None
+        set_rng_states(client["rng"])
+        assert [e2(x).item() for _ in range(1)] == expected
+        assert torch.equal(torch.get_rng_state(), rng_at_3)
+        e2.backward(e2(x))
+        e2.step()
+        assert sched2.get_last_lr()[0] == lr_after_4 and e2(x).item() == loss_after_4
+    finally:
+        dist.destroy_process_group()
