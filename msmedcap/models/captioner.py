@@ -15,6 +15,7 @@ from transformers import GenerationConfig, OPTConfig, OPTForCausalLM
 
 from msmedcap.batch import CAPTION_EOS
 from msmedcap.config import ConfigError, LMConfig, resolve_asset
+from msmedcap.models.encoders import fixed_seed
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class Captioner(nn.Module):
     def __init__(self, cfg: LMConfig, query_widths: dict, tokenizer, dtype: torch.dtype):
         super().__init__()
         self.tokenizer = tokenizer
-        self.lm = build_opt(cfg, tokenizer, dtype)
+        with fixed_seed():
+            self.lm = build_opt(cfg, tokenizer, dtype)
         self.lm.requires_grad_(False)
         self.lm.eval()
         width = self.lm.get_input_embeddings().embedding_dim

@@ -7,6 +7,7 @@ mode that ``model.train()`` cannot undo) and run under ``no_grad``. Each returns
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +26,15 @@ def frozen_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if torch.cuda.is_available() else torch.bfloat16
     return DTYPES[name]
+
+
+@contextmanager
+def fixed_seed(seed: int = 0):
+    """Random-init frozen parts (tiny presets) come out the same in every build, so an export's config
+    alone rebuilds them; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class FrozenEncoder(nn.Module):

@@ -193,6 +193,7 @@ def import_blip2(model: MSMedCap, directory) -> None:
         raise ConfigError(f"model.blip2_checkpoint {directory}: {len(bad)} tensors do not fit: {bad[:5]}")
     vision = {k: v for k, v in eva_vision_key_map(state).items() if k in mine and mine[k].shape == v.shape}
     model.load_state_dict({**main, **vision}, strict=False)
+    model.qformers["clip"].ln_vision.eps = hf.vision_config.layer_norm_eps  # BLIP-2's post_layernorm
     skipped = sum(1 for k in state if k.startswith("vision_model.")) - len(vision) - 2  # -2: post_layernorm
     log.info("BLIP-2 %s imported: %d Q-Former/projection/LM tensors, %d vision tensors (%d skipped: no "
              "matching name or shape in %s)", directory, len(main), len(vision), max(skipped, 0), model.cfg.clip.name)

@@ -16,7 +16,7 @@ from torch import nn
 from msmedcap.batch import DOMAINS
 from msmedcap.config import ModelConfig
 from msmedcap.models.captioner import Captioner
-from msmedcap.models.encoders import ClipEncoder, SamEncoder, frozen_dtype
+from msmedcap.models.encoders import ClipEncoder, SamEncoder, fixed_seed, frozen_dtype
 from msmedcap.models.qformer import QFormer
 from msmedcap.models.stage1 import stage1_branch_loss
 from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
@@ -34,7 +34,8 @@ class MSMedCap(nn.Module):
         dtype = frozen_dtype(cfg.frozen_dtype)
         qtok = load_qformer_tokenizer(cfg.qformer.tokenizer)
         self.dec_token_id = qtok.bos_token_id
-        self.encoders = nn.ModuleDict({b: ENCODERS[b](getattr(cfg, b)).freeze(dtype) for b in self.branches})
+        with fixed_seed():
+            self.encoders = nn.ModuleDict({b: ENCODERS[b](getattr(cfg, b)).freeze(dtype) for b in self.branches})
         self.qformers = nn.ModuleDict({
             b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id) for b in self.branches})
         self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches},
