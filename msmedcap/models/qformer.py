@@ -44,7 +44,8 @@ class QFormer(nn.Module):
         self.vision_proj = nn.Linear(h, cfg.embed_dim)
         self.text_proj = nn.Linear(h, cfg.embed_dim)
         self.itm_head = nn.Linear(h, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        # Shape [1], not []: DeepSpeed's initial broadcast views every parameter as bytes, which a 0-dim bf16 tensor refuses.
+        self.temp = nn.Parameter(torch.full((1,), 0.07))
         # ITG head = BERT's LM prediction head; the decoder weight is the word embedding matrix
         self.itg_transform = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=hf.layer_norm_eps))
         self.itg_bias = nn.Parameter(torch.zeros(vocab_size))
