@@ -101,6 +101,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     max_image_pixels: int = 50_000_000  # decompression-bomb cap; larger images are skipped and counted
+    # The train stream redraws its shards every segment_batches batches per worker (seeded by the
+    # segment's index): a resumed run re-reads at most this many batches to reach its position.
+    segment_batches: int = 50
 
 
 # --------------------------------------------------------------------------- training
@@ -340,6 +343,11 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                 raise ConfigError(f"train.{name}.{k} must be >= 1")
         if st.min_lr > st.lr:
             raise ConfigError(f"train.{name}.min_lr must be <= train.{name}.lr")
+    for k in ("shuffle_buffer", "segment_batches", "max_image_pixels"):
+        if getattr(cfg.data, k) < 1:
+            raise ConfigError(f"data.{k} must be >= 1")
+    if cfg.data.num_workers < 0:
+        raise ConfigError("data.num_workers must be >= 0")
     if cfg.eval.min_len > cfg.eval.max_len:
         raise ConfigError("eval.min_len must be <= eval.max_len")
     if not check_files:

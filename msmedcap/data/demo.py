@@ -38,7 +38,7 @@ MODALITIES = {
 TRAIN_PER_DOMAIN = 1200
 EVAL_PER_DOMAIN = 150
 TRAIN_SHARDS = 4
-TAR_MTIME = 1_700_000_000.0  # fixed so that regenerated tars are byte-identical
+TAR_MTIME = 1_700_000_000  # fixed so that regenerated tars are byte-identical
 
 
 def _rng(seed: int, split: str, domain: str, index: int) -> random.Random:

@@ -1,0 +1,124 @@
+"""Our own sample decoder: only ``jpg``/``png``, ``txt`` and ``json`` are ever decoded (never
+webdataset's default ``decode()``, which unpickles ``.pkl``/``.pyd``/``.pth`` members).
+
+A bad sample raises :class:`SkipSample` with a reason; :class:`SkipCounter` is the webdataset
+handler that counts reasons instead of failing, and hands the counts to the next batch.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import sys
+import warnings
+
+from PIL import Image
+
+from msmedcap.batch import DOMAINS
+
+IMAGE_KEYS = ("jpg", "png", "jpeg")
+REASONS = ("bad_image", "missing_caption", "bad_json", "too_large", "bad_tar")
+
+
+class SkipSample(Exception):
+    """A sample that is skipped and counted under ``reason`` (one of REASONS)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class SkipCounter:
+    """Counts skipped samples per reason; ``tar_handler`` and ``sample_handler`` are webdataset
+    exception handlers (return True = skip and go on)."""
+
+    def __init__(self, name: str = "msmedcap.data"):
+        self.counts = collections.Counter()
+        self.name = name
+        self._warned = set()
+
+    def tar_handler(self, exn: Exception) -> bool:
+        self._count("bad_tar", exn)
+        return True
+
+    def sample_handler(self, exn: Exception) -> bool:
+        self._count(exn.reason if isinstance(exn, SkipSample) else "bad_sample", exn)
+        return True
+
+    def attempt(self, fn, *args):
+        """``fn(*args)``, or None (counted) when it raises SkipSample."""
+        try:
+            return fn(*args)
+        except SkipSample as e:
+            self.sample_handler(e)
+            return None
+
+    def _count(self, reason: str, exn: Exception) -> None:
+        self.counts[reason] += 1
+        if reason not in self._warned:  # say it once per reason and process, then count silently
+            self._warned.add(reason)
+            print(f"# {self.name}: skipping {reason} ({type(exn).__name__}: {str(exn)[:300]})", file=sys.stderr)
+
+    def pop(self) -> dict:
+        out, self.counts = dict(self.counts), collections.Counter()
+        return out
+
+
+def _where(raw: dict) -> str:
+    return f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+
+
+def parse_meta(raw: dict) -> dict:
+    data = raw.get("json")
+    if data is None:
+        raise SkipSample("bad_json", f"{_where(raw)} has no json member")
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SkipSample("bad_json", f"{_where(raw)}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("domain") not in DOMAINS:
+        raise SkipSample("bad_json", f"{_where(raw)}: json needs a domain in {DOMAINS}")
+    meta.setdefault("source", "unknown")
+    return meta
+
+
+def parse_caption(raw: dict) -> str:
+    try:
+        caption = raw.get("txt", b"").decode("utf-8").strip()
+    except UnicodeDecodeError:
+        caption = ""
+    if not caption:
+        raise SkipSample("missing_caption", f"{_where(raw)} has no (UTF-8) caption")
+    return caption
+
+
+def decode_image(data: bytes, max_pixels: int, where: str = "") -> Image.Image:
+    """Bytes -> RGB PIL image, refusing images over ``max_pixels`` before decoding the pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ("JPEG", "PNG"):
+                raise SkipSample("bad_image", f"{where}: format {img.format} is not jpg/png")
+            if img.width * img.height > max_pixels:
+                raise SkipSample("too_large", f"{where}: {img.width}x{img.height} over {max_pixels} pixels")
+            img.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+    except SkipSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipSample("too_large", f"{where}: {e}") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on corrupt data
+        raise SkipSample("bad_image", f"{where}: {type(e).__name__}: {e}") from None
+    return img.convert("RGB")
+
+
+def decode_sample(raw: dict, max_pixels: int) -> dict:
+    """Raw tar sample -> {key, image (PIL RGB), caption, domain, source, meta}; SkipSample if bad."""
+    meta = parse_meta(raw)
+    caption = parse_caption(raw)
+    ext = next((k for k in IMAGE_KEYS if k in raw), None)
+    if ext is None:
+        raise SkipSample("bad_image", f"{_where(raw)} has no jpg/png member")
+    image = decode_image(raw[ext], max_pixels, _where(raw))
+    return {"key": raw["__key__"], "image": image, "caption": caption, "domain": meta["domain"],
+            "source": str(meta["source"]), "meta": meta}

@@ -1,0 +1,235 @@
+"""Train and eval streams over WebDataset shards, yielding batches in the msmedcap.batch format.
+
+Train (:func:`make_train_loader`): a weighted mixture of shard sets (``data.train`` specs
+``PATTERN::WEIGHT``; weight = relative share of samples), shards resampled with replacement,
+a seeded shuffle buffer, our own decoder, per-encoder transforms, tokenisation, batching. Infinite:
+the step count drives the epoch, and every rank yields a batch at every step.
+
+Data position. Each DataLoader worker ``w`` of ``W`` (W = 1 without workers) yields the global
+steps ``s`` with ``s % W == w`` (the DataLoader takes batches round-robin). Worker role ``s % W``'s
+batches come in segments of ``data.segment_batches`` batches; segment ``k`` of a role is a pure
+function of (train.seed, stage, world size, rank, W, role, k): its shards, mixture draws and shuffle
+are seeded by that tuple, and it reads from fresh shard draws. So the batch at global step ``s`` on a
+rank is fixed by (seed, s, world size, num_workers), and a run resumed at ``start_step`` starts each
+worker at its segment and skips at most ``segment_batches - 1`` batches to reach ``s``: it sees exactly
+the batches the uninterrupted run would have seen. (Resume with the same world size and
+``data.num_workers``: they are part of the data order.)
+
+Eval (:func:`make_eval_loader`): the specs' shards in order, no resampling; sample ``i`` (counted over
+all shards, corrupt ones included) belongs to slot ``i % (world * W)``, one slot per (rank, worker), so
+every sample is read exactly once whatever the number of shards, ranks and workers.
+
+Corrupt samples are skipped and counted; each batch's ``skipped`` holds the counts since the same
+worker's previous batch.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import random
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from msmedcap.batch import CAPTION_EOS, DOMAIN_INDEX
+from msmedcap.config import Config, ConfigError, expand_braces, split_weighted_spec
+from msmedcap.data.decode import SkipCounter, decode_sample
+
+# Shards visited in a row without one sample before a source is declared unreadable (not an endless loop).
+MAX_EMPTY_SHARDS = 64
+
+
+def parse_specs(specs: list) -> list:
+    """["pattern::w", ...] -> [(pattern, [urls], weight)], naming a spec that expands to nothing."""
+    out = []
+    for spec in specs:
+        pattern, weight = split_weighted_spec(spec)
+        urls = expand_braces(pattern)
+        if not urls:
+            raise ConfigError(f"shard spec {spec!r} names no files")
+        out.append((pattern, urls, weight))
+    if not out:
+        raise ConfigError("no shard specs given")
+    return out
+
+
+def _worker() -> tuple:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _no_worker_seed() -> int:  # our seeds already name the worker's role
+    return 0
+
+
+class SampleProcessor:
+    """Raw tar sample -> decoded, transformed sample; samples -> batch dict (tokenised)."""
+
+    def __init__(self, cfg: Config):
+        from msmedcap.data.transforms import encoder_transforms
+        from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run in DataLoader workers
+        self.max_pixels = cfg.data.max_image_pixels
+        self.transforms = encoder_transforms(cfg)
+        self.qformer_tok = load_qformer_tokenizer(cfg.model.qformer.tokenizer)
+        self.lm_tok = load_lm_tokenizer(cfg.model.lm.tokenizer)
+        self.max_text_len = cfg.model.qformer.max_text_len
+        self.max_caption_len = cfg.model.lm.max_caption_len
+
+    def prepare(self, raw: dict) -> dict:
+        sample = decode_sample(raw, self.max_pixels)
+        image = sample.pop("image")
+        for name, transform in self.transforms.items():
+            sample[name] = transform(image)
+        return sample
+
+    def collate(self, samples: list, counter: SkipCounter) -> dict:
+        captions = [s["caption"] for s in samples]
+        q = self.qformer_tok(captions, padding="max_length", truncation=True, max_length=self.max_text_len,
+                             return_tensors="pt")
+        lm = self.lm_tok([c + CAPTION_EOS for c in captions], add_special_tokens=False, padding="max_length",
+                         truncation=True, max_length=self.max_caption_len, return_tensors="pt")
+        batch = {
+            "key": [s["key"] for s in samples],
+            "source": [s["source"] for s in samples],
+            "domain": torch.tensor([DOMAIN_INDEX[s["domain"]] for s in samples], dtype=torch.long),
+            "caption": captions,
+            "text_input_ids": q["input_ids"], "text_attention_mask": q["attention_mask"],
+            "lm_input_ids": lm["input_ids"], "lm_attention_mask": lm["attention_mask"],
+            "skipped": counter.pop(),
+        }
+        for name in self.transforms:
+            batch[name] = torch.stack([s[name] for s in samples])
+        return batch
+
+
+# --------------------------------------------------------------------------- train
+class _Progress:
+    """Fails loudly when a resampled source keeps yielding shards with no readable sample."""
+
+    def __init__(self, pattern: str):
+        self.pattern, self.empty = pattern, 0
+
+    def shards(self, urls):
+        for url in urls:
+            self.empty += 1
+            if self.empty > MAX_EMPTY_SHARDS:
+                raise RuntimeError(f"{self.pattern}: {MAX_EMPTY_SHARDS} shards in a row gave no sample "
+                                   f"(all empty or corrupt?)")
+            yield url
+
+    def samples(self, samples):
+        for sample in samples:
+            self.empty = 0
+            yield sample
+
+
+def _weighted_mix(streams: list, weights: list, rng: random.Random):
+    cumulative = list(itertools.accumulate(weights))
+    while True:
+        yield next(streams[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])])
+
+
+class TrainStream(IterableDataset):
+    def __init__(self, cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.cfg, self.stage, self.rank, self.world_size, self.start_step = cfg, stage, rank, world_size, start_step
+        self.sources = parse_specs(cfg.data.train)
+        self.batch_size = getattr(cfg.train, f"stage{stage}").micro_batch_size
+
+    def _source_samples(self, pattern: str, urls: list, seed: int, counter: SkipCounter):
+        import webdataset as wds
+
+        progress = _Progress(pattern)
+        shards = wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=_no_worker_seed)
+        return progress.samples(wds.tarfile_samples(progress.shards(iter(shards)), handler=counter.tar_handler))
+
+    def segment(self, processor: SampleProcessor, counter: SkipCounter, workers: int, role: int, index: int):
+        """The ``index``-th segment (``data.segment_batches`` batches) of worker role ``role``."""
+        import webdataset as wds
+
+        d = self.cfg.data
+        rng = random.Random(f"msmedcap-train/{self.cfg.train.seed}/{self.stage}/{self.world_size}/{self.rank}/"
+                            f"{workers}/{role}/{index}")
+        streams = [self._source_samples(p, urls, rng.getrandbits(31), counter) for p, urls, _ in self.sources]
+        mixed = _weighted_mix(streams, [w for _, _, w in self.sources], rng)
+        shuffled = wds.shuffle(d.shuffle_buffer, initial=d.shuffle_buffer, rng=random.Random(rng.getrandbits(64)))(mixed)
+        prepared = wds.map(processor.prepare, handler=counter.sample_handler)(shuffled)
+        batches = wds.batched(self.batch_size, collation_fn=partial(processor.collate, counter=counter),
+                              partial=False)(prepared)
+        return itertools.islice(batches, d.segment_batches)
+
+    def __iter__(self):
+        worker, workers = _worker()
+        processor, counter = SampleProcessor(self.cfg), SkipCounter()
+        first = self.start_step + worker  # the global step of this worker's first batch
+        role, local = first % workers, first // workers
+        index, skip = divmod(local, self.cfg.data.segment_batches)
+        for batch in itertools.islice(self.segment(processor, counter, workers, role, index), skip, None):
+            yield batch
+        while True:
+            index += 1
+            yield from self.segment(processor, counter, workers, role, index)
+
+
+def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                      prefetch_factor=2 if num_workers else None, pin_memory=torch.cuda.is_available())
+
+
+def make_train_loader(cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
+    """Endless micro-batches for ``rank``, starting at global step ``start_step`` (see module doc)."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    return _loader(TrainStream(cfg, stage, rank, world_size, start_step), cfg.data.num_workers)
+
+
+# --------------------------------------------------------------------------- eval
+def _batches(samples, size: int, collate):
+    """Batches of ``size`` (last one partial); a batch is built only when the next sample arrives or the
+    stream ends, so skip counts read after the last full batch still reach a batch."""
+    buf = []
+    for sample in samples:
+        if len(buf) == size:
+            yield collate(buf)
+            buf = []
+        buf.append(sample)
+    if buf:
+        yield collate(buf)
+
+
+def _ignore(exn: Exception) -> bool:
+    return True
+
+
+class EvalStream(IterableDataset):
+    def __init__(self, cfg: Config, specs: list, rank: int, world_size: int, batch_size: int):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.cfg, self.rank, self.world_size, self.batch_size = cfg, rank, world_size, batch_size
+        self.urls = [u for _, urls, _ in parse_specs(specs) for u in urls]
+
+    def __iter__(self):
+        import webdataset as wds
+
+        from msmedcap.data.shards import iter_raw_samples
+
+        worker, workers = _worker()
+        slots, slot = self.world_size * workers, worker * self.world_size + self.rank
+        processor, counter = SampleProcessor(self.cfg), SkipCounter()
+        # every slot reads every shard: only slot 0 counts shard-level errors, so they count once
+        raw = iter_raw_samples(self.urls, counter.tar_handler if slot == 0 else _ignore)
+        mine = itertools.islice(raw, slot, None, slots)
+        prepared = wds.map(processor.prepare, handler=counter.sample_handler)(mine)
+        yield from _batches(prepared, self.batch_size, partial(processor.collate, counter=counter))
+
+
+def make_eval_loader(cfg: Config, specs: list, rank: int, world_size: int, batch_size: int) -> DataLoader:
+    """Finite batches of this rank's share of ``specs``; all ranks together see every sample once."""
+    return _loader(EvalStream(cfg, specs, rank, world_size, batch_size), cfg.data.num_workers)

@@ -1,0 +1,146 @@
+"""WebDataset shards: the sample format, the writer (with a manifest) and `inspect`.
+
+One sample = ``__key__`` + one image (``jpg`` or ``png``) + ``txt`` (the caption, UTF-8) + ``json``
+(metadata: ``domain`` = general | medical, ``source`` dataset, ``id`` original id, anything else).
+Nothing is pickled. ``manifest.json`` next to the shards lists, per shard file: samples, samples per
+domain and source, bytes and sha256.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from msmedcap.batch import DOMAINS
+
+IMAGE_EXTS = ("jpg", "png")
+MANIFEST = "manifest.json"
+
+
+def safe_key(text: str) -> str:
+    """A tar-member-safe ``__key__``: webdataset splits member names at the first dot."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(text)).strip("_") or "sample"
+
+
+def check_sample(sample: dict) -> None:
+    """Raise ValueError (naming the key) unless ``sample`` follows the shard format."""
+    key = sample.get("__key__")
+    if not key or safe_key(key) != key:
+        raise ValueError(f"sample key {key!r}: must be non-empty and use only [A-Za-z0-9_-]")
+    images = [e for e in IMAGE_EXTS if e in sample]
+    if len(images) != 1 or not isinstance(sample[images[0]], (bytes, bytearray)):
+        raise ValueError(f"sample {key}: needs exactly one image (jpg or png) as bytes")
+    if not isinstance(sample.get("txt"), str) or not sample["txt"].strip():
+        raise ValueError(f"sample {key}: needs a non-empty txt caption")
+    meta = sample.get("json")
+    if not isinstance(meta, dict) or meta.get("domain") not in DOMAINS or not meta.get("source"):
+        raise ValueError(f"sample {key}: json needs domain in {DOMAINS} and a source")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return {"shards": {}}
+    return json.loads(path.read_text())
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    manifest["shards"] = dict(sorted(manifest["shards"].items()))
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / MANIFEST)  # never half written
+
+
+def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str, shard_size: int = 1000,
+                 mtime: int | None = None) -> list:
+    """Write ``samples`` to ``out_dir/prefix-000.tar, -001, ...`` with webdataset's ShardWriter and
+    merge their entries into ``out_dir/manifest.json``. Returns the shard file names written.
+    ``mtime`` (an int: a float adds PAX headers) fixes the members' time, for reproducible bytes."""
+    import webdataset as wds
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats: dict = {}
+    kw = {"mtime": mtime} if mtime is not None else {}
+    with wds.ShardWriter(str(out_dir / f"{prefix}-%03d.tar"), maxcount=shard_size, verbose=0,
+                         user="msmedcap", group="msmedcap", **kw) as writer:
+        for sample in samples:
+            check_sample(sample)
+            encoded = dict(sample, json=json.dumps(sample["json"], sort_keys=True).encode())
+            writer.write(encoded)
+            entry = stats.setdefault(Path(writer.fname).name, {
+                "samples": 0, "domains": collections.Counter(), "sources": collections.Counter()})
+            entry["samples"] += 1
+            entry["domains"][sample["json"]["domain"]] += 1
+            entry["sources"][sample["json"]["source"]] += 1
+    if not stats:  # ShardWriter opened a first shard before knowing there was nothing to write
+        (out_dir / f"{prefix}-000.tar").unlink(missing_ok=True)
+        return []
+    manifest = read_manifest(out_dir)
+    for name, entry in stats.items():
+        path = out_dir / name
+        manifest["shards"][name] = {
+            "samples": entry["samples"], "domains": dict(entry["domains"]), "sources": dict(entry["sources"]),
+            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    _write_manifest(out_dir, manifest)
+    return sorted(stats)
+
+
+# --------------------------------------------------------------------------- inspect
+def iter_raw_samples(urls: list, handler) -> Iterator[dict]:
+    """Raw samples (member bytes by extension) of ``urls`` in order, via webdataset's tar reader."""
+    import webdataset as wds
+
+    return wds.tarfile_samples(iter([{"url": u} for u in urls]), handler=handler)
+
+
+def inspect_shards(specs: list) -> dict:
+    """Counts per domain and source, bytes, and checksum verification against each shard's manifest.
+    Returns {"shards": [...], "domains": {...}, "sources": {...}, "samples", "bytes", "skipped", "problems"}."""
+    from msmedcap.config import expand_braces, split_weighted_spec
+    from msmedcap.data.decode import SkipCounter, parse_meta
+
+    urls = [u for spec in specs for u in expand_braces(split_weighted_spec(spec)[0])]
+    manifests: dict = {}
+    report = {"shards": [], "domains": collections.Counter(), "sources": collections.Counter(),
+              "samples": 0, "bytes": 0, "problems": []}
+    counter = SkipCounter()
+    for url in urls:
+        path = Path(url)
+        if not path.is_file():
+            report["problems"].append(f"{url}: file not found")
+            continue
+        manifest = manifests.setdefault(path.parent, read_manifest(path.parent))["shards"].get(path.name)
+        digest, size = sha256_file(path), path.stat().st_size
+        checksum = "no manifest entry" if manifest is None else (
+            "ok" if manifest["sha256"] == digest and manifest["bytes"] == size else "MISMATCH")
+        if checksum == "MISMATCH":
+            report["problems"].append(f"{url}: sha256/bytes differ from {path.parent / MANIFEST}")
+        n = 0
+        for raw in iter_raw_samples([url], counter.tar_handler):
+            meta = counter.attempt(parse_meta, raw)
+            if meta is None:
+                continue
+            n += 1
+            report["domains"][meta["domain"]] += 1
+            report["sources"][meta["source"]] += 1
+        if manifest is not None and manifest["samples"] != n and checksum == "ok":
+            report["problems"].append(f"{url}: {n} readable samples, manifest says {manifest['samples']}")
+        report["shards"].append({"url": url, "samples": n, "bytes": size, "checksum": checksum})
+        report["samples"] += n
+        report["bytes"] += size
+    report["skipped"] = counter.pop()
+    report["domains"], report["sources"] = dict(report["domains"]), dict(report["sources"])
+    return report

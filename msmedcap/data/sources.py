@@ -1,0 +1,195 @@
+"""Readers for real caption datasets, turned into shard samples (see msmedcap.data.shards).
+
+Each reader yields records ``{"id", "image" (path), "caption", "meta" (extra metadata)}``;
+:func:`to_samples` loads each image (DICOM converted to an 8-bit PNG with its window) and skips
+missing or unreadable images, counting and reporting them, so that a run goes on.
+
+- ``jsonl``: lines ``{"image": path, "caption": text, ...}`` (paths relative to the file or --images)
+- ``folder``: image files with a same-name ``.txt`` caption
+- ``coco``: a COCO captions annotation JSON + image dir; one sample per caption or per image
+- ``roco``: ROCO's ``captions.txt`` (``ROCO_ID<TAB> caption``) + image dir with ``ROCO_ID.<ext>``
+- ``medicat``: MedICaT's JSONL (``s2_caption``, ``pdf_hash``, ``fig_uri``) + figures dir
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from msmedcap.data.shards import safe_key
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm")
+
+
+class SourceError(RuntimeError):
+    """Unreadable dataset layout (not one bad sample): names the file."""
+
+
+def _read_json_lines(path: Path) -> Iterator[tuple]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except ValueError as e:
+                raise SourceError(f"{path}:{lineno}: invalid JSON: {e}") from None
+
+
+def read_jsonl(path: str, images: str | None = None) -> Iterator[dict]:
+    path = Path(path)
+    root = Path(images) if images else path.parent
+    for lineno, row in _read_json_lines(path):
+        if not isinstance(row, dict) or "image" not in row:
+            raise SourceError(f"{path}:{lineno}: expected an object with 'image' and 'caption'")
+        extra = {k: v for k, v in row.items() if k not in ("image", "caption", "domain", "source")}
+        yield {"id": str(row.get("id", f"{path.stem}-{lineno}")), "image": root / row["image"],
+               "caption": row.get("caption"), "meta": extra}
+
+
+def read_folder(path: str, images: str | None = None) -> Iterator[dict]:
+    root = Path(path)
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a directory")
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        txt = image.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
+        yield {"id": str(image.relative_to(root).with_suffix("")), "image": image, "caption": caption, "meta": {}}
+
+
+def read_coco(path: str, images: str | None = None, per: str = "caption") -> Iterator[dict]:
+    path = Path(path)
+    root = Path(images) if images else path.parent
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        files = {img["id"]: img["file_name"] for img in data["images"]}
+        annotations = data["annotations"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    if per == "caption":
+        for ann in annotations:
+            image_id = ann.get("image_id")
+            yield {"id": f"{image_id}-{ann.get('id')}", "image": root / files.get(image_id, f"<no image {image_id}>"),
+                   "caption": ann.get("caption"), "meta": {"image_id": image_id}}
+    elif per == "image":
+        captions = collections.defaultdict(list)
+        for ann in annotations:
+            captions[ann.get("image_id")].append(ann.get("caption"))
+        for image_id, name in files.items():
+            caps = [c for c in captions.get(image_id, []) if c]
+            yield {"id": str(image_id), "image": root / name, "caption": caps[0] if caps else None,
+                   "meta": {"image_id": image_id, "captions": caps}}
+    else:
+        raise SourceError(f"coco: per must be 'caption' or 'image', got {per!r}")
+
+
+def _by_stem(root: Path) -> dict:
+    return {p.stem: p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def read_roco(path: str, images: str | None = None) -> Iterator[dict]:
+    path = Path(path)
+    root = Path(images) if images else path.parent / "images"
+    if not root.is_dir():
+        raise SourceError(f"roco: image directory not found: {root} (give --images)")
+    files = _by_stem(root)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            roco_id, sep, caption = line.rstrip("\n").partition("\t")
+            if not sep:
+                raise SourceError(f"{path}:{lineno}: expected 'ROCO_ID<TAB> caption'")
+            roco_id = roco_id.strip()
+            yield {"id": roco_id, "image": files.get(roco_id, root / f"{roco_id}.jpg"), "caption": caption,
+                   "meta": {}}
+
+
+def read_medicat(path: str, images: str | None = None) -> Iterator[dict]:
+    path = Path(path)
+    root = Path(images) if images else path.parent / "figures"
+    for lineno, row in _read_json_lines(path):
+        try:
+            pdf_hash, fig_uri = row["pdf_hash"], row["fig_uri"]
+        except (KeyError, TypeError):
+            raise SourceError(f"{path}:{lineno}: MedICaT rows need pdf_hash and fig_uri") from None
+        yield {"id": f"{pdf_hash}-{Path(fig_uri).stem}", "image": root / fig_uri, "caption": row.get("s2_caption"),
+               "meta": {"pdf_hash": pdf_hash, "fig_uri": fig_uri}}
+
+
+READERS = {"jsonl": read_jsonl, "folder": read_folder, "coco": read_coco, "roco": read_roco, "medicat": read_medicat}
+
+
+# --------------------------------------------------------------------------- images
+def dicom_to_png(path: Path) -> bytes:
+    """A DICOM file -> 8-bit grey PNG, using its VOI LUT / window (centre, width) when it has one."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise SourceError("DICOM input needs pydicom: pip install 'msmedcap[dicom]'") from None
+    import numpy as np
+
+    ds = pydicom.dcmread(str(path))
+    pixels = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    if pixels.ndim != 2:
+        pixels = pixels[..., 0] if pixels.shape[-1] in (3, 4) else pixels[0]  # colour or multi-frame: first
+    lo, hi = float(pixels.min()), float(pixels.max())
+    grey = np.zeros(pixels.shape, np.uint8) if hi <= lo else ((pixels - lo) / (hi - lo) * 255).round().astype(np.uint8)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        grey = 255 - grey  # MONOCHROME1 shows low values bright
+    buf = io.BytesIO()
+    Image.fromarray(grey, "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_image_file(path: Path, max_pixels: int) -> tuple:
+    """-> (bytes, "jpg" | "png"); JPEG/PNG keep their bytes, other formats become PNG.
+    Raises FileNotFoundError or ValueError (unreadable, too large)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        data = dicom_to_png(path) if path.suffix.lower() == ".dcm" else path.read_bytes()
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise ValueError(f"{path}: {img.width}x{img.height} is over {max_pixels} pixels")
+        img.load()
+    except (ValueError, SourceError):
+        raise
+    except Exception as e:  # PIL / pydicom errors on corrupt files
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+    if img.format in ("JPEG", "PNG"):
+        return data, "jpg" if img.format == "JPEG" else "png"
+    buf = io.BytesIO()
+    img.convert("RGB" if img.mode not in ("L", "RGB") else img.mode).save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def to_samples(records, domain: str, source: str, counts: collections.Counter, max_pixels: int,
+               log=sys.stderr) -> Iterator[dict]:
+    """Records -> shard samples; missing/unreadable images and empty captions are reported and counted."""
+    for rec in records:
+        caption = (rec["caption"] or "").strip() if isinstance(rec["caption"], (str, type(None))) else ""
+        if not caption:
+            counts["missing_caption"] += 1
+            print(f"skip {rec['id']}: no caption", file=log)
+            continue
+        try:
+            data, ext = load_image_file(rec["image"], max_pixels)
+        except FileNotFoundError as e:
+            counts["missing_image"] += 1
+            print(f"skip {rec['id']}: {e}", file=log)
+            continue
+        except ValueError as e:
+            counts["bad_image"] += 1
+            print(f"skip {rec['id']}: {e}", file=log)
+            continue
+        counts["written"] += 1
+        meta = {**rec["meta"], "domain": domain, "source": source, "id": rec["id"]}
+        yield {"__key__": safe_key(f"{source}-{rec['id']}"), ext: data, "txt": caption, "json": meta}
