@@ -90,14 +90,15 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("stage", "step") and math.isfinite(v):
                     self.tb.add_scalar(f"stage{self.stage}/{k}", v, step)
-        losses = " ".join(f"{k[5:] or 'loss'} {v:.3f}" for k, v in record.items() if k.startswith("loss"))
+        losses = " ".join(f"{k[5:] or 'loss'} {v:.3f}" for k, v in record.items()
+                          if k.startswith("loss") and "/" not in k)  # per-branch heads: in the file only
         skipped = sum(record.get("skipped_samples", {}).values())
         info = (f"{losses} | lr {record['lr']:.2e} | {record['samples_per_s']:.1f} samples/s"
                 f" | skipped {skipped} samples, {record['overflow_skipped_steps']} steps")
         self.progress.update(self.task, completed=step, info=info)
         if not self.console.is_terminal:  # logs and batch jobs: a plain line per log step
             total = self.progress.tasks[0].total
-            self.console.print(f"stage {self.stage} step {step}/{total} | {info}", highlight=False)
+            print(f"stage {self.stage} step {step}/{total} | {info}", flush=True)
 
     def end_stage(self) -> None:
         if self.progress is not None:

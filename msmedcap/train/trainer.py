@@ -73,14 +73,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensors to the device; images to the engine's dtype (a bf16 engine's convolutions need it)."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
-        out[k] = v
-    return out
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to the device (the model casts images to each frozen encoder's dtype)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -124,6 +119,11 @@ class Trainer:
         self.device_type = self.acc.device_name()
         if self.device_type == "cpu":
             self.device = torch.device("cpu")
+            if "OMP_NUM_THREADS" not in os.environ:
+                # torch defaults to every core per process: N ranks on one machine oversubscribe it, and
+                # OpenMP's spinning threads then make small matmuls hundreds of times slower.
+                local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
         else:
             self.acc.set_device(self.local_rank)
             self.device = torch.device(self.acc.device_name(self.local_rank))
@@ -177,13 +177,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ one stage
     def build(self, stage: int) -> nn.Module:
-        from msmedcap.models import build_model, load_from_export
+        from msmedcap.models import build_model
 
         seed_everything(self.cfg.train.seed)  # identical frozen weights and initial trainables on all ranks
         init = export_dir(self.cfg, 1)
         if stage == 2 and init.is_dir():
             self.print0(f"stage 2 starts from stage 1's export {init}")
-            return load_from_export(init, self.cfg)
+            model = build_model(self.cfg.model, init_trainables=False)
+            model.load_trainable(init, strict=True)
+            return model
         if stage == 2:
             self.print0(f"warning: no stage-1 export at {init}; stage 2 starts from the model config's weights")
         return build_model(self.cfg.model)
@@ -201,7 +203,6 @@ class Trainer:
         engine, _, _, scheduler = deepspeed.initialize(
             model=StageLoss(model, stage), model_parameters=param_groups(model, st.weight_decay), config=ds_cfg,
             lr_scheduler=None if "scheduler" in ds_cfg else warmup_cosine(st))
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds_cfg)]
         ckpts = CheckpointManager(stage_dir(cfg, stage) / "checkpoints", cfg.train.keep_last, self.rank, self.barrier)
 
         step, rng = 0, None
@@ -213,13 +214,14 @@ class Trainer:
                             "the data order differs from an uninterrupted run")
             self.print0(f"stage {stage}: resumed from {resume_from} at step {step}")
         seed_everything(cfg.train.seed + 1000 * stage + self.rank)  # per-rank dropout / negative sampling
-        batches = iter(make_train_loader(cfg, stage, self.rank, self.world, step))
+        # The loader's position counts micro-batches; it is a function of (seed, position, world size).
+        batches = iter(make_train_loader(cfg, stage, self.rank, self.world, step * st.grad_accum))
         if rng is not None:
             set_rng_states(rng)  # after the loader started: starting it draws from torch's generator
 
         def client_state() -> dict:
             return {"stage": stage, "step": step, "world_size": self.world, "seed": cfg.train.seed,
-                    "data": {"start_step": step}, "config": cfg.to_dict()}
+                    "data": {"micro_batches": step * st.grad_accum, "num_workers": cfg.data.num_workers}, "config": cfg.to_dict()}
 
         def export(d: Path) -> None:
             save_trainable(model, d, cfg)
@@ -232,7 +234,7 @@ class Trainer:
         while step < st.steps:
             for _ in range(st.grad_accum):
                 batch = next(batches)
-                inputs = to_device(batch, self.device, dtype)
+                inputs = to_device(batch, self.device)
 
                 def fwd_bwd():
                     out = engine(inputs)
@@ -338,12 +340,27 @@ class Trainer:
         return 0
 
     def evaluate(self, stage: int) -> Optional[dict]:
+        """The fused evaluation (msmedcap.eval) of the finished captioner, plus the most-frequent-
+        training-caption baseline scored on the same references, so the numbers have a floor."""
+        from msmedcap.eval.evaluate import evaluate
         from msmedcap.models import load_from_export
 
+        if stage != 2:
+            self.print0("evaluation skipped: stage 1 does not train the captioner (train.stage=2 or all does)")
+            return None
         model = self.model
         if model is None:  # every stage was already finished: evaluate the last export
-            model = load_from_export(export_dir(self.cfg, stage), self.cfg)
-        return validation_loss(self.cfg, model, stage, self.rank, self.world, self.device, self.dist)
+            model, _ = load_from_export(export_dir(self.cfg, stage))
+        model.to(self.device)
+        out = self.out / "eval"
+        scores = evaluate(model, self.cfg, out, self.rank, self.world, checkpoint=str(export_dir(self.cfg, stage)))
+        if self.rank != 0:
+            return None
+        baseline = most_frequent_caption_baseline(self.cfg, out / "predictions.jsonl")
+        (out / "baseline_scores.json").write_text(json.dumps(baseline, indent=2))
+        return {"scores": str(out / "scores.json"), "CIDEr": scores["overall"]["CIDEr"],
+                "Bleu_4": scores["overall"]["Bleu_4"], "baseline_caption": baseline["caption"],
+                "baseline_CIDEr": baseline["overall"]["CIDEr"], "baseline_Bleu_4": baseline["overall"]["Bleu_4"]}
 
     def summarize(self, results: list, evaluation: Optional[dict], plot: Optional[Path], seconds: float) -> None:
         from rich.console import Console
@@ -365,9 +382,14 @@ class Trainer:
                           f"{sum(r.skipped_samples.values())} samples, {r.overflow_skipped_steps} steps",
                           f"{r.seconds:.0f} s", r.export or r.checkpoint or "-")
         console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)  # logs: no wrapping at 80 columns
         console.print(table)
         if evaluation:
-            console.print(f"evaluation: {evaluation}")
+            console.print(f"held-out CIDEr {evaluation['CIDEr']:.4f} (BLEU-4 {evaluation['Bleu_4']:.4f}) vs "
+                          f"{evaluation['baseline_CIDEr']:.4f} ({evaluation['baseline_Bleu_4']:.4f}) for the most "
+                          f"frequent training caption {evaluation['baseline_caption']!r}; {evaluation['scores']}",
+                          highlight=False)
         for name, path in (("checkpoints", self.out / "stage*/checkpoints"), ("metrics", summary["metrics"]),
                            ("loss curve", summary["loss_plot"]), ("tensorboard", summary["tensorboard"]),
                            ("summary", self.out / "summary.json")):
@@ -414,6 +436,50 @@ class Window:
         losses = {k: sums[k] / counts[k] for k in sorted(sums, key=lambda k: (k != "loss", k))}
         return {"losses": losses, "loss": losses["loss"], "samples": samples, "tokens": tokens,
                 "micro_batches": micro, "skipped": skipped}
+
+
+def training_captions(cfg: Config, limit: int = 20000) -> list:
+    """Captions (``.txt`` members) of the training shards, up to ``limit``."""
+    import tarfile
+
+    from msmedcap.config import expand_braces, split_weighted_spec
+
+    captions = []
+    for spec in cfg.data.train:
+        for path in expand_braces(split_weighted_spec(spec)[0]):
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if member.name.endswith(".txt"):
+                        captions.append(tar.extractfile(member).read().decode("utf-8").strip())
+                        if len(captions) >= limit:
+                            return captions
+    return captions
+
+
+def most_frequent_caption_baseline(cfg: Config, predictions_path: Path) -> dict:
+    """The most frequent training caption as every prediction, on the evaluation's references:
+    PTB tokenization, BLEU and CIDEr exactly as the evaluation computes them (overall and per domain;
+    METEOR's Java run is skipped: a floor needs no more)."""
+    from collections import Counter
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from msmedcap.eval.io import read_predictions
+    from msmedcap.eval.scoring import tokenize
+
+    caption = Counter(training_captions(cfg)).most_common(1)[0][0]
+    records = read_predictions(predictions_path)
+    gts, res = tokenize({r["key"]: r["references"] for r in records}, {r["key"]: caption for r in records})
+
+    def score(keys) -> dict:
+        g, r = {k: gts[k] for k in keys}, {k: res[k] for k in keys}
+        return {"Bleu_4": float(Bleu(4).compute_score(g, r, verbose=0)[0][3]),
+                "CIDEr": float(Cider().compute_score(g, r)[0]), "n": len(keys)}
+
+    domains = sorted({r.get("domain") for r in records if r.get("domain")})
+    return {"caption": caption, "overall": score(list(gts)),
+            "domain": {d: score([r["key"] for r in records if r.get("domain") == d]) for d in domains}}
 
 
 def train(cfg: Config, ds_json: dict, ds_source: str = "DeepSpeed config", resume: Optional[str] = None,
