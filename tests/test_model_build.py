@@ -1,0 +1,127 @@
+"""Building the variants, what is trainable, parameter counts of the paper preset, dtypes, export."""
+import pytest
+import torch
+from test_model_kit import demo_config, make_batch, one_thread, tokenizer_dirs
+
+from msmedcap.config import load_config
+from msmedcap.models import build_model, load_from_export, save_trainable
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+TRAINABLE_PREFIXES = ("qformers.", "captioner.projections.", "captioner.soft_prompts")
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    return tokenizer_dirs(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizers):
+    return build_model(demo_config(tokenizers).model)
+
+
+@pytest.mark.parametrize("variant,branches", [("blip2", ["clip"]), ("sam-blip2", ["sam"]),
+                                              ("msmedcap", ["clip", "sam"])])
+def test_variants_build_with_only_qformers_queries_projections_trainable(tokenizers, variant, branches):
+    cfg = demo_config(tokenizers, f"model.variant={variant}")
+    model = build_model(cfg.model)
+    assert list(model.encoders) == list(model.qformers) == list(model.captioner.projections) == branches
+    trainable = dict(model.trainable_named_parameters())
+    assert trainable and all(n.startswith(TRAINABLE_PREFIXES) for n in trainable)
+    for b in branches:
+        assert f"qformers.{b}.query_tokens" in trainable and f"qformers.{b}.ln_vision.weight" in trainable
+        assert f"captioner.projections.{b}.weight" in trainable
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("encoders.", "captioner.lm.")) for n in frozen)
+    counts = model.parameter_counts()
+    assert counts["total"]["trainable"] == sum(p.numel() for p in trainable.values())
+    assert counts["lm"]["trainable"] == 0 and counts["soft_prompts"]["trainable"] == 4 * 64
+    assert set(counts) == {"total", "lm", "projections", "soft_prompts"} | {f"{b}_{p}" for b in branches
+                                                                          for p in ("encoder", "qformer")}
+
+
+def test_frozen_parts_stay_frozen_in_eval_mode_and_low_precision(model, tokenizers):
+    model.train()
+    assert all(not m.training for m in [*model.encoders.values(), model.captioner.lm])
+    assert all(q.training for q in model.qformers.values())
+    assert {p.dtype for p in model.encoders.parameters()} == {torch.bfloat16}  # auto on CPU
+    assert {p.dtype for _, p in model.trainable_named_parameters()} == {torch.float32}
+    model.zero_grad()
+    cfg = demo_config(tokenizers)
+    out = model.stage1_loss(make_batch(cfg))
+    out["loss"].backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    # every trainable gets a gradient (zero for unused ones like the projections in stage 1): DDP/ZeRO safe
+    grads = dict((n, p.grad) for n, p in model.trainable_named_parameters())
+    assert all(g is not None for g in grads.values())
+    assert grads["qformers.sam.query_tokens"].abs().sum() > 0 and grads["captioner.projections.sam.weight"].abs().sum() == 0
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_model_works_after_deepspeed_casts_the_whole_module(tokenizers, cast):
+    cfg = demo_config(tokenizers)
+    model = getattr(build_model(cfg.model), cast)()
+    batch = make_batch(cfg, captions=make_batch(cfg)["caption"][:4])
+    for loss in (model.stage1_loss(batch), model.stage2_loss(batch)):
+        assert torch.isfinite(loss["loss"])
+        loss["loss"].backward()
+    texts = model.eval().generate(batch, num_beams=2, min_len=1, max_len=5)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+
+
+def bert_vocab_tokenizer(directory, size=30522):
+    """A BERT tokenizer with bert-base-uncased's vocabulary size (the words don't matter for counting)."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += [f"w{i}" for i in range(size - len(words))]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(directory)
+    return directory
+
+
+def test_paper_preset_on_meta_device_matches_the_architecture(tokenizers, tmp_path):
+    opt_2_7b = ("{hidden_size: 2560, num_hidden_layers: 32, num_attention_heads: 32, ffn_dim: 10240, "
+                "max_position_embeddings: 2048, word_embed_proj_dim: 2560, vocab_size: 50272}")
+    cfg = load_config("paper", [f"model.qformer.tokenizer={bert_vocab_tokenizer(tmp_path)}", "model.qformer.init_from=null",
+                                "model.clip.pretrained=null", "model.lm.name_or_path=null",
+                                f"model.lm.tokenizer={tokenizers[1]}", f"model.lm.config={opt_2_7b}"], check_files=False)
+    with torch.device("meta"):
+        counts = build_model(cfg.model).parameter_counts()
+    frozen = {k: v["frozen"] for k, v in counts.items()}
+    trainable = {k: v["trainable"] for k, v in counts.items()}
+    assert 0.98e9 < frozen["clip_encoder"] < 1.0e9  # EVA01-g-14 less its last block (BLIP-2 uses the penultimate)
+    assert frozen["sam_encoder"] == 89_670_912  # SAM ViT-B image encoder
+    assert frozen["lm"] == 2_651_596_800  # OPT-2.7B
+    # Q-Former: BERT-base + cross-attention every 2nd layer + query FFN + heads (BLIP-2 reports 188M)
+    assert 185e6 < trainable["clip_qformer"] < 192e6
+    # the SAM Q-Former differs only by its cross-attention K/V input width (4096 channel tokens vs 1408)
+    # in 6 layers, and its ln_vision
+    assert trainable["sam_qformer"] - trainable["clip_qformer"] == (4096 - 1408) * (6 * 2 * 768 + 2)
+    assert trainable["projections"] == 2 * (768 * 2560 + 2560) and trainable["soft_prompts"] == 32 * 2560
+    assert sum(frozen[k] for k in ("clip_encoder", "sam_encoder", "lm")) == frozen["total"]
+    assert trainable["total"] == trainable["clip_qformer"] + trainable["sam_qformer"] + 2 * 768 * 2560 + 2 * 2560 + 32 * 2560
+
+
+def test_export_rebuilds_the_same_model(model, tokenizers, tmp_path):
+    cfg = demo_config(tokenizers)
+    with torch.no_grad():  # trained-looking trainables, different from any fresh init
+        for _, p in model.trainable_named_parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    save_trainable(model, tmp_path / "export", cfg)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.yaml", "trainable.safetensors"]
+    again, cfg2 = load_from_export(tmp_path / "export")
+    assert cfg2.to_dict() == cfg.to_dict()
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    batch = make_batch(cfg)
+    model.eval(), again.eval()
+    assert model.generate(batch, num_beams=2, max_len=6, min_len=1) == again.generate(batch, num_beams=2, max_len=6,
+                                                                                       min_len=1)
+    # stage 2 starting from a stage-1 export of another variant: matching names load, the rest stays
+    blip2 = build_model(demo_config(tokenizers, "model.variant=blip2").model)
+    with pytest.raises(ValueError, match="unexpected"):
+        blip2.load_trainable(tmp_path / "export")
+    blip2.load_trainable(tmp_path / "export", strict=False)
+    assert torch.equal(blip2.qformers["clip"].query_tokens, model.qformers["clip"].query_tokens)
