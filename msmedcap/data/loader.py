@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from msmedcap.batch import CAPTION_EOS, DOMAIN_INDEX
 from msmedcap.config import Config, ConfigError, expand_braces, split_weighted_spec
 from msmedcap.data.decode import SkipCounter, decode_sample
+from msmedcap.data.shards import check_tar_ends, iter_raw_samples
 
 # Shards visited in a row without one sample before a source is declared unreadable (not an endless loop).
 MAX_EMPTY_SHARDS = 64
@@ -147,7 +148,8 @@ class TrainStream(IterableDataset):
 
         progress = _Progress(pattern)
         shards = wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=_no_worker_seed)
-        return progress.samples(wds.tarfile_samples(progress.shards(iter(shards)), handler=counter.tar_handler))
+        checked = check_tar_ends(progress.shards(iter(shards)), counter.tar_handler)
+        return progress.samples(wds.tarfile_samples(checked, handler=counter.tar_handler))
 
     def segment(self, processor: SampleProcessor, counter: SkipCounter, workers: int, role: int, index: int):
         """The ``index``-th segment (``data.segment_batches`` batches) of worker role ``role``."""
@@ -217,8 +219,6 @@ class EvalStream(IterableDataset):
 
     def __iter__(self):
         import webdataset as wds
-
-        from msmedcap.data.shards import iter_raw_samples
 
         worker, workers = _worker()
         slots, slot = self.world_size * workers, worker * self.world_size + self.rank

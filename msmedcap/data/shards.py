@@ -99,11 +99,33 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str, shar
 
 
 # --------------------------------------------------------------------------- inspect
+class TruncatedTar(Exception):
+    pass
+
+
+def check_tar_ends(shards: Iterable[dict], handler) -> Iterator[dict]:
+    """Pass shard dicts ({"url": ...}) on, reporting a local tar that lacks its end-of-archive blocks
+    to ``handler``: Python's streaming tar reader ends quietly at a cut between members, so a
+    truncated shard would otherwise go unnoticed. An empty file is reported and dropped."""
+    for shard in shards:
+        url = shard["url"]
+        if "://" not in url and not url.startswith("pipe:") and os.path.isfile(url):
+            size = os.path.getsize(url)
+            with open(url, "rb") as f:
+                f.seek(max(0, size - 1024))
+                tail = f.read()
+            if size == 0 or size % 512 or tail != bytes(1024):
+                handler(TruncatedTar(f"{url}: {'empty' if size == 0 else 'truncated'} tar"))
+                if size == 0:
+                    continue
+        yield shard
+
+
 def iter_raw_samples(urls: list, handler) -> Iterator[dict]:
     """Raw samples (member bytes by extension) of ``urls`` in order, via webdataset's tar reader."""
     import webdataset as wds
 
-    return wds.tarfile_samples(iter([{"url": u} for u in urls]), handler=handler)
+    return wds.tarfile_samples(check_tar_ends(({"url": u} for u in urls), handler), handler=handler)
 
 
 def inspect_shards(specs: list) -> dict:

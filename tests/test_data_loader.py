@@ -1,0 +1,192 @@
+"""The streaming loader on real webdataset tars written here: identity, mixture, resumption, eval
+coverage, corrupt data, per-variant images."""
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_fixtures import make_shards, png_bytes, sample, tiny_config
+from msmedcap.batch import CLIP_MEAN, CLIP_STD, DOMAIN_INDEX
+from msmedcap.data import loader as loader_mod
+from msmedcap.data.loader import EvalStream, make_eval_loader, make_train_loader
+from msmedcap.data.shards import write_shards
+from msmedcap.data.transforms import ClipTransform, SamTransform
+from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
+
+
+def keys(batches) -> list:
+    return [k for b in batches for k in b["key"]]
+
+
+def test_round_trip_exact_identity(tmp_path):
+    pattern = make_shards(tmp_path, "rt", 23, shard_size=10, domain="medical", source="roco")
+    cfg = tiny_config(eval=[pattern])
+    batches = list(make_eval_loader(cfg, cfg.data.eval, rank=0, world_size=1, batch_size=5))
+    assert [len(b["key"]) for b in batches] == [5, 5, 5, 5, 3]
+    assert keys(batches) == [f"rt-{i:05d}" for i in range(23)]  # in order, each once
+    clip, sam = ClipTransform(16), SamTransform(24)
+    qtok, ltok = load_qformer_tokenizer(cfg.model.qformer.tokenizer), load_lm_tokenizer(cfg.model.lm.tokenizer)
+    i = 0
+    for b in batches:
+        assert b["source"] == ["roco"] * len(b["key"]) and b["skipped"] == {}
+        assert b["domain"].tolist() == [DOMAIN_INDEX["medical"]] * len(b["key"])
+        for j, key in enumerate(b["key"]):
+            original = Image.open(io.BytesIO(png_bytes(i))).convert("RGB")
+            assert b["caption"][j] == f"caption number {i} of {key}"
+            assert torch.equal(b["clip_image"][j], clip(original))
+            assert torch.equal(b["sam_image"][j], sam(original))
+            ids = qtok(b["caption"][j], padding="max_length", max_length=cfg.model.qformer.max_text_len).input_ids
+            assert b["text_input_ids"][j].tolist() == ids
+            lm = ltok(b["caption"][j] + "\n", add_special_tokens=False).input_ids
+            n = int(b["lm_attention_mask"][j].sum())
+            assert b["lm_input_ids"][j, :n].tolist() == lm[: cfg.model.lm.max_caption_len]
+            i += 1
+
+
+def test_encoder_transforms_and_variants(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 128))
+    clip = ClipTransform(16)(img)
+    expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert clip.shape == (3, 16, 16) and torch.allclose(clip[:, 8, 8], expected, atol=1e-2)
+    sam = SamTransform(24)(img)  # 40x20 -> 24x12, zero-padded below
+    assert sam.shape == (3, 24, 24) and (sam[:, 12:, :] == 0).all() and (sam[:, :12, :] != 0).all()
+
+    pattern = make_shards(tmp_path, "v", 4, shard_size=4)
+    for variant, present, absent in (("blip2", "clip_image", "sam_image"), ("sam-blip2", "sam_image", "clip_image")):
+        cfg = tiny_config(eval=[pattern], model__variant=variant)
+        (batch,) = list(make_eval_loader(cfg, cfg.data.eval, 0, 1, batch_size=4))
+        assert present in batch and absent not in batch
+
+
+def test_weighted_mix_within_a_few_percent(tmp_path):
+    a = make_shards(tmp_path, "gen", 60, shard_size=20)
+    b = make_shards(tmp_path, "med", 40, shard_size=20, domain="medical")
+    cfg = tiny_config(train=[f"{a}::1", f"{b}::3"], train__stage1__micro_batch_size=50, data__segment_batches=20,
+                      data__shuffle_buffer=50, model__variant="blip2")
+    batches = list(itertools.islice(make_train_loader(cfg, stage=1, rank=0, world_size=1), 40))
+    domains = torch.cat([b["domain"] for b in batches])
+    assert len(domains) == 2000
+    assert abs(domains.float().mean().item() - 0.75) < 0.03
+    assert {len(b["key"]) for b in batches} == {50}
+    assert len(set(keys(batches))) == 100  # both sources' shards all visited
+
+
+def test_resumption_gives_identical_batches_with_workers(tmp_path):
+    a = make_shards(tmp_path, "gen", 30, shard_size=6)
+    b = make_shards(tmp_path, "med", 30, shard_size=6, domain="medical")
+    cfg = tiny_config(train=[f"{a}::1", f"{b}::1"], data__num_workers=2, data__segment_batches=3)
+    full = list(itertools.islice(make_train_loader(cfg, 2, rank=0, world_size=2), 11))
+    resumed = list(itertools.islice(make_train_loader(cfg, 2, rank=0, world_size=2, start_step=7), 4))
+    assert [b["key"] for b in resumed] == [b["key"] for b in full[7:]]
+    assert all(torch.equal(x["sam_image"], y["sam_image"]) for x, y in zip(resumed, full[7:]))
+    other_rank = list(itertools.islice(make_train_loader(cfg, 2, rank=1, world_size=2), 3))
+    assert [b["key"] for b in other_rank] != [b["key"] for b in full[:3]]
+    # without workers the stream is its own (W=1) but just as reproducible
+    cfg.data.num_workers = 0
+    one = list(itertools.islice(make_train_loader(cfg, 1, 0, 1), 6))
+    again = list(itertools.islice(make_train_loader(cfg, 1, 0, 1, start_step=4), 2))
+    assert [b["key"] for b in again] == [b["key"] for b in one[4:]]
+
+
+def _corrupt_shards(tmp_path) -> list:
+    """One shard with a good sample plus one of each bad kind; an empty and a truncated tar."""
+    good = [sample(f"ok-{i}", i) for i in range(3)]
+    truncated = sample("trunc-img", 10)
+    truncated["png"] = truncated["png"][:60]
+    no_caption = sample("no-caption", 11)
+    no_caption["txt"] = " "  # the writer refuses an empty caption; write the member raw below
+    names = write_shards(good, tmp_path, "good", shard_size=10)
+    path = tmp_path / "bad-000.tar"
+    with tarfile.open(path, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add("trunc-img.json", b'{"domain": "general", "source": "x"}')
+        add("trunc-img.png", truncated["png"])
+        add("trunc-img.txt", b"a caption")
+        add("no-caption.json", b'{"domain": "general", "source": "x"}')
+        add("no-caption.png", png_bytes(11))
+        add("bad-json.json", b'{"domain": "general", ')
+        add("bad-json.png", png_bytes(12))
+        add("bad-json.txt", b"a caption")
+        add("huge.json", b'{"domain": "medical", "source": "x"}')
+        add("huge.png", png_bytes(13, size=(80, 80)))
+        add("huge.txt", b"a caption")
+        add("late-ok.json", b'{"domain": "medical", "source": "x"}')
+        add("late-ok.png", png_bytes(14))
+        add("late-ok.txt", b"a good caption")
+    (tmp_path / "empty-000.tar").write_bytes(b"")
+    whole = (tmp_path / names[0]).read_bytes()
+    (tmp_path / "cut-000.tar").write_bytes(whole[: len(whole) // 2 + 100])
+    return [str(tmp_path / n) for n in ("good-000.tar", "bad-000.tar", "empty-000.tar", "cut-000.tar")]
+
+
+def _skipped(batches) -> dict:
+    total = {}
+    for b in batches:
+        for reason, n in b["skipped"].items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
+def test_corrupt_data_is_skipped_and_counted(tmp_path):
+    good, bad, empty, cut = _corrupt_shards(tmp_path)
+    cfg = tiny_config(data__max_image_pixels=1000)
+    batches = list(make_eval_loader(cfg, [good, bad], 0, 1, batch_size=2))
+    assert keys(batches) == ["ok-0", "ok-1", "ok-2", "late-ok"]
+    assert _skipped(batches) == {"bad_image": 1, "missing_caption": 1, "bad_json": 1, "too_large": 1}
+    batches = list(make_eval_loader(cfg, [good, empty, cut], 0, 1, batch_size=2))
+    got = keys(batches)
+    assert got[:3] == ["ok-0", "ok-1", "ok-2"] and 3 < len(got) < 6 and set(got[3:]) <= {"ok-0", "ok-1"}
+    counts = _skipped(batches)
+    assert counts.pop("bad_tar") >= 2  # the empty tar and the truncated one
+    assert sum(counts.values()) <= 1  # at most the sample cut in half
+    batches = list(make_eval_loader(cfg, [empty], 0, 1, batch_size=2))  # nothing to yield, nothing to count
+    assert batches == []
+    # the train stream goes on past the same data and hands the counts on in `skipped`
+    cfg.data.train = [str(tmp_path / "{bad,empty}-000.tar")]
+    batches = list(itertools.islice(make_train_loader(cfg, 1, 0, 1), 3))
+    assert all(b["key"] == ["late-ok"] * 4 for b in batches)
+    assert {"bad_image", "missing_caption", "bad_json", "too_large", "bad_tar"} <= set(_skipped(batches))
+
+
+def test_unreadable_source_fails_loudly_not_forever(tmp_path):
+    (tmp_path / "e-000.tar").write_bytes(b"")
+    cfg = tiny_config(train=[str(tmp_path / "e-000.tar")])
+    with pytest.raises(RuntimeError, match="shards in a row gave no sample"):
+        next(iter(make_train_loader(cfg, 1, 0, 1)))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_eval_covers_every_sample_exactly_once(tmp_path, monkeypatch, world_size):
+    # 3 shards (fewer than 4 ranks x 2 workers), uneven sizes, one corrupt sample
+    pattern = make_shards(tmp_path, "ev", 17, shard_size=7)
+    bad = sample("ev-bad", 99)
+    bad["json"] = {"domain": "general", "source": "s"}
+    write_shards([sample(f"ev-x{i}", 50 + i) for i in range(2)] + [bad], tmp_path, "ex", shard_size=5)
+    (tmp_path / "ex-000.tar").write_bytes((tmp_path / "ex-000.tar").read_bytes().replace(b'"domain": "general", "source": "s"', b'"domain": "nowhere", "source": "s"'))
+    specs = [pattern, str(tmp_path / "ex-000.tar")]
+    cfg = tiny_config(eval=specs, model__variant="blip2")
+    expected = sorted([f"ev-{i:05d}" for i in range(17)] + ["ev-x0", "ev-x1"])
+    for workers in (1, 2, 3):
+        seen, skipped = [], 0
+        for rank in range(world_size):
+            for worker in range(workers):  # each (rank, worker) slot as the DataLoader worker would see it
+                monkeypatch.setattr(loader_mod, "_worker", lambda w=worker, n=workers: (w, n))
+                for b in EvalStream(cfg, specs, rank, world_size, batch_size=3):
+                    seen += b["key"]
+                    skipped += sum(b["skipped"].values())
+        assert sorted(seen) == expected, (world_size, workers)
+        assert skipped == 1
+    monkeypatch.undo()
+    if world_size == 4:  # and once through real DataLoader worker processes
+        cfg.data.num_workers = 2
+        seen = [k for rank in range(4) for k in keys(make_eval_loader(cfg, specs, rank, 4, batch_size=2))]
+        assert sorted(seen) == expected
