@@ -127,20 +127,26 @@ READERS = {"jsonl": read_jsonl, "folder": read_folder, "coco": read_coco, "roco"
 
 # --------------------------------------------------------------------------- images
 def dicom_to_png(path: Path) -> bytes:
-    """A DICOM file -> 8-bit grey PNG, using its VOI LUT / window (centre, width) when it has one."""
+    """A DICOM file -> 8-bit grey PNG: modality LUT (e.g. CT Hounsfield units), then the file's first
+    window (centre/width) mapped to 0..255; without a window, the image's own min..max."""
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_modality_lut
     except ImportError:
         raise SourceError("DICOM input needs pydicom: pip install 'msmedcap[dicom]'") from None
     import numpy as np
 
     ds = pydicom.dcmread(str(path))
-    pixels = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
-    if pixels.ndim != 2:
-        pixels = pixels[..., 0] if pixels.shape[-1] in (3, 4) else pixels[0]  # colour or multi-frame: first
-    lo, hi = float(pixels.min()), float(pixels.max())
-    grey = np.zeros(pixels.shape, np.uint8) if hi <= lo else ((pixels - lo) / (hi - lo) * 255).round().astype(np.uint8)
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    if values.ndim != 2:
+        values = values[..., 0] if values.shape[-1] in (3, 4) else values[0]  # colour or multi-frame: first
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
+        centre, width = first(ds.WindowCenter), max(first(ds.WindowWidth), 1.0)
+        lo, hi = centre - width / 2, centre + width / 2
+    else:
+        lo, hi = float(values.min()), float(values.max())
+    grey = (np.clip((values - lo) / max(hi - lo, 1e-6), 0, 1) * 255).round().astype(np.uint8)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         grey = 255 - grey  # MONOCHROME1 shows low values bright
     buf = io.BytesIO()
@@ -172,8 +178,10 @@ def load_image_file(path: Path, max_pixels: int) -> tuple:
 
 
 def to_samples(records, domain: str, source: str, counts: collections.Counter, max_pixels: int,
-               log=sys.stderr) -> Iterator[dict]:
-    """Records -> shard samples; missing/unreadable images and empty captions are reported and counted."""
+               log=None) -> Iterator[dict]:
+    """Records -> shard samples; missing/unreadable images and empty captions are reported (to ``log``,
+    default stderr) and counted."""
+    log = log or sys.stderr
     for rec in records:
         caption = (rec["caption"] or "").strip() if isinstance(rec["caption"], (str, type(None))) else ""
         if not caption:
