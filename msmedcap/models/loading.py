@@ -4,6 +4,7 @@ Everything is read with safetensors or ``torch.load(weights_only=True)``: nothin
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -26,13 +27,23 @@ CONFIG_FILE = "config.yaml"
 def build_model(cfg: ModelConfig, init_trainables: bool = True) -> MSMedCap:
     """The model of ``cfg``: frozen parts from their weights (open_clip tag/file, SAM checkpoint, OPT
     directory, a BLIP-2 checkpoint) or random init; Q-Formers from BERT when ``qformer.init_from`` is set
-    (skipped with ``init_trainables=False``, when an export overwrites them anyway)."""
+    (skipped with ``init_trainables=False``, when an export overwrites them anyway).
+
+    With ``blip2_checkpoint`` and neither ``lm.name_or_path`` nor ``lm.config``, OPT's architecture comes
+    from the checkpoint's ``text_config`` (its weights from the checkpoint)."""
+    if cfg.blip2_checkpoint and not cfg.lm.name_or_path and not cfg.lm.config:
+        cfg = copy.deepcopy(cfg)
+        cfg.lm.config = blip2_text_config(cfg.blip2_checkpoint)
     model = MSMedCap(cfg)
     if cfg.qformer.init_from and init_trainables:
         for qformer in model.qformers.values():
             qformer.init_from_bert(cfg.qformer.init_from)
     if cfg.blip2_checkpoint:
         import_blip2(model, cfg.blip2_checkpoint)
+    if cfg.feature_cache:
+        from msmedcap.models.feature_cache import attach_feature_cache
+
+        attach_feature_cache(model, cfg.feature_cache)
     counts = model.parameter_counts()
     log.info("parameters: %s", ", ".join(f"{k} {v['trainable'] / 1e6:.1f}M trainable + {v['frozen'] / 1e6:.1f}M "
                                          "frozen" for k, v in counts.items()))
@@ -120,6 +131,16 @@ def read_state_dict(directory: Path) -> dict:
         state.update(load_file(p) if f.endswith(".safetensors") else torch.load(p, map_location="cpu",
                                                                                  weights_only=True))
     return state
+
+
+def blip2_text_config(directory) -> dict:
+    """OPTConfig kwargs of a BLIP-2 checkpoint's language model."""
+    from transformers import Blip2Config
+
+    text = Blip2Config.from_pretrained(resolve_asset(str(directory))).text_config.to_diff_dict()
+    for key in ("model_type", "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
+        text.pop(key, None)
+    return text
 
 
 def blip2_key_map(state: dict) -> dict:

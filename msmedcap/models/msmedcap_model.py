@@ -90,7 +90,12 @@ class MSMedCap(nn.Module):
         if key not in batch:
             raise KeyError(f"batch has no {key!r}: variant {self.cfg.variant} needs it")
         images = batch[key].to(self.device, non_blocking=True)
-        return self.encoders[branch](images if index is None else images[index])
+        images = images if index is None else images[index]
+        cache = getattr(self, "feature_cache", None)  # models/feature_cache.py, set by model.feature_cache
+        if cache is not None and "image_sha256" in batch:  # batches without hashes bypass it
+            keys = batch["image_sha256"] if index is None else [batch["image_sha256"][i] for i in index.tolist()]
+            return cache.encode(self.encoders[branch], branch, images, keys)
+        return self.encoders[branch](images)
 
     def query_outputs(self, batch: dict = None, image_features: dict = None) -> dict:
         """Each branch's Q-Former query outputs; ``image_features`` (branch -> frozen encoder tokens)
