@@ -12,6 +12,7 @@ A batch is a plain dict. Tensors are on CPU when the loader yields them; the tra
     text_attention_mask  LongTensor [B,T]
     lm_input_ids         LongTensor [B,L]   LM tokenizer of caption + "\\n" (no special tokens), right-padded
     lm_attention_mask    LongTensor [B,L]
+    image_sha256         list[str]          sha256 hex of each encoded image (only with model.feature_cache)
     skipped              dict[str,int]      samples skipped per reason since the same loader worker's
                                             previous batch ("bad_image", "missing_caption", "bad_json",
                                             "too_large", "bad_tar", "bad_sample"): sum them for metrics

@@ -84,6 +84,8 @@ class ModelConfig:
     # Frozen encoders' dtype: auto = fp16 on GPU, bf16 on CPU.
     frozen_dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     blip2_checkpoint: Optional[str] = None  # HF-format BLIP-2 directory imported into the CLIP branch
+    # Directory caching frozen-encoder outputs by image sha256 (models/feature_cache.py); None = off.
+    feature_cache: Optional[str] = None
 
     @property
     def branches(self) -> tuple:

@@ -25,6 +25,7 @@ worker's previous batch.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import os
 import random
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from msmedcap.batch import CAPTION_EOS, DOMAIN_INDEX
 from msmedcap.config import Config, ConfigError, expand_braces, split_weighted_spec
-from msmedcap.data.decode import SkipCounter, decode_sample
+from msmedcap.data.decode import IMAGE_KEYS, SkipCounter, decode_sample
 from msmedcap.data.shards import check_tar_ends, iter_raw_samples
 
 # Shards visited in a row without one sample before a source is declared unreadable (not an endless loop).
@@ -79,10 +80,13 @@ class SampleProcessor:
         self.lm_tok = load_lm_tokenizer(cfg.model.lm.tokenizer)
         self.max_text_len = cfg.model.qformer.max_text_len
         self.max_caption_len = cfg.model.lm.max_caption_len
+        self.hash_images = bool(cfg.model.feature_cache)  # the feature cache's key (models/feature_cache.py)
 
     def prepare(self, raw: dict) -> dict:
         sample = decode_sample(raw, self.max_pixels)
         image = sample.pop("image")
+        if self.hash_images:
+            sample["image_sha256"] = hashlib.sha256(raw[next(k for k in IMAGE_KEYS if k in raw)]).hexdigest()
         for name, transform in self.transforms.items():
             sample[name] = transform(image)
         return sample
@@ -104,6 +108,8 @@ class SampleProcessor:
         }
         for name in self.transforms:
             batch[name] = torch.stack([s[name] for s in samples])
+        if self.hash_images:
+            batch["image_sha256"] = [s["image_sha256"] for s in samples]
         return batch
 
 
