@@ -67,7 +67,7 @@ def run_score(args) -> int:
 
 
 def run_caption(args) -> int:
-    from msmedcap.eval.captioner import CaptionError, caption_files
+    from msmedcap.eval.caption import CaptionError, caption_files
 
     try:
         results = caption_files(args.images, args.checkpoint, overrides=args.overrides,

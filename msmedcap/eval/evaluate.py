@@ -64,16 +64,38 @@ def rank_quota(max_samples: int, rank: int, world_size: int) -> int:
     return max_samples // world_size + (1 if rank < max_samples % world_size else 0)
 
 
+def manifest_total(specs: Sequence[str]) -> Optional[int]:
+    """Samples in ``specs`` according to the shards' manifest.json files; None when any shard is not
+    local or has no manifest entry (then only duplicates can be checked, not losses)."""
+    from msmedcap.config import expand_braces, split_weighted_spec
+    from msmedcap.data.shards import read_manifest
+
+    total, manifests = 0, {}
+    for spec in specs:
+        for url in expand_braces(split_weighted_spec(spec)[0]):
+            path = Path(url)
+            if "://" in url or url.startswith("pipe:") or not path.is_file():
+                return None
+            entry = manifests.setdefault(path.parent, read_manifest(path.parent))["shards"].get(path.name)
+            if entry is None:
+                return None
+            total += entry["samples"]
+    return total
+
+
 @torch.no_grad()
 def generate_records(model, batches, gen_kwargs: dict, limit: int = 0, thumbnails: bool = True,
-                     progress=None) -> list:
+                     skipped: Optional[dict] = None) -> list:
     """Caption every batch -> records (key, source, domain, references, prediction[, thumbnail]).
-    ``limit`` > 0 stops after that many samples."""
+    ``limit`` > 0 stops after that many samples; ``skipped`` accumulates the loader's skip counts."""
     device = model_device(model)
     records = []
     for batch in batches:
         if limit and len(records) >= limit:
             break
+        for reason, n in (batch.get("skipped") or {}).items():
+            if skipped is not None:
+                skipped[reason] = skipped.get(reason, 0) + int(n)
         captions = model.generate(to_device(batch, device), **gen_kwargs)
         if len(captions) != len(batch["key"]):
             raise RuntimeError(f"model.generate returned {len(captions)} captions for {len(batch['key'])} samples")
@@ -86,8 +108,6 @@ def generate_records(model, batches, gen_kwargs: dict, limit: int = 0, thumbnail
             if thumbs[i]:
                 rec["thumbnail"] = thumbs[i]
             records.append(rec)
-        if progress:
-            progress(len(records))
     return records[:limit] if limit else records
 
 
@@ -113,7 +133,7 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
         times); ``None`` on the other ranks.
     """
     from msmedcap.data.loader import make_eval_loader
-    from msmedcap.eval.gather import gather_records
+    from msmedcap.eval.gather import check_exact_once, gather_to_rank0
     from msmedcap.eval.gallery import write_gallery
     from msmedcap.eval.io import write_json, write_jsonl
     from msmedcap.eval.report import print_scores
@@ -124,18 +144,28 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
     was_training = model.training
     model.eval()
     start = time.time()
+    skipped: dict = {}
     try:
         loader = make_eval_loader(cfg, specs, rank, world_size, cfg.eval.batch_size)
         records = generate_records(model, loader, generation_kwargs(cfg),
                                    limit=rank_quota(cfg.eval.max_samples, rank, world_size),
-                                   thumbnails=cfg.eval.gallery)
+                                   thumbnails=cfg.eval.gallery, skipped=skipped)
     finally:
         model.train(was_training)
     generate_s = time.time() - start
-    parts = gather_records(records, rank, world_size)
+    parts = gather_to_rank0({"records": records, "skipped": skipped}, rank, world_size)
     if rank != 0:
         return None
-    everything = [r for part in parts for r in part]
+    everything = [r for part in parts for r in part["records"]]
+    skipped = {}
+    for part in parts:
+        for reason, n in part["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    # None lost: with manifests, evaluated + skipped-and-counted samples must add up to the shards'
+    # total (a broken tar stream has no per-sample count, so then only duplicates are checked).
+    total = manifest_total(specs) if cfg.eval.max_samples <= 0 and "bad_tar" not in skipped else None
+    check_exact_once(everything, per_rank=[len(p["records"]) for p in parts],
+                     expected=None if total is None else total - sum(skipped.values()))
 
     start = time.time()
     scores = score_records(everything)
@@ -146,7 +176,8 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
     scores.update(
         checkpoint=None if checkpoint is None else str(checkpoint),
         data=specs,
-        samples={"total": len(everything), "per_rank": [len(p) for p in parts], "max_samples": cfg.eval.max_samples},
+        samples={"total": len(everything), "per_rank": [len(p["records"]) for p in parts], "skipped": skipped,
+                 "expected": total, "max_samples": cfg.eval.max_samples},
         generation={**generation_kwargs(cfg), "prompt": cfg.model.lm.prompt, "batch_size": cfg.eval.batch_size},
         time={"generate_s": round(generate_s, 2), "score_s": round(score_s, 2),
               "captions_per_s": round(len(everything) / max(generate_s, 1e-9), 2),

@@ -6,7 +6,7 @@ so is a total that differs from the expected sample count when the caller knows 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import Any, Optional
 
 import torch.distributed as dist
 
@@ -15,25 +15,28 @@ class CoverageError(RuntimeError):
     """Some sample was evaluated twice, or records went missing between the ranks and rank 0."""
 
 
+def gather_to_rank0(obj: Any, rank: int = 0, world_size: int = 1, group=None) -> Optional[list]:
+    """Every rank's ``obj`` (picklable), index = rank, on rank 0; None on the other ranks.
+
+    Works with any backend whose ``gather`` exists (gloo; nccl with the current CUDA device set).
+    With one process no process group is needed. ``group``: a torch.distributed group (default: the
+    whole world); rank and world_size are then this process's rank in it and its size, and the
+    group's first rank receives."""
+    if world_size == 1:
+        return [obj]
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
+    parts = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, parts, group=group, group_dst=0)
+    return parts
+
+
 def gather_records(records: list, rank: int = 0, world_size: int = 1,
                    expected: Optional[int] = None, group=None) -> Optional[list]:
-    """Every rank's list of records (index = rank) on rank 0, checked exact-once; None elsewhere.
-
-    Each record is a dict with at least ``key``. Works with any backend whose ``gather`` exists
-    (gloo; nccl with the current CUDA device set). With one process, no process group is needed.
-    ``group``: a torch.distributed group (default: the whole world); rank and world_size are then
-    this process's rank in it and its size, and the group's first rank receives.
-    """
-    if world_size > 1:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
-        parts = [None] * world_size if rank == 0 else None
-        dist.gather_object(records, parts, group=group, group_dst=0)
-        if rank != 0:
-            return None
-    else:
-        parts = [records]
-    check_exact_once([r for part in parts for r in part], per_rank=[len(p) for p in parts], expected=expected)
+    """Every rank's list of records (dicts with ``key``) on rank 0, checked exact-once; None elsewhere."""
+    parts = gather_to_rank0(records, rank, world_size, group)
+    if parts is not None:
+        check_exact_once([r for part in parts for r in part], per_rank=[len(p) for p in parts], expected=expected)
     return parts
 
 
