@@ -89,3 +89,56 @@ def test_blip2_import_rejects_a_config_that_does_not_fit(tokenizers, hf_dir):
         build_model(blip2_config(tokenizers, hf_dir, "model.qformer.num_layers=4").model)
     with pytest.raises(ConfigError, match="CLIP branch"):
         build_model(blip2_config(tokenizers, hf_dir, "model.variant=sam-blip2").model)
+
+
+def msmedcap_tiny_eva(pretrained=False, **kwargs):
+    """EVA as timm builds EVA01-g-14 (eva_giant_patch14_224), at toy size."""
+    from timm.models.eva import Eva
+
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory extras
+        kwargs.pop(key, None)
+    return Eva(img_size=28, patch_size=14, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, **kwargs)
+
+
+def test_blip2_vision_tower_loads_into_open_clip_eva(tokenizers, tmp_path):
+    import json
+
+    import timm
+
+    if not timm.list_models("msmedcap_tiny_eva"):
+        timm.models.register_model(msmedcap_tiny_eva)
+    clip_json = tmp_path / "tiny-eva.json"  # an open_clip config on a timm EVA, as EVA01-g-14's is
+    clip_json.write_text(json.dumps({
+        "embed_dim": 16, "custom_text": True,
+        "vision_cfg": {"image_size": 28, "timm_model_name": "msmedcap_tiny_eva", "timm_model_pretrained": False,
+                       "timm_pool": "token", "timm_proj": None},
+        "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}))
+    cfg = demo_config(tokenizers)
+    q = cfg.model.qformer
+    hf_cfg = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14),  # BLIP-2 drops EVA's last block: 2 of our 3
+        qformer_config=dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+                            intermediate_size=q.intermediate_size, encoder_hidden_size=32),
+        text_config=dict(model_type="opt", vocab_size=len(load_lm_tokenizer(cfg.model.lm.tokenizer)),
+                         **cfg.model.lm.config),
+        num_query_tokens=q.num_query_tokens)
+    torch.manual_seed(0)
+    hf = Blip2ForConditionalGeneration(hf_cfg).eval()
+    with torch.no_grad():  # non-zero q/v biases (k stays 0, as EVA has none) and embeddings
+        for layer in hf.vision_model.encoder.layers:
+            layer.self_attn.qkv.bias[:32].normal_()
+            layer.self_attn.qkv.bias[64:].normal_()
+        hf.vision_model.embeddings.class_embedding.normal_()
+        hf.vision_model.embeddings.position_embedding.normal_()
+    hf.save_pretrained(tmp_path / "blip2")
+
+    cfg = demo_config(tokenizers, "model.variant=blip2", "model.frozen_dtype=fp32", f"model.clip.name={clip_json}",
+                      "model.clip.image_size=28", f"model.blip2_checkpoint={tmp_path / 'blip2'}")
+    model = build_model(cfg.model).eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        theirs = hf.vision_model(pixels, output_hidden_states=True).hidden_states[-1]
+        ours = model.encoders["clip"](pixels)
+    assert ours.shape == theirs.shape == (2, 5, 32)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
