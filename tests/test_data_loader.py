@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data_fixtures import make_shards, png_bytes, sample, tiny_config
-from msmedcap.batch import CLIP_MEAN, CLIP_STD, DOMAIN_INDEX
+from msmedcap.batch import CLIP_MEAN, CLIP_STD, DOMAIN_INDEX, SAM_MEAN, SAM_STD
 from msmedcap.data import loader as loader_mod
 from msmedcap.data.loader import EvalStream, make_eval_loader, make_train_loader
 from msmedcap.data.shards import write_shards
@@ -56,6 +56,18 @@ def test_encoder_transforms_and_variants(tmp_path):
     assert clip.shape == (3, 16, 16) and torch.allclose(clip[:, 8, 8], expected, atol=1e-2)
     sam = SamTransform(24)(img)  # 40x20 -> 24x12, zero-padded below
     assert sam.shape == (3, 24, 24) and (sam[:, 12:, :] == 0).all() and (sam[:, :12, :] != 0).all()
+    # the same numbers as open_clip's eval transform and segment-anything's resize + Sam.preprocess
+    from open_clip.transform import image_transform
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (53, 71, 3), dtype=np.uint8))
+    for size in (16, 224):
+        reference = image_transform(size, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)(noise)
+        assert torch.allclose(ClipTransform(size)(noise), reference, atol=1e-5)
+        resized = torch.from_numpy(ResizeLongestSide(size).apply_image(np.asarray(noise))).permute(2, 0, 1).float()
+        mean, std = torch.tensor(SAM_MEAN).view(3, 1, 1) * 255, torch.tensor(SAM_STD).view(3, 1, 1) * 255
+        reference = torch.nn.functional.pad((resized - mean) / std, (0, 0, 0, size - resized.shape[1]))
+        assert torch.allclose(SamTransform(size)(noise), reference, atol=1e-5)
 
     pattern = make_shards(tmp_path, "v", 4, shard_size=4)
     for variant, present, absent in (("blip2", "clip_image", "sam_image"), ("sam-blip2", "sam_image", "clip_image")):
