@@ -191,7 +191,8 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
 
 
 def make_train_loader(cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
-    """Endless micro-batches for ``rank``, starting at global step ``start_step`` (see module doc)."""
+    """Endless micro-batches for ``rank``. ``start_step`` counts micro-batches this rank's loader already
+    yielded (optimizer step x grad_accum); the stream continues exactly from there (see module doc)."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     return _loader(TrainStream(cfg, stage, rank, world_size, start_step), cfg.data.num_workers)
