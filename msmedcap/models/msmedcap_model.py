@@ -16,6 +16,7 @@ from torch import nn
 from msmedcap.batch import DOMAINS
 from msmedcap.config import ModelConfig
 from msmedcap.models.captioner import Captioner
+from msmedcap.models.feature_cache import KEY as CACHE_KEY
 from msmedcap.models.encoders import ClipEncoder, SamEncoder, fixed_seed, frozen_dtype
 from msmedcap.models.qformer import QFormer
 from msmedcap.models.stage1 import stage1_branch_loss
@@ -43,6 +44,7 @@ class MSMedCap(nn.Module):
         # routing[d, i] = samples of domain d train branch i in stage 1
         routing = [[b in cfg.routing.get(d, []) for b in self.branches] for d in DOMAINS]
         self.register_buffer("routing", torch.tensor(routing, dtype=torch.bool), persistent=False)
+        self.feature_cache = None  # a models.feature_cache.FeatureCache when model.feature_cache is set
         log.info("model %s: frozen encoders and LM in %s; trainables in %s", cfg.variant,
                  str(dtype).replace("torch.", ""), str(self.qformers[self.branches[0]].dtype).replace("torch.", ""))
 
@@ -85,16 +87,17 @@ class MSMedCap(nn.Module):
         return self.captioner.soft_prompts.device
 
     def encode(self, batch: dict, branch: str, index=None) -> torch.Tensor:
-        """Frozen encoder tokens of ``batch[f"{branch}_image"]`` (rows ``index`` only if given)."""
+        """Frozen encoder tokens of ``batch[f"{branch}_image"]`` (rows ``index`` only if given), through
+        the feature cache when one is attached and the batch carries image hashes."""
         key = f"{branch}_image"
         if key not in batch:
             raise KeyError(f"batch has no {key!r}: variant {self.cfg.variant} needs it")
         images = batch[key].to(self.device, non_blocking=True)
-        images = images if index is None else images[index]
-        cache = getattr(self, "feature_cache", None)  # models/feature_cache.py, set by model.feature_cache
-        if cache is not None and "image_sha256" in batch:  # batches without hashes bypass it
-            keys = batch["image_sha256"] if index is None else [batch["image_sha256"][i] for i in index.tolist()]
-            return cache.encode(self.encoders[branch], branch, images, keys)
+        if index is not None:
+            images = images[index]
+        if self.feature_cache is not None and CACHE_KEY in batch:
+            keys = batch[CACHE_KEY] if index is None else [batch[CACHE_KEY][i] for i in index.tolist()]
+            return self.feature_cache.encode(self.encoders[branch], branch, images, keys)
         return self.encoders[branch](images)
 
     def query_outputs(self, batch: dict = None, image_features: dict = None) -> dict:
