@@ -1,0 +1,259 @@
+"""What every benchmark part shares: the device and its peak, the config (random weights where a run
+would download), batches, timing, and a DeepSpeed engine of one rank as the trainer builds it."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+                     "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+# OPT-2.7B's architecture (facebook/opt-2.7b config.json) for a random-init LM of the paper's size.
+OPT_2_7B = {"hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32, "ffn_dim": 10240,
+            "max_position_embeddings": 2048, "word_embed_proj_dim": 2560, "vocab_size": 50272}
+BERT_BASE_VOCAB = 30522
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def peak_tflops(dev: torch.device, given: Optional[float], threads: int) -> dict:
+    """The peak MFU is measured against: ``given``; a known GPU's datasheet figure; on CPU a measured
+    bf16/fp32 GEMM rate (an estimate, the best this process reaches, not a datasheet peak)."""
+    if given:
+        return {"tflops": given, "source": "--peak-tflops"}
+    name = device_name(dev)
+    if dev.type == "cuda":
+        for key, value in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return {"tflops": value, "source": f"datasheet dense bf16 ({key})"}
+        return {"tflops": None, "source": f"unknown GPU {name!r}: pass --peak-tflops for MFU"}
+    return {"tflops": measured_gemm_tflops(dev), "threads": threads,
+            "source": "estimate: measured 1024^3 GEMM rate on this CPU, best of bf16/fp32"}
+
+
+def measured_gemm_tflops(dev: torch.device, n: int = 1024, repeats: int = 4) -> float:
+    best = 0.0
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+# --------------------------------------------------------------------------- config
+def _local(path: Optional[str]) -> bool:
+    from msmedcap.config import resolve_asset
+
+    return bool(path) and os.path.exists(resolve_asset(path))
+
+
+def synthetic_bert_vocab(out: Path, size: int = BERT_BASE_VOCAB) -> Path:
+    """A WordPiece vocabulary of bert-base-uncased's size (its special tokens, letters, then fillers):
+    the Q-Former's embeddings and ITG head get the paper's shapes without downloading BERT."""
+    from transformers import BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,-")
+    words += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    words += [f"[unused{i}]" for i in range(size - len(words))]
+    (out / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True).save_pretrained(out)
+    return out
+
+
+def random_weight_overrides(cfg, workdir: Path) -> list:
+    """Overrides replacing every weight or tokenizer that is not a local file by a random-init module of
+    the same size (a benchmark measures shapes, not weights): OPT by OPT-2.7B's config when it was
+    ``facebook/opt-2.7b``, the Q-Former tokenizer by a bert-base-sized vocabulary."""
+    m, out = cfg.model, []
+    if m.clip.pretrained and not _local(m.clip.pretrained):
+        out.append("model.clip.pretrained=null")
+    if m.qformer.init_from and not _local(m.qformer.init_from):
+        out.append("model.qformer.init_from=null")
+    if m.blip2_checkpoint and not _local(m.blip2_checkpoint):
+        out.append("model.blip2_checkpoint=null")
+    for key, name, hub_standin in (("qformer", m.qformer.tokenizer, lambda: synthetic_bert_vocab(workdir / "bert-vocab")),
+                                   ("lm", m.lm.tokenizer, None)):
+        if not _local(name):  # a hub name: a stand-in of its size (BERT) or the demo's; a missing pkg:// file: the demo's
+            standin = hub_standin() if hub_standin and not name.startswith("pkg://") else demo_tokenizers(workdir)[key]
+            out.append(f"model.{key}.tokenizer={standin}")
+    if m.lm.name_or_path and not _local(m.lm.name_or_path):
+        size = OPT_2_7B if "opt-2.7b" in m.lm.name_or_path else None
+        if size is None:
+            raise ValueError(f"model.lm.name_or_path={m.lm.name_or_path} is not local and its size is unknown "
+                             "here: give a local directory or model.lm.config")
+        out += ["model.lm.name_or_path=null", "model.lm.config=" + ",".join(
+            f"{k}: {v}" for k, v in OPT_2_7B.items()).join("{}")]
+    return out
+
+
+def demo_tokenizers(workdir: Path) -> dict:
+    """The demo preset's tokenizers when shipped, else ones trained here on a few captions."""
+    from msmedcap.config import load_config
+
+    demo = load_config("demo", check_files=False).model
+    if _local(demo.qformer.tokenizer) and _local(demo.lm.tokenizer):
+        return {"qformer": demo.qformer.tokenizer, "lm": demo.lm.tokenizer}
+    out = workdir / "tokenizers"
+    if not (out / "lm").is_dir():
+        from msmedcap.tokenization import train_demo_tokenizers
+
+        train_demo_tokenizers(CAPTIONS * 20, out, vocab_size=400)
+    return {"qformer": str(out / "qformer"), "lm": str(out / "lm")}
+
+
+def bench_config(preset: str, overrides: list, workdir: Path):
+    """The preset with overrides; non-local weights and tokenizers become random-init stand-ins."""
+    from msmedcap.config import load_config
+
+    cfg = load_config(preset, overrides, check_files=False)
+    extra = random_weight_overrides(cfg, workdir)
+    return load_config(preset, extra + list(overrides), check_files=False), extra
+
+
+# --------------------------------------------------------------------------- batches
+CAPTIONS = [
+    "axial ct of the abdomen showing two small lesions in the left kidney with irregular margins.",
+    "two red circles and a blue square on a white background.",
+    "chest x-ray showing one large lesion in the right lung with smooth margins.",
+    "three green triangles on a black background.",
+    "axial mr of the brain showing no lesions.",
+    "one yellow square and two purple circles on a grey background.",
+]
+
+
+def captions_from_shards(cfg, n: int) -> list:
+    """Real captions (their token lengths matter for step time) from the eval shards, when present."""
+    import tarfile
+
+    from msmedcap.config import expand_braces, split_weighted_spec
+
+    out = []
+    for spec in cfg.data.eval:
+        for path in expand_braces(split_weighted_spec(spec)[0]):
+            if not os.path.isfile(path):
+                continue
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if member.name.endswith(".txt"):
+                        out.append(tar.extractfile(member).read().decode().strip())
+                        if len(out) >= n:
+                            return out
+    return out
+
+
+def synthetic_batch(cfg, size: int, captions: Optional[list] = None, seed: int = 0) -> dict:
+    """A batch in the msmedcap.batch format: random pixels, real tokenization of real-length captions,
+    alternating domains, and ``image_sha256`` keys (distinct per sample and seed)."""
+    from msmedcap.batch import CAPTION_EOS
+    from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
+
+    m = cfg.model
+    pool = captions or CAPTIONS
+    caps = [pool[(seed * size + i) % len(pool)] for i in range(size)]
+    g = torch.Generator().manual_seed(seed)
+    q = load_qformer_tokenizer(m.qformer.tokenizer)(caps, padding="max_length", truncation=True,
+                                                   max_length=m.qformer.max_text_len, return_tensors="pt")
+    lm = load_lm_tokenizer(m.lm.tokenizer)([c + CAPTION_EOS for c in caps], add_special_tokens=False,
+                                           padding="longest", truncation=True, max_length=m.lm.max_caption_len,
+                                           return_tensors="pt")
+    batch = {"key": [f"bench-{seed}-{i}" for i in range(size)], "source": ["bench"] * size, "caption": caps,
+             "domain": torch.tensor([i % 2 for i in range(size)]),
+             "text_input_ids": q.input_ids, "text_attention_mask": q.attention_mask,
+             "lm_input_ids": lm.input_ids, "lm_attention_mask": lm.attention_mask,
+             "image_sha256": [hashlib.sha256(f"bench-{seed}-{i}".encode()).hexdigest() for i in range(size)]}
+    for branch in m.branches:
+        s = getattr(m, branch).image_size
+        batch[f"{branch}_image"] = torch.randn(size, 3, s, s, generator=g)
+    return batch
+
+
+def to_device(batch: dict, dev: torch.device) -> dict:
+    return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- timing and engines
+def timed(fn: Callable, dev: torch.device, iters: int, warmup: int) -> float:
+    """Mean seconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - start) / iters
+
+
+def single_process_dist() -> None:
+    """A world of one for DeepSpeed when no launcher set one up (as launch/pretrain.py does)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, micro_batch: int):
+    """``deepspeed.initialize`` as the trainer calls it: ds_configs/zero2.json filled from ``cfg``,
+    ZeRO ``zero_stage``, trainable parameters only."""
+    import copy
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from msmedcap.train.ds_config import fill_ds_config, read_ds_json
+    from msmedcap.train.trainer import param_groups
+
+    single_process_dist()
+    acc = get_accelerator()
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    cfg = copy.deepcopy(cfg)
+    st = getattr(cfg.train, f"stage{stage}")
+    st.micro_batch_size, st.grad_accum = micro_batch, 1
+    world = torch.distributed.get_world_size()
+    ds = fill_ds_config(read_ds_json(REPO / "ds_configs" / "zero2.json"), cfg, stage, world, acc.device_name(),
+                        acc.is_bf16_supported())
+    ds["zero_optimization"]["stage"] = zero_stage
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(model, st.weight_decay), config=ds)
+    return engine, ds
+
+
+def frozen_dtype_of(cfg) -> torch.dtype:
+    from msmedcap.models.encoders import frozen_dtype
+
+    return frozen_dtype(cfg.model.frozen_dtype)
