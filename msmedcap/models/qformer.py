@@ -135,6 +135,9 @@ class QFormer(nn.Module):
                     loaded[dst] = value
 
         take("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight")
+        if "bert.embeddings.token_type_embeddings.weight" in bert:  # all text is segment 0: fold it in, so
+            bert["bert.embeddings.position_embeddings.weight"] = (  # the text pass starts as BERT's
+                bert["bert.embeddings.position_embeddings.weight"] + bert["bert.embeddings.token_type_embeddings.weight"][0])
         take("embeddings.position_embeddings.weight", "bert.embeddings.position_embeddings.weight")
         for p in ("weight", "bias"):
             take(f"bert.layernorm.{p}", f"bert.embeddings.LayerNorm.{p}")
