@@ -19,12 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def split_batch(batch: dict) -> list:
-    """A batch -> batch-1 dicts with the same keys."""
-    n = len(batch["key"])
-    return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(n)]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="export or run directory (default: random-init model of --config)")
@@ -38,7 +32,7 @@ def main(argv=None) -> int:
     import torch
 
     from msmedcap.data.loader import make_eval_loader
-    from msmedcap.eval.evaluate import generation_kwargs, model_device, to_device
+    from msmedcap.eval.evaluate import generation_kwargs, model_device, sample_batch, to_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +70,7 @@ def main(argv=None) -> int:
 
     run(batches[:1])  # warm-up: allocator, kernels, tokenizer caches
     batched, t_batched = run(batches)
-    singles, t_single = run([s for b in batches for s in split_batch(b)])
+    singles, t_single = run([sample_batch(b, i) for b in batches for i in range(len(b["key"]))])
     same = sum(a == b for a, b in zip(batched, singles))
     result = {
         "samples": len(batched), "batch_size": args.batch_size, "device": str(device),

@@ -47,13 +47,13 @@ def first_batches(cfg, n_batches):
 
 
 def test_batched_beam_search_equals_batch_of_one(run_dir):
-    from msmedcap.eval.evaluate import generation_kwargs
+    from msmedcap.eval.evaluate import generation_kwargs, sample_batch
 
     _, model, cfg = run_dir
     batch = first_batches(cfg, 1)[0]
     gen = generation_kwargs(cfg)
     batched = model.generate(batch, **gen)
-    singles = [model.generate({k: v[i:i + 1] for k, v in batch.items()}, **gen)[0] for i in range(len(batch["key"]))]
+    singles = [model.generate(sample_batch(batch, i), **gen)[0] for i in range(len(batch["key"]))]
     assert batched == singles
     assert len(set(batched)) > 1, batched  # the captions depend on the image: the comparison means something
 
@@ -114,18 +114,21 @@ def test_caption_cli_png_jpeg_dicom_and_errors(run_dir, tmp_path, capsys):
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     from msmedcap.data.decode import decode_sample
+    from msmedcap.eval.evaluate import sample_batch
+    from msmedcap.data.sources import dicom_to_png
 
     run, model, cfg = run_dir
-    # The first eval sample's original image as PNG, JPEG and 8-bit RGB DICOM (same pixels as the PNG).
+    # The first eval sample's original image as PNG and JPEG, and as a DICOM.
     batch = first_batches(cfg, 1)[0]
     import webdataset as wds
 
     raw = next(iter(wds.WebDataset(cfg.data.eval[0], shardshuffle=False)))
     sample = decode_sample(raw, cfg.data.max_image_pixels)
-    png, jpg, dcm = tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.dcm"
+    png, jpg, dcm, dcm_png = tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.dcm", tmp_path / "c.png"
     sample["image"].save(png)
     sample["image"].save(jpg, quality=95)
-    arr = np.asarray(sample["image"])
+    # A 16-bit MONOCHROME2 DICOM with a window, the usual medical kind.
+    grey = (np.asarray(sample["image"]).mean(-1) * 16).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -133,30 +136,23 @@ def test_caption_cli_png_jpeg_dicom_and_errors(run_dir, tmp_path, capsys):
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = arr.shape[:2]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = arr.tobytes()
-    ds.save_as(dcm, enforce_file_format=True)
-    # The usual medical kind too: 16-bit MONOCHROME2 with a window.
-    mono = tmp_path / "d.dcm"
+    ds.Rows, ds.Columns = grey.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    del ds.PlanarConfiguration
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.WindowCenter, ds.WindowWidth = 2000, 4000
-    ds.PixelData = (arr.mean(-1) * 16).astype(np.uint16).tobytes()
-    ds.save_as(mono, enforce_file_format=True)
+    ds.PixelData = grey.tobytes()
+    ds.save_as(dcm, enforce_file_format=True)
+    dcm_png.write_bytes(dicom_to_png(dcm))  # what `msmedcap shards write` would have stored for it
 
-    assert msmedcap_main(["caption", str(png), str(jpg), str(dcm), str(mono), "--checkpoint", str(run), "--json",
-                          "--batch-size", "3", "eval.num_beams=3"]) == 0
+    assert msmedcap_main(["caption", str(png), str(jpg), str(dcm), str(dcm_png), "--checkpoint", str(run),
+                          "--json", "--batch-size", "3", "--set", "eval.num_beams=3"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert [x["image"] for x in lines] == [str(png), str(jpg), str(dcm), str(mono)]
+    assert [x["image"] for x in lines] == [str(png), str(jpg), str(dcm), str(dcm_png)]
     assert all(x["caption"] for x in lines)
     idx = batch["key"].index(raw["__key__"])
-    evaluated = model.generate({k: v[idx:idx + 1] for k, v in batch.items()}, num_beams=3, min_len=3, max_len=10)[0]
+    evaluated = model.generate(sample_batch(batch, idx), num_beams=3, min_len=3, max_len=10)[0]
     assert lines[0]["caption"] == evaluated  # same transforms and settings as the evaluation
-    assert lines[2]["caption"] == evaluated  # DICOM pixels are the same pixels
+    assert lines[2]["caption"] == lines[3]["caption"]  # DICOM read as the shard writer converts it
 
     def err(argv):
         assert msmedcap_main(argv) == 2
@@ -166,11 +162,11 @@ def test_caption_cli_png_jpeg_dicom_and_errors(run_dir, tmp_path, capsys):
     broken.write_bytes(png.read_bytes()[:100])
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
-    assert f"{broken}: not a readable image" in err(["caption", str(png), str(broken), "--checkpoint", str(run)])
-    assert f"{text}: not a readable image" in err(["caption", str(text), "--checkpoint", str(run)])
+    assert f"{broken}: unreadable image" in err(["caption", str(png), str(broken), "--checkpoint", str(run)])
+    assert f"{text}: unreadable image" in err(["caption", str(text), "--checkpoint", str(run)])
     assert "no such file" in err(["caption", str(tmp_path / "missing.png"), "--checkpoint", str(run)])
     assert "no export" in err(["caption", str(png), "--checkpoint", str(tmp_path)])
     bad_dcm = tmp_path / "bad.dcm"
     bad_dcm.write_bytes(b"\0" * 128 + b"DICM" + b"\1\2\3")
-    assert f"{bad_dcm}: cannot read DICOM" in err(["caption", str(bad_dcm), "--checkpoint", str(run)])
-    assert "only eval.* and data.*" in err(["caption", str(png), "--checkpoint", str(run), "model.variant=blip2"])
+    assert f"{bad_dcm}: unreadable image" in err(["caption", str(bad_dcm), "--checkpoint", str(run)])
+    assert "only eval.* and data.*" in err(["caption", str(png), "--checkpoint", str(run), "--set", "model.variant=blip2"])

@@ -14,6 +14,24 @@ class CaptionError(ValueError):
     """Bad input to `msmedcap caption`: names the file or checkpoint."""
 
 
+def read_image(path, max_pixels: int):
+    """PNG/JPEG (anything PIL reads) or DICOM (``.dcm``, converted exactly as `msmedcap shards write`
+    converts it for training: modality LUT, the file's window, 8-bit grey) -> RGB PIL image."""
+    import io
+
+    from PIL import Image
+
+    from msmedcap.data.sources import SourceError, load_image_file
+
+    try:
+        data, _ = load_image_file(path, max_pixels)
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except FileNotFoundError:
+        raise CaptionError(f"{path}: no such file") from None
+    except (ValueError, SourceError) as e:
+        raise CaptionError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+
+
 def images_to_batch(images: Sequence, keys: Sequence[str], transforms: dict) -> dict:
     """PIL images -> a batch (msmedcap.batch) with the image tensors the model's branches need.
     Files carry no domain; "medical" only matters for stage-1 routing, not for generation."""
@@ -28,28 +46,19 @@ def caption_files(paths: Sequence[str], checkpoint: str, overrides: Sequence[str
                   batch_size: Optional[int] = None, device: Optional[str] = None) -> list:
     """-> [(path, caption)] in the order given. Every file is read (and checked) before the model
     loads, so a bad file fails in a second, not after the model build."""
-    from msmedcap.config import ConfigError
+    from msmedcap.config import ConfigError, DataConfig
     from msmedcap.data.transforms import encoder_transforms
-    from msmedcap.eval.checkpoints import CheckpointError, apply_overrides, find_export
+    from msmedcap.eval.checkpoints import CheckpointError, find_export, load_for_eval
     from msmedcap.eval.evaluate import generation_kwargs, to_device
-    from msmedcap.eval.images import ImageReadError, load_image
 
     if batch_size is not None and batch_size < 1:
         raise CaptionError(f"--batch-size must be >= 1, got {batch_size}")
+    images = [read_image(p, DataConfig().max_image_pixels) for p in paths]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        images = [load_image(p) for p in paths]
-    except ImageReadError as e:
-        raise CaptionError(str(e)) from None
-    try:
-        export = find_export(checkpoint)
-        from msmedcap.models import load_from_export
-
-        model, cfg = load_from_export(export)
-        cfg = apply_overrides(cfg, overrides)
+        model, cfg = load_for_eval(find_export(checkpoint), overrides, dev, check_shards=False)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         raise CaptionError(f"checkpoint {checkpoint}: {e}") from None
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev).eval()
     transforms = encoder_transforms(cfg)
     bs = batch_size or cfg.eval.batch_size
     captions = []

@@ -41,16 +41,25 @@ def default_out_dir(checkpoint_arg, export: Path) -> Path:
     return (export if is_export(given) or given.is_file() else given) / "eval"
 
 
-def apply_overrides(cfg, overrides: Sequence[str]):
-    """eval.* and data.* overrides on a loaded config (the model is already built from the rest)."""
-    from msmedcap.config import ConfigError, _merge, config_from_dict, parse_override
+def parse_eval_overrides(overrides: Sequence[str]) -> list:
+    """Parsed overrides; only eval.* and data.* (the model is built from the export's own config).
+    Cheap: call it before loading a model, so a typo fails at once."""
+    from msmedcap.config import ConfigError, parse_override
 
-    data = cfg.to_dict()
-    for ov in overrides:
-        parsed = parse_override(ov)
-        if set(parsed) - {"eval", "data"}:
+    parsed = [parse_override(ov) for ov in overrides]
+    for ov, p in zip(overrides, parsed):
+        if set(p) - {"eval", "data"}:
             raise ConfigError(f"override {ov!r}: only eval.* and data.* can change at evaluation "
                               "(the model is built from the export's own config)")
+    return parsed
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """eval.* and data.* overrides on a loaded config -> a new, validated config."""
+    from msmedcap.config import _merge, config_from_dict
+
+    data = cfg.to_dict()
+    for parsed in parse_eval_overrides(overrides):
         data = _merge(data, parsed)
     return config_from_dict(data, check_files=False)
 
@@ -71,15 +80,20 @@ def check_eval_shards(specs: Sequence[str]) -> None:
 
 
 def load_for_eval(export: Path, overrides: Sequence[str] = (), device: Optional[object] = None,
-                  data: Optional[Sequence[str]] = None):
-    """-> (model in eval mode on ``device``, its config with overrides and ``data`` eval specs)."""
+                  data: Optional[Sequence[str]] = None, check_shards: bool = True):
+    """-> (model in eval mode on ``device``, its config with overrides and ``data`` eval specs).
+    Overrides and eval shards are checked before the model is built."""
     from msmedcap.models import load_from_export
 
+    parse_eval_overrides(overrides)
+    if data and check_shards:
+        check_eval_shards(data)
     model, cfg = load_from_export(str(export))
     cfg = apply_overrides(cfg, overrides)
     if data:
         cfg.data.eval = list(data)
-    check_eval_shards(cfg.data.eval)
+    if check_shards:
+        check_eval_shards(cfg.data.eval)
     if device is not None:
         model.to(device)
     model.eval()

@@ -21,13 +21,13 @@ def add_parser(subparsers) -> None:
 
     c = subparsers.add_parser("caption", help="caption image files with a trained checkpoint",
                               description="Print one caption per image (PNG, JPEG; DICOM with pydicom).")
-    c.add_argument("images", nargs="+", metavar="IMAGE")
+    c.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, DICOM (.dcm) with pydicom")
+    c.add_argument("--set", action="append", default=[], metavar="section.key=value", dest="overrides",
+                   help="override the checkpoint's eval settings, e.g. --set eval.num_beams=1 (repeatable)")
     c.add_argument("--checkpoint", required=True, help="an export directory or a run directory (newest export)")
     c.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size of the checkpoint's config")
     c.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     c.add_argument("--json", action="store_true", help="print JSON lines {\"image\", \"caption\"}")
-    c.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
-                   help="config overrides, e.g. eval.num_beams=1")
     c.set_defaults(func=run_caption)
 
 

@@ -25,6 +25,12 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def sample_batch(batch: dict, i: int) -> dict:
+    """Sample ``i`` of a batch as a batch of one (tensors and lists sliced; other entries, such as
+    the skip counts, dropped)."""
+    return {k: v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v) or isinstance(v, list)}
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
