@@ -27,6 +27,8 @@ msmedcap_setup() {
     # One thread per allocated core, not one per core of the machine, for every rank.
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     export RUN_DIR MASTER_ADDR MASTER_PORT OMP_NUM_THREADS
+    # srun of SLURM 22.05 to 23.02 does not inherit sbatch's --cpus-per-task: each rank would get one core.
+    [[ -z ${SLURM_CPUS_PER_TASK:-} ]] || export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
     echo "=== $(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}:" \
          "${SLURM_NTASKS:-$SLURM_JOB_NUM_NODES} ranks on ${nodes[*]}, rendezvous $MASTER_ADDR:$MASTER_PORT"
 }
