@@ -22,6 +22,7 @@ import json
 import tarfile
 import time
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -51,8 +52,8 @@ class PlainTars(IterableDataset):
 
 
 def _collate(samples):
-    if isinstance(samples[0], dict):
-        return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    if isinstance(samples[0], dict):  # stacked as msmedcap's collate does (numpy, no torch thread pool)
+        return {k: torch.from_numpy(np.stack([s[k].numpy() for s in samples])) for k in samples[0]}
     return samples
 
 

@@ -31,6 +31,7 @@ import os
 import random
 from functools import partial
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -106,8 +107,8 @@ class SampleProcessor:
             "lm_input_ids": lm["input_ids"], "lm_attention_mask": lm["attention_mask"],
             "skipped": counter.pop(),
         }
-        for name in self.transforms:
-            batch[name] = torch.stack([s[name] for s in samples])
+        for name in self.transforms:  # numpy stack: no torch thread pool (see transforms._normalised)
+            batch[name] = torch.from_numpy(np.stack([s[name].numpy() for s in samples]))
         if self.hash_images:
             batch["image_sha256"] = [s["image_sha256"] for s in samples]
         return batch

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from msmedcap.batch import CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD
 
 
-def _normalised(pixels: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
-    """uint8 HxWx3 -> float CxHxW, ((x / 255) - mean) / std, in one numpy pass (small images: the
-    per-op overhead of torch ops dominates the cost)."""
+def _normalised(pixels: np.ndarray, mean: tuple, std: tuple, pad_to: int = 0) -> torch.Tensor:
+    """uint8 HxWx3 -> float CxHxW, ((x / 255) - mean) / std, zero-padded bottom/right to ``pad_to``.
+    All in numpy: on small images torch's per-op and thread-pool overheads dominate (tens of ms per op
+    on a busy machine), numpy's do not."""
+    h, w = pixels.shape[:2]
     x = pixels.astype(np.float32) * np.float32(1 / 255)
     x -= np.asarray(mean, np.float32)
     x /= np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    out = np.zeros((3, max(h, pad_to), max(w, pad_to)), np.float32)
+    out[:, :h, :w] = x.transpose(2, 0, 1)
+    return torch.from_numpy(out)
 
 
 class ClipTransform:
@@ -61,8 +64,7 @@ class SamTransform:
         h, w = self.shape(image.height, image.width, self.size)
         if (w, h) != image.size:
             image = image.resize((w, h), Image.BILINEAR)
-        x = _normalised(np.asarray(image.convert("RGB")), SAM_MEAN, SAM_STD)
-        return F.pad(x, (0, self.size - w, 0, self.size - h))
+        return _normalised(np.asarray(image.convert("RGB")), SAM_MEAN, SAM_STD, pad_to=self.size)
 
 
 def encoder_transforms(cfg) -> dict:
