@@ -54,6 +54,18 @@ def test_demo_generator_reproduces_the_committed_set(tmp_path):
         samples = (demo.demo_sample(0, "eval", domain, i) for i in range(demo.EVAL_PER_DOMAIN))
         (name,) = write_shards(samples, tmp_path, f"{domain}-eval", shard_size=1000, mtime=demo.TAR_MTIME)
         assert sha256_file(tmp_path / name) == committed[name]["sha256"]
+    # the CLI: a small seeded set plus tokenizers retrained on its captions
+    out = tmp_path / "cli"
+    assert main(["shards", "demo", "--out", str(out), "--train", "8", "--eval", "2", "--tokenizers",
+                 str(out / "tok")]) == 0
+    manifest = read_manifest(out)["shards"]
+    assert manifest["medical-train-003.tar"]["samples"] == 2 and manifest["general-eval-000.tar"]["samples"] == 2
+    from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
+
+    caption = demo.demo_sample(0, "train", "medical", 3)["txt"]
+    assert "[UNK]" not in load_qformer_tokenizer(str(out / "tok" / "qformer")).tokenize(caption)
+    assert load_lm_tokenizer(str(out / "tok" / "lm")).decode(
+        load_lm_tokenizer(str(out / "tok" / "lm"))(caption, add_special_tokens=False).input_ids) == caption
     # captions say what a low-resolution encoder cannot see, for medical samples
     captions = [demo.demo_sample(0, "train", "medical", i)["txt"] for i in range(40)]
     assert any("small" in c and "irregular margins" in c for c in captions)
