@@ -27,7 +27,9 @@ def tokenizer_dirs(tmp_path_factory) -> tuple:
 
 def demo_config(tokenizers: tuple, *overrides: str):
     q, lm = tokenizers
-    return load_config("demo", [f"model.qformer.tokenizer={q}", f"model.lm.tokenizer={lm}", *overrides],
+    # the demo's pre-trained LM speaks the shipped tokenizer, not these: a random LM of the same shape
+    return load_config("demo", [f"model.qformer.tokenizer={q}", f"model.lm.tokenizer={lm}",
+                                "model.lm.name_or_path=null", *overrides],
                        check_files=False)
 
 

@@ -71,8 +71,8 @@ def test_two_ranks_train_checkpoint_log_and_evaluate(straight):
         assert r["overflow_skipped_steps"] == 0 and isinstance(r["skipped_samples"], dict)
     assert {"loss_itc", "loss_itm", "loss_itg", "loss_clip/itc", "loss_sam/itg"} <= set(recs[0])
     assert {"loss_lm"} <= set(recs[-1])
-    stage2 = [r["loss"] for r in recs if r["stage"] == 2]
-    assert sum(stage2[-3:]) / 3 < sum(stage2[:3]) / 3 - 0.05, stage2  # learning, not noise
+    stage1 = [r["loss"] for r in recs if r["stage"] == 1]
+    assert sum(stage1[-2:]) / 2 < sum(stage1[:2]) / 2 - 0.2, stage1  # learning, not noise
     assert recs[-1]["lr"] == pytest.approx(1e-4)  # cosine reached min_lr at the last step
 
     # Checkpoints: the last keep_last=2 of each stage, atomic names only, trainable weights only.
