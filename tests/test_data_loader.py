@@ -169,10 +169,15 @@ def test_corrupt_data_is_skipped_and_counted(tmp_path):
     assert {"bad_image", "missing_caption", "bad_json", "too_large", "bad_tar"} <= set(_skipped(batches))
 
 
-def test_unreadable_source_fails_loudly_not_forever(tmp_path):
+def test_unreadable_source_fails_loudly_not_forever(tmp_path, monkeypatch):
     (tmp_path / "e-000.tar").write_bytes(b"")
     cfg = tiny_config(train=[str(tmp_path / "e-000.tar")])
     with pytest.raises(RuntimeError, match="shards in a row gave no sample"):
+        next(iter(make_train_loader(cfg, 1, 0, 1)))
+    pattern = make_shards(tmp_path, "ok", 5, shard_size=5)
+    cfg = tiny_config(train=[pattern], data__max_image_pixels=1)  # every image is "too large"
+    monkeypatch.setattr(loader_mod, "MAX_UNUSABLE_IN_A_ROW", 50)
+    with pytest.raises(RuntimeError, match="50 samples in a row were unusable"):
         next(iter(make_train_loader(cfg, 1, 0, 1)))
 
 

@@ -32,10 +32,12 @@ class SkipCounter:
     """Counts skipped samples per reason; ``tar_handler`` and ``sample_handler`` are webdataset
     exception handlers (return True = skip and go on)."""
 
-    def __init__(self, name: str = "msmedcap.data"):
+    def __init__(self, name: str = "msmedcap.data", max_in_a_row: int | None = None):
         self.counts = collections.Counter()
         self.name = name
         self._warned = set()
+        # an endless stream whose samples all fail would otherwise loop forever without a batch
+        self.max_in_a_row, self.in_a_row = max_in_a_row, 0
 
     def tar_handler(self, exn: Exception) -> bool:
         self._count("bad_tar", exn)
@@ -43,6 +45,10 @@ class SkipCounter:
 
     def sample_handler(self, exn: Exception) -> bool:
         self._count(exn.reason if isinstance(exn, SkipSample) else "bad_sample", exn)
+        self.in_a_row += 1
+        if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
+            raise RuntimeError(f"{self.in_a_row} samples in a row were unusable ({dict(self.counts)}); "
+                               f"last: {type(exn).__name__}: {exn}") from exn
         return True
 
     def attempt(self, fn, *args):
@@ -60,7 +66,8 @@ class SkipCounter:
             print(f"# {self.name}: skipping {reason} ({type(exn).__name__}: {str(exn)[:300]})", file=sys.stderr)
 
     def pop(self) -> dict:
-        out, self.counts = dict(self.counts), collections.Counter()
+        """The counts since the last pop (called once per batch)."""
+        out, self.counts, self.in_a_row = dict(self.counts), collections.Counter(), 0
         return out
 
 

@@ -42,6 +42,8 @@ from msmedcap.data.shards import check_tar_ends, iter_raw_samples
 
 # Shards visited in a row without one sample before a source is declared unreadable (not an endless loop).
 MAX_EMPTY_SHARDS = 64
+# Samples in a row that fail to decode/transform before the train stream gives up with the reason.
+MAX_UNUSABLE_IN_A_ROW = 1000
 
 
 def parse_specs(specs: list) -> list:
@@ -175,7 +177,7 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         worker, workers = _worker()
-        processor, counter = SampleProcessor(self.cfg), SkipCounter()
+        processor, counter = SampleProcessor(self.cfg), SkipCounter(max_in_a_row=MAX_UNUSABLE_IN_A_ROW)
         first = self.start_step + worker  # the global step of this worker's first batch
         role, local = first % workers, first // workers
         index, skip = divmod(local, self.cfg.data.segment_batches)
