@@ -12,6 +12,15 @@ from rich.table import Table
 from msmedcap.eval.scoring import METRICS
 
 GROUPS = ("domain", "source")
+# Column headers as papers print them; scores.json keeps pycocoevalcap's own names.
+HEADERS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4", "ROUGE_L": "ROUGE-L"}
+
+
+def make_console() -> Console:
+    """A terminal keeps its width; a log file or pipe gets room for every column (rich would use 80)."""
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=150)
 
 
 def fmt(value: Optional[float]) -> str:
@@ -24,7 +33,7 @@ def scores_table(scores: dict, title: str = "Caption scores") -> Table:
     table.add_column("subset", style="bold")
     table.add_column("n", justify="right")
     for m in METRICS:
-        table.add_column(m, justify="right")
+        table.add_column(HEADERS.get(m, m), justify="right")
     rows = [("overall", scores["overall"])]
     for group in GROUPS:
         rows += [(f"{group}: {name}", s) for name, s in scores.get(group, {}).items()]
@@ -36,7 +45,7 @@ def scores_table(scores: dict, title: str = "Caption scores") -> Table:
 
 
 def print_scores(scores: dict, title: str = "Caption scores", console: Optional[Console] = None) -> None:
-    (console or Console()).print(scores_table(scores, title))
+    (console or make_console()).print(scores_table(scores, title))
 
 
 # --------------------------------------------------------------------------- comparison
@@ -81,14 +90,19 @@ def compare_rows(paths: Sequence[str]) -> dict:
     return datasets
 
 
+def _best(rows: list) -> dict:
+    """The best (highest) value of each metric among the rows, for highlighting."""
+    return {m: max((r[m] for _, r in rows if r and r.get(m) is not None), default=None) for m in METRICS}
+
+
 def compare_tables(paths: Sequence[str]) -> list:
     tables = []
     for dataset, rows in compare_rows(paths).items():
         table = Table(title=f"{dataset}")
         table.add_column("model", style="bold")
         for m in METRICS:
-            table.add_column(m, justify="right")
-        best = {m: max((r[m] for _, r in rows if r and r.get(m) is not None), default=None) for m in METRICS}
+            table.add_column(HEADERS.get(m, m), justify="right")
+        best = _best(rows)
         for name, r in rows:
             if r is None:
                 table.add_row(name, *("-" for _ in METRICS))
@@ -105,9 +119,9 @@ def compare_markdown(paths: Sequence[str]) -> str:
     """The comparison as Markdown (for READMEs and notes); best value per column in bold."""
     out = []
     for dataset, rows in compare_rows(paths).items():
-        best = {m: max((r[m] for _, r in rows if r and r.get(m) is not None), default=None) for m in METRICS}
+        best = _best(rows)
         out.append(f"**{dataset}**\n")
-        out.append("| model | n | " + " | ".join(METRICS) + " |")
+        out.append("| model | n | " + " | ".join(HEADERS.get(m, m) for m in METRICS) + " |")
         out.append("|---|---:|" + "---:|" * len(METRICS))
         for name, r in rows:
             if r is None:
@@ -121,7 +135,7 @@ def compare_markdown(paths: Sequence[str]) -> str:
 
 
 def print_compare(paths: Sequence[str], markdown: bool = False, console: Optional[Console] = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     if markdown:
         console.print(compare_markdown(paths), markup=False, highlight=False)
         return
