@@ -1,4 +1,6 @@
 """Building the variants, what is trainable, parameter counts of the paper preset, dtypes, export."""
+import copy
+
 import pytest
 import torch
 from test_model_kit import demo_config, make_batch, one_thread, tokenizer_dirs
@@ -153,3 +155,38 @@ def test_qformer_from_real_bert_weights_reproduces_bert_on_text(tokenizers):
     layer = qformer.bert.encoder.layer[3]  # the query FFN starts as a copy of the text FFN
     assert torch.equal(layer.intermediate_query.dense.weight, layer.intermediate.dense.weight)
     assert torch.equal(layer.output_query.LayerNorm.bias, layer.output.LayerNorm.bias)
+
+
+def test_frozen_weights_load_from_files_the_tests_make(model, tokenizers, tmp_path):
+    """open_clip weights file, SAM .pth (full-model key layout, read weights_only) and an OPT directory."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        clip = open_clip.create_model("tiny-vit")  # registered by the fixture's build
+        for p in clip.parameters():
+            p.normal_()
+        save_file(clip.state_dict(), str(tmp_path / "clip.safetensors"))
+        sam = {f"image_encoder.{k}": torch.randn_like(v) for k, v in model.encoders["sam"].encoder.state_dict().items()}
+        torch.save({**sam, "mask_decoder.x": torch.zeros(1)}, tmp_path / "sam.pth")
+        lm = copy.deepcopy(model.captioner.lm)
+        for p in lm.parameters():
+            p.normal_()
+        lm.save_pretrained(tmp_path / "opt")
+    cfg = demo_config(tokenizers, "model.frozen_dtype=fp32", f"model.clip.pretrained={tmp_path / 'clip.safetensors'}",
+                      f"model.sam.checkpoint={tmp_path / 'sam.pth'}", f"model.lm.name_or_path={tmp_path / 'opt'}")
+    loaded = build_model(cfg.model)
+    visual = clip.visual.state_dict()
+    for k, v in loaded.encoders["clip"].visual.state_dict().items():
+        assert torch.equal(v, visual[k]), k
+    for k, v in loaded.encoders["sam"].encoder.state_dict().items():
+        assert torch.equal(v, sam[f"image_encoder.{k}"]), k
+    assert torch.equal(loaded.captioner.lm.model.decoder.layers[1].fc1.weight, lm.model.decoder.layers[1].fc1.weight.float())
+
+
+def test_sam_spatial_token_layout(tokenizers):
+    cfg = demo_config(tokenizers, "model.variant=sam-blip2", "model.sam.token_layout=spatial")
+    model = build_model(cfg.model)
+    tokens = model.encode(make_batch(cfg), "sam")
+    assert tokens.shape == (8, 64, 32)  # 128 px / 16 = 8x8 positions of 32 channels (channels: 32 x 64)
+    assert torch.isfinite(model.stage1_loss(make_batch(cfg))["loss"])
