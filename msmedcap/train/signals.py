@@ -10,6 +10,7 @@ the whole process tree (what the launcher does) does not kill them mid-batch.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Optional
@@ -22,10 +23,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequest:
     def __init__(self, signals=STOP_SIGNALS):
         self.signum: Optional[int] = None
+        self.pid = os.getpid()
         for s in signals:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked data worker: ignore, the rank decides
+            return
         if self.signum is None:
             self.signum = signum
             print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary",
