@@ -44,7 +44,11 @@ def why_unavailable() -> str | None:
     return None
 
 
-def _free_ports(n: int) -> list:
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list:
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -119,7 +123,7 @@ class SlurmCluster:
         r = self.root
         for sub in ("state", "spool"):
             (r / sub).mkdir()
-        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        ctld_port, *node_ports = free_ports(1 + len(self.nodes))
         host = socket.gethostname().split(".")[0]
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus_per_node} "

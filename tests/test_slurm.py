@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import FINISHED, SlurmCluster, why_unavailable  # noqa: E402
+from slurm_cluster import FINISHED, SlurmCluster, free_port, why_unavailable  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = str(REPO / "launch" / "slurm" / "pretrain.sbatch")
@@ -49,7 +49,8 @@ def submit_dir(tmp_path_factory):
 
 
 def submit(cluster, submit_dir, *args):
-    env = {"MSMEDCAP_ROOT": str(REPO), "PYTHON": sys.executable}
+    # A free rendezvous port: the default (from the job id) could meet another test cluster's job.
+    env = {"MSMEDCAP_ROOT": str(REPO), "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
     return cluster.sbatch(*args, cwd=submit_dir, env=env)
 
 
@@ -58,9 +59,12 @@ def records(run: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
 def explain(cluster, run: Path) -> str:
-    log = run / "job.log"
-    return f"\n--- job.log\n{log.read_text() if log.exists() else '(none)'}\n{cluster.logs()}"
+    return f"\n--- job.log\n{read(run / 'job.log')}\n{cluster.logs()}"
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def preempted_run(cluster, submit_dir):
                  f"train.stage2.steps={STAGE2_STEPS}")
     run = submit_dir / "runs" / f"slurm-{job}"  # the default run dir, named by the job id
     deadline = time.monotonic() + 240
-    while not records(run):  # stage 1 is under way
+    while "\n" not in read(run / "metrics.jsonl"):  # stage 1 is under way
         assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), explain(cluster, run)
         assert time.monotonic() < deadline, "no training step after 240 s" + explain(cluster, run)
         time.sleep(0.2)
