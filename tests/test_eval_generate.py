@@ -2,9 +2,11 @@
 to end from a run directory (predictions, scores, gallery, table); `msmedcap caption` on PNG, JPEG
 and DICOM files, equal to the evaluation's caption of the same image; its errors.
 
-One tiny fp32 model for the module. Its OPT is random-init with init_std=0.5 (seeded, so the export
-rebuilds it): at the default 0.02 a random OPT says the same word for every image, and equal
-captions would prove nothing."""
+One tiny fp32 model for the module, made so that its captions differ from image to image (else
+comparing them proves nothing): an untrained model ignores its prefix, the demo's OPT (trained on
+captions alone) says the same sentence for every image, and a random OPT at the usual init_std
+the same word. So: a random OPT with init_std=0.5 (seeded, the export rebuilds it) and trainables
+drawn at scale 2."""
 import json
 from html.parser import HTMLParser
 
@@ -14,8 +16,8 @@ import torch
 from msmedcap.cli import main as msmedcap_main
 from msmedcap.config import load_config
 
-OVERRIDES = ["model.frozen_dtype=fp32", "model.lm.config.init_std=0.5", "eval.num_beams=3", "eval.min_len=3",
-             "eval.max_len=10", "eval.batch_size=8", "data.num_workers=0"]
+OVERRIDES = ["model.frozen_dtype=fp32", "model.lm.name_or_path=null", "model.lm.config.init_std=0.5",
+             "eval.num_beams=3", "eval.min_len=3", "eval.max_len=10", "eval.batch_size=8", "data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def run_dir(tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # trainables far from init, so the queries (and captions) depend on the image
         for _, p in model.trainable_named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=g) * 2.0)
     run = tmp_path_factory.mktemp("run")
     save_trainable(model, run / "stage2" / "export", cfg)
     return run, model.eval(), cfg
