@@ -7,6 +7,7 @@ mode that ``model.train()`` cannot undo) and run under ``no_grad``. Each returns
 from __future__ import annotations
 
 import logging
+import types
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -37,6 +38,13 @@ def fixed_seed(seed: int = 0):
         yield
 
 
+def _conv_forward_fp32_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        bias = None if conv.bias is None else conv.bias.float()
+        return conv._conv_forward(x.float(), conv.weight.float(), bias).to(x.dtype)
+    return conv._conv_forward(x, conv.weight, conv.bias)
+
+
 class FrozenEncoder(nn.Module):
     """Base of the frozen parts: parameters without grad and eval mode that ``train()`` cannot undo."""
 
@@ -46,6 +54,11 @@ class FrozenEncoder(nn.Module):
     def freeze(self, dtype: torch.dtype) -> "FrozenEncoder":
         self.requires_grad_(False)
         self.to(dtype)
+        # CPU bf16/fp16 convolutions take a slow path (patch embedding: 98 ms in bf16 vs 7.5 ms in fp32
+        # here); the few convolutions compute in fp32 there, everything else stays in ``dtype``.
+        for module in self.modules():
+            if type(module) is nn.Conv2d:
+                module.forward = types.MethodType(_conv_forward_fp32_on_cpu, module)
         return super().train(False)
 
     def train(self, mode: bool = True):  # frozen: dropout/drop-path stay off whatever the parent says
