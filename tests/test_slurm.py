@@ -23,7 +23,7 @@ EVALUATE = str(REPO / "launch" / "slurm" / "evaluate.sbatch")
 CPU_NODES = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10")
 TINY = ("--config", "demo", "train.stage1.micro_batch_size=4", "train.stage2.micro_batch_size=4",
         "train.log_every=1", "train.eval_at_end=false")
-STAGE1_STEPS, STAGE2_STEPS = 6, 2
+STAGE1_STEPS, STAGE2_STEPS = 8, 2  # 8: SIGUSR1 lands in stage 1 even with fast steps
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,8 @@ def preempted_run(cluster, submit_dir):
         time.sleep(0.2)
     # What SLURM does at --signal=B:USR1@120 before the time limit: signal the batch shell.
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    requeued = cluster.wait(job, until=lambda j: (j["Restarts"], j["JobState"]) == ("1", "PENDING") or j["JobState"] in FINISHED, timeout=180)
+    requeued = cluster.wait(job, timeout=180, until=lambda j: (j["Restarts"], j["JobState"]) == ("1", "PENDING")
+                            or j["JobState"] in FINISHED)
     stopped = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
     # A requeued job waits ~2 minutes before it is eligible again (SLURM's cleanup delay): skip it.
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
@@ -101,6 +102,7 @@ def test_pretrain_is_preempted_requeued_and_resumed(cluster, submit_dir, preempt
     assert "msmedcap: SIGUSR1" in log and f"job {job} restart 1:" in log
 
     # The stopped run checkpointed stage 1 at the step where SIGUSR1 reached it, and did not export.
+    assert preempted_run["stopped"], "the stopped run wrote no summary.json" + explain(cluster, run)
     stopped = preempted_run["stopped"]["stages"][0]
     assert stopped["stopped_by"] == "SIGUSR1" and 1 <= stopped["steps_done"] < STAGE1_STEPS, stopped
     checkpoint = run / "stage1" / "checkpoints" / f"step{stopped['steps_done']:08d}"
