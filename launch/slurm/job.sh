@@ -33,23 +33,37 @@ msmedcap_setup() {
          "${SLURM_NTASKS:-$SLURM_JOB_NUM_NODES} ranks on ${nodes[*]}, rendezvous $MASTER_ADDR:$MASTER_PORT"
 }
 
-# msmedcap_srun CMD...: run CMD once per rank and wait for it. USR1 (time limit near, see
-# `--signal=B:USR1@...`) and TERM reaching this shell are passed on to the ranks through srun, then
-# the shell waits for them to finish; the signal's name is left in MSMEDCAP_SIGNAL.
+# Signals reaching this shell: USR1 (time limit near, see `--signal=B:USR1@...`) and TERM. The
+# name is kept in MSMEDCAP_SIGNAL and, while the ranks run, passed on to them through srun.
 MSMEDCAP_SIGNAL=
+MSMEDCAP_RANKS_PID=
+msmedcap_on_signal() {
+    MSMEDCAP_SIGNAL=$1
+    if [[ -n $MSMEDCAP_RANKS_PID ]]; then
+        echo "msmedcap: SIG$1: ranks checkpoint and stop"
+        kill -s "$1" "$MSMEDCAP_RANKS_PID" 2>/dev/null || true
+    fi
+}
+trap 'msmedcap_on_signal USR1' USR1
+trap 'msmedcap_on_signal TERM' TERM
+
+# msmedcap_srun CMD...: run CMD once per rank and wait until all have ended.
 msmedcap_srun() {
-    local pid rc
+    local rc
+    if [[ -n $MSMEDCAP_SIGNAL ]]; then
+        echo "msmedcap: SIG$MSMEDCAP_SIGNAL before the ranks started: not starting them"
+        return 0
+    fi
     srun --kill-on-bad-exit=1 bash -c \
         'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &
-    pid=$!
-    trap "MSMEDCAP_SIGNAL=USR1; echo 'msmedcap: SIGUSR1: ranks checkpoint and stop'; kill -USR1 $pid || true" USR1
-    trap "MSMEDCAP_SIGNAL=TERM; echo 'msmedcap: SIGTERM: ranks checkpoint and stop'; kill -TERM $pid || true" TERM
+    MSMEDCAP_RANKS_PID=$!
+    [[ -z $MSMEDCAP_SIGNAL ]] || msmedcap_on_signal "$MSMEDCAP_SIGNAL"  # came while srun started
     # `wait` returns early when a trapped signal arrives: wait again until srun has really ended.
     while :; do
-        wait "$pid" && rc=0 || rc=$?
-        kill -0 "$pid" 2>/dev/null || break
+        wait "$MSMEDCAP_RANKS_PID" && rc=0 || rc=$?
+        kill -0 "$MSMEDCAP_RANKS_PID" 2>/dev/null || break
     done
-    trap - USR1 TERM
+    MSMEDCAP_RANKS_PID=
     echo "msmedcap: ranks ended with status $rc"
     return "$rc"
 }
