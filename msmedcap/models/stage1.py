@@ -41,6 +41,11 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])]) if x.shape[0] < rows else x
 
 
+def gather_rows(x: torch.Tensor, rows: int, with_grad: bool) -> torch.Tensor:
+    """``x`` (``n <= rows`` rows here) from all ranks, each padded to ``rows``; ``x`` itself on one process."""
+    return gather(pad_rows(x, rows), with_grad) if _distributed() else x
+
+
 def itc_logits(image_feats: torch.Tensor, text_feat: torch.Tensor, image_all: torch.Tensor,
                text_all: torch.Tensor, temp: torch.Tensor):
     """Image->text and text->image similarities ``[n, m]``: the max over queries of the query-text
@@ -98,19 +103,19 @@ def stage1_branch_loss(qformer: QFormer, encoder_tokens: torch.Tensor, text_ids:
         image_feats = F.normalize(qformer.vision_proj(query_out), dim=-1)
         text_out = qformer.text(text_ids, text_mask)
         text_feat = F.normalize(qformer.text_proj(text_out[:, 0]), dim=-1)
-        touch = 0.0
-    else:  # nothing routed here: zero rows that still reach every parameter, so backward stays in step
+    else:  # nothing routed here: empty rows that still reach every parameter, so backward stays in step
         touch = 0.0 * sum(p.sum() for p in qformer.parameters() if p.requires_grad)
-        image_feats = image_embeds.new_zeros(0, qformer.num_queries, qformer.vision_proj.out_features)
-        text_feat = image_embeds.new_zeros(0, qformer.text_proj.out_features)
+        image_feats = image_embeds.new_zeros(0, qformer.num_queries, qformer.vision_proj.out_features) + touch
+        text_feat = image_embeds.new_zeros(0, qformer.text_proj.out_features) + touch
+        image_embeds = image_embeds + touch
 
     # ---- gather (every rank, same shapes): features with gradient, ids and masks without
-    image_all = gather(pad_rows(image_feats, rows) + touch, with_grad=True)
-    text_all = gather(pad_rows(text_feat, rows) + touch, with_grad=True)
-    embeds_all = gather(pad_rows(image_embeds, rows) + touch, with_grad=True)
-    valid_all = gather(pad_rows(torch.ones(n, dtype=torch.bool, device=text_ids.device), rows), with_grad=False)
-    ids_all = gather(pad_rows(text_ids, rows), with_grad=False)
-    mask_all = gather(pad_rows(text_mask, rows), with_grad=False)
+    image_all = gather_rows(image_feats, rows, with_grad=True)
+    text_all = gather_rows(text_feat, rows, with_grad=True)
+    embeds_all = gather_rows(image_embeds, rows, with_grad=True)
+    valid_all = gather_rows(torch.ones(n, dtype=torch.bool, device=text_ids.device), rows, with_grad=False)
+    ids_all = gather_rows(text_ids, rows, with_grad=False)
+    mask_all = gather_rows(text_mask, rows, with_grad=False)
     # every rank's loss depends on the gathered tensors: all ranks run the gathers' backward
     anchor = 0.0 * (image_all.sum() + text_all.sum() + embeds_all.sum())
     if n == 0:
