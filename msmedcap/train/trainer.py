@@ -60,6 +60,15 @@ class StageLoss(nn.Module):
     def forward(self, batch: dict) -> dict:
         return getattr(self.model, f"stage{self.stage}_loss")(batch)
 
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Trainable tensors only. DeepSpeed's ``exclude_frozen_parameters`` drops frozen parameters by
+        name, which misses a tied alias (OPT's ``lm_head.weight`` is ``embed_tokens.weight``)."""
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        keep = {f"{prefix}model.{n}" for n, _ in self.model.trainable_named_parameters()}
+        for k in [k for k in full if k not in keep]:
+            del full[k]
+        return full
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
     """Trainable parameters only; no weight decay on biases, norms and other 1-D tensors (BLIP-2)."""
