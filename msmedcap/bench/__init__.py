@@ -88,6 +88,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = common.device()
+    clock = common.use_clock(dev)
     work = tempfile.TemporaryDirectory(prefix="msmedcap-bench-")
     cfg, standins = common.bench_config(args.preset, args.overrides, Path(work.name))
     batch_size = args.batch or min(cfg.train.stage2.micro_batch_size, 16)
@@ -104,7 +105,7 @@ def run(args) -> int:
                    "torch": torch.__version__},
         "frozen_dtype": str(common.frozen_dtype_of(cfg)), "micro_batch": batch_size,
         "caption_source": "eval shards" if captions else "built-in captions", "peak": peak,
-        "iters": args.iters, "warmup": args.warmup,
+        "iters": args.iters, "warmup": args.warmup, "step_timing": clock,
     }
     console.print(f"device {results['device']['name']} ({dev.type}, {torch.get_num_threads()} threads); "
                   f"peak {peak['tflops']} TFLOP/s ({peak['source']})")

@@ -8,11 +8,10 @@ cache beats recomputing. The first pass over the data costs encoder time plus th
 from __future__ import annotations
 
 import tempfile
-import time
 
 import torch
 
-from msmedcap.bench.common import sync, to_device
+from msmedcap.bench.common import now, sync, to_device
 from msmedcap.bench.step import bench_step
 
 MIB = 2 ** 20
@@ -39,22 +38,22 @@ def bench_feature_cache(cfg, batch: dict, dev, iters: int, warmup: int, peak: di
                 model.encoders[b](inputs[f"{b}_image"])
 
     sync(dev)
-    t = time.perf_counter()
+    t = now()
     encoders()
     sync(dev)
-    encoder_s = (time.perf_counter() - t) / n
+    encoder_s = (now() - t) / n
 
     with tempfile.TemporaryDirectory(dir=cache_dir) as root:
         cache = attach_feature_cache(model, root)
-        t = time.perf_counter()
+        t = now()
         for b in model.branches:  # the first epoch: every sample a miss, computed and written
             model.encode(inputs, b)
         sync(dev)
-        fill_s = (time.perf_counter() - t) / n
-        t = time.perf_counter()
+        fill_s = (now() - t) / n
+        t = now()
         for b in model.branches:
             cache.stores[b].get(batch["image_sha256"])
-        read_s = (time.perf_counter() - t) / n
+        read_s = (now() - t) / n
         hits_before = sum(cache.hits.values())
         cached = bench_step(model, cfg, 2, batch, dev, iters, warmup, peak, label=f"{cfg.model.variant} cached")
         served = sum(cache.hits.values()) - hits_before

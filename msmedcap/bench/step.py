@@ -7,11 +7,9 @@ marking where OPT's backward ends); FLOPs per sample counted with ``torch.utils.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from msmedcap.bench.common import ds_engine, sync, timed, to_device
+from msmedcap.bench.common import ds_engine, now, sync, timed, to_device
 
 
 class PhaseClock:
@@ -29,7 +27,7 @@ class PhaseClock:
 
     def _now(self) -> float:
         sync(self.dev)
-        return time.perf_counter()
+        return now()
 
     def _span(self, module, name: str) -> None:
         start = {}
