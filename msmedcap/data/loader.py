@@ -28,6 +28,7 @@ import bisect
 import hashlib
 import itertools
 import os
+import signal
 import random
 from functools import partial
 
@@ -188,9 +189,18 @@ class TrainStream(IterableDataset):
             yield from self.segment(processor, counter, workers, role, index)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to their rank. ``scancel`` and preemption signal every process
+    of a job, and PyTorch's worker SIGTERM handler exits on any signal not sent by the parent, which
+    would kill the rank before it checkpoints. Workers still stop when the rank shuts them down or dies."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                      prefetch_factor=2 if num_workers else None, pin_memory=torch.cuda.is_available())
+                      prefetch_factor=2 if num_workers else None, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_ignore_stop_signals if num_workers else None)
 
 
 def make_train_loader(cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
