@@ -55,6 +55,17 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def release(dev) -> None:
+    """Free a finished variant's memory before the next one is built (paper-sized models are GBs)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _part(results: dict, name: str, fn, console) -> None:
     """Run one part; a failure is recorded (with its reason) and the others still run."""
     console.print(f"[bold]{name}[/bold] ...")
@@ -139,6 +150,7 @@ def run(args) -> int:
                         rows[-1]["largest_micro_batch"] = largest_micro_batch(
                             model, c, s, lambda n: common.synthetic_batch(c, n, captions), dev, batch_size)
                 del model
+                release(dev)
             return rows
         _part(results, "step", steps, console)
     if "cache" in parts:
