@@ -137,7 +137,9 @@ def test_tables_and_compare(tmp_path, scored):
         assert dataset in text
     md = report.compare_markdown([str(tmp_path / "blip2"), str(tmp_path / "msmedcap")])
     best = f"**{scores['overall']['CIDEr'] + 0.1:.4f}**"
-    assert best in md.split("**roco**")[0]
+    assert best in md.split("**domain: general**")[0]  # the "all" table
+    assert "**source: roco**" in md and "**domain: general**" in md
+    assert "**source: demo-general**" not in md  # general's only source: its domain table says it all
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no scores.json"):
         report.find_scores(str(tmp_path / "empty"))

@@ -78,15 +78,22 @@ def load_run(path: str) -> tuple:
 
 
 def compare_rows(paths: Sequence[str]) -> dict:
-    """{dataset: [(model, metrics)]}; datasets = "all" plus every source any run has."""
+    """{dataset: [(model, metrics)]}; datasets = "all", each domain, and each source any run has
+    (a source that is its domain's only one is not repeated)."""
     runs = [load_run(p) for p in paths]
     names = [n for n, _ in runs]
     # Same variant twice (two seeds, two budgets): tell the rows apart by their run directory.
     runs = [(n if names.count(n) == 1 else f"{n} ({Path(p).name})", s) for (n, s), p in zip(runs, paths)]
     datasets = {"all": [(n, s["overall"]) for n, s in runs]}
-    sources = sorted({src for _, s in runs for src in s.get("source", {})})
-    for src in sources:
-        datasets[src] = [(n, s.get("source", {}).get(src)) for n, s in runs]
+    sole = {}  # source -> its domain, where it is that domain's only source
+    for group in GROUPS:
+        for name in sorted({x for _, s in runs for x in s.get(group, {})}):
+            if group == "source" and name in sole:
+                continue
+            datasets[f"{group}: {name}"] = [(n, s.get(group, {}).get(name)) for n, s in runs]
+        if group == "domain":
+            for _, s in runs:
+                sole.update({src[0]: d for d, src in s.get("sources_by_domain", {}).items() if len(src) == 1})
     return datasets
 
 

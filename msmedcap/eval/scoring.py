@@ -187,4 +187,10 @@ def score_records(records: Sequence[Mapping], spice: str = "auto") -> dict:
 
         dup = [k for k, c in Counter(str(r["key"]) for r in records).items() if c > 1]
         raise ScoringError(f"{len(dup)} key(s) appear more than once: {_few(dup)}")
-    return score_captions(refs, preds, groups=group_keys(records), spice=spice)
+    scores = score_captions(refs, preds, groups=group_keys(records), spice=spice)
+    by_domain: dict = {}
+    for r in records:
+        if r.get("domain") is not None and r.get("source") is not None:
+            by_domain.setdefault(str(r["domain"]), set()).add(str(r["source"]))
+    scores["sources_by_domain"] = {d: sorted(s) for d, s in sorted(by_domain.items())}
+    return scores
