@@ -145,10 +145,3 @@ def fill_ds_config(ds_json: dict, cfg: Config, stage: int, world_size: int, devi
     ds.setdefault("fp16", {}).setdefault("enabled", precision == "fp16")
     return ds
 
-
-def precision_of(ds: dict) -> str:
-    if ds.get("bf16", {}).get("enabled"):
-        return "bf16"
-    if ds.get("fp16", {}).get("enabled"):
-        return "fp16"
-    return "fp32"

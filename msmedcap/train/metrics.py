@@ -9,7 +9,6 @@ import json
 import math
 import os
 import resource
-import time
 from pathlib import Path
 from typing import Optional
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from msmedcap.config import Config, ConfigError
 from msmedcap.train.checkpoint import CheckpointManager, latest_checkpoint, set_rng_states
-from msmedcap.train.ds_config import fill_ds_config, precision_of
+from msmedcap.train.ds_config import fill_ds_config
 from msmedcap.train.metrics import MetricsLog, count_flops, peak_memory_mb
 from msmedcap.train.schedule import warmup_cosine
 from msmedcap.train.signals import StopRequest
