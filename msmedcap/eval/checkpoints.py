@@ -44,13 +44,17 @@ def default_out_dir(checkpoint_arg, export: Path) -> Path:
 def parse_eval_overrides(overrides: Sequence[str]) -> list:
     """Parsed overrides; only eval.* and data.* (the model is built from the export's own config).
     Cheap: call it before loading a model, so a typo fails at once."""
-    from msmedcap.config import ConfigError, parse_override
+    from msmedcap.config import Config, ConfigError, _merge, config_from_dict, parse_override
 
     parsed = [parse_override(ov) for ov in overrides]
     for ov, p in zip(overrides, parsed):
         if set(p) - {"eval", "data"}:
             raise ConfigError(f"override {ov!r}: only eval.* and data.* can change at evaluation "
                               "(the model is built from the export's own config)")
+    data = Config().to_dict()  # unknown keys and wrong types fail here, on a default config
+    for p in parsed:
+        data = _merge(data, p)
+    config_from_dict(data, check_files=False)
     return parsed
 
 
