@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -55,17 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _single_process_env() -> None:
-    """`python launch/pretrain.py` with no launcher: a world of one."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
 def main(argv=None) -> int:
     from msmedcap.config import ConfigError, load_config
 
@@ -78,7 +66,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"pretrain: config error: {e}", file=sys.stderr)
         return 2
-    _single_process_env()
+    from msmedcap.train.world import single_process_env
+
+    single_process_env()
     from msmedcap.train.trainer import train
 
     return train(cfg, ds_json, ds_source=str(args.ds_config), resume=args.resume, overwrite=args.overwrite)

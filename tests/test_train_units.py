@@ -32,7 +32,11 @@ def test_auto_values_filled_from_the_run_config(cfg):
     assert ds["optimizer"]["params"] == {"lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8,
                                          "weight_decay": st.weight_decay, "torch_adam": True}
     assert "scheduler" not in ds  # the trainer's warmup+cosine LambdaLR
-    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False  # CPU
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False  # CPU with native bf16
+    no_bf16 = fill_ds_config(read_ds_json(REPO / "ds_configs/zero2.json"), cfg, 1, 1, bf16_supported=False)
+    assert not no_bf16["bf16"]["enabled"] and not no_bf16["fp16"]["enabled"]  # emulated bf16: fp32
+    gpu = fill_ds_config(read_ds_json(REPO / "ds_configs/zero2.json"), cfg, 1, 1, "cuda", bf16_supported=False)
+    assert gpu["fp16"]["enabled"] and not gpu["bf16"]["enabled"]
     assert "auto" not in json.dumps(ds)
     # The stage-2 fill of the same JSON takes stage 2's values.
     ds2 = fill_ds_config(read_ds_json(REPO / "ds_configs/zero2_offload.json"), cfg, 2, world_size=1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -240,13 +239,9 @@ def timed(fn: Callable, dev: torch.device, iters: int, warmup: int) -> float:
 
 def single_process_dist() -> None:
     """A world of one for DeepSpeed when no launcher set one up (as launch/pretrain.py does)."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from msmedcap.train.world import single_process_env
+
+    single_process_env()
 
 
 def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, micro_batch: int):

@@ -22,10 +22,19 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX. Without them a bf16 GEMM is emulated: measured here (AVX2 EPYC) 0.38
+    GFLOP/s against ~75 in fp32, so fp32 is the fast choice on such CPUs."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def frozen_dtype(name: str) -> torch.dtype:
-    """``auto`` = fp16 where a GPU is present, bf16 on CPU (fp16 matmuls are slow or missing there)."""
+    """``auto`` = fp16 where a GPU is present; on CPU bf16 where it has native bf16, else fp32
+    (fp16 matmuls are slow or missing on CPUs)."""
     if name == "auto":
-        return torch.float16 if torch.cuda.is_available() else torch.bfloat16
+        if torch.cuda.is_available():
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return DTYPES[name]
 
 

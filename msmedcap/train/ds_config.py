@@ -19,10 +19,12 @@ ADAM_EPS = 1e-8  # not a run-config value; only fills "auto"
 
 def resolve_precision(cfg_precision: str, json_cfg: dict, device_type: str, bf16_supported: bool) -> str:
     """The trainables' precision: the run config's, or where that says ``auto`` the JSON's explicit
-    choice, or bf16 (fp16 where the device has no bf16). fp16 needs a GPU's loss scaling kernels."""
+    choice, or bf16 (fp16 on GPUs without bf16; fp32 on CPUs without native bf16, where bf16 is
+    emulated and several times slower). fp16 needs a GPU's loss scaling kernels."""
     if cfg_precision == "auto":
         explicit = [p for p in ("bf16", "fp16") if json_cfg.get(p, {}).get("enabled") is True]
-        precision = explicit[0] if explicit else ("bf16" if bf16_supported or device_type == "cpu" else "fp16")
+        fallback = "fp32" if device_type == "cpu" else "fp16"
+        precision = explicit[0] if explicit else ("bf16" if bf16_supported else fallback)
     else:
         precision = cfg_precision
     if precision == "fp16" and device_type == "cpu":
@@ -145,3 +147,12 @@ def fill_ds_config(ds_json: dict, cfg: Config, stage: int, world_size: int, devi
     ds.setdefault("fp16", {}).setdefault("enabled", precision == "fp16")
     return ds
 
+
+
+def precision_of(ds: dict) -> str:
+    """The trainables' precision a filled DeepSpeed dict asks for."""
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"

@@ -23,6 +23,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequest:
     def __init__(self, signals=STOP_SIGNALS):
         self.signum: Optional[int] = None
+        self.agreed_signum = 0
         self.pid = os.getpid()
         for s in signals:
             signal.signal(s, self._handle)
@@ -37,13 +38,16 @@ class StopRequest:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else "a signal on another rank"
+        """The signal any rank received (the agreed one: ranks may get it moments apart)."""
+        signum = self.agreed_signum or self.signum
+        return signal.Signals(signum).name if signum else "none"
 
     def agreed(self, device) -> bool:
         """True on every rank once any rank has received a stop signal (a collective call)."""
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
+        flag = torch.tensor([float(self.signum or 0)], device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.agreed_signum = int(flag.item())
+        return bool(self.agreed_signum)

@@ -150,7 +150,15 @@ class Trainer:
 
     def ds_config(self, stage: int) -> dict:
         return fill_ds_config(self.ds_json, self.cfg, stage, self.world, self.device_type,
-                              self.acc.is_bf16_supported(), source=self.ds_source)
+                              self.bf16_supported(), source=self.ds_source)
+
+    def bf16_supported(self) -> bool:
+        # DeepSpeed's CPU accelerator says yes on every CPU; only native bf16 is worth using there.
+        if self.device_type == "cpu":
+            from msmedcap.models.encoders import cpu_has_native_bf16
+
+            return cpu_has_native_bf16()
+        return self.acc.is_bf16_supported()
 
     # ------------------------------------------------------------------ planning
     def plan(self, stages: list, resume: Optional[str], overwrite: bool) -> dict:
@@ -420,7 +428,7 @@ class Window:
             if isinstance(v, torch.Tensor) and v.numel() != 1:
                 continue
             key = "loss" if k == "loss" else (k if k.startswith("loss") else f"loss_{k}")
-            self.sums[key] = self.sums.get(key, 0.0) + float(v)
+            self.sums[key] = self.sums.get(key, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
             self.counts[key] = self.counts.get(key, 0) + 1
         self.samples += len(batch["key"])
         mask = batch["text_attention_mask" if stage == 1 else "lm_attention_mask"]
