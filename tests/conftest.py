@@ -1,6 +1,8 @@
 """Shared test hygiene: a test that initialises torch.distributed in the pytest process (a one-rank
-DeepSpeed engine, a gloo gather) must not leave its default process group to the next test, which
-may fork workers or expect an uninitialised state."""
+DeepSpeed engine, a gloo gather) must not leave its process group, nor DeepSpeed's cached copies of
+it, to the next test, which may fork workers, start its own world or expect none."""
+import sys
+
 import pytest
 import torch.distributed as dist
 
@@ -10,3 +12,8 @@ def _no_leftover_process_group():
     yield
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:  # DeepSpeed caches a clone of the world group across engines
+        groups._WORLD_GROUP = None
+        groups._DATA_PARALLEL_GROUP = None
+        groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
