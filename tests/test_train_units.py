@@ -213,3 +213,41 @@ def test_checkpoints_atomic_rotating_trainable_only(tmp_path, monkeypatch):
         assert sched2.get_last_lr()[0] == lr_after_4 and e2(x).item() == loss_after_4
     finally:
         dist.destroy_process_group()
+
+
+def test_frozen_parts_keep_their_dtype_under_a_bf16_engine(monkeypatch):
+    """DeepSpeed's bf16 engine casts the whole wrapped module; the trainer puts the frozen encoders
+    and LM back in their own dtype (fp16 on GPU; fp32 here), trainables stay bf16, and a step runs."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from msmedcap.data.loader import make_train_loader
+    from msmedcap.models import build_model
+    from msmedcap.train.schedule import warmup_cosine
+    from msmedcap.train.trainer import StageLoss, param_groups, to_device
+    from msmedcap.train.world import single_process_env
+
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "")  # recorded, so what single_process_env sets is undone after the test
+        monkeypatch.delenv(k)
+    single_process_env()
+    cfg = load_config("demo", ["model.frozen_dtype=fp32", "train.precision=bf16", "data.num_workers=0",
+                               "data.shuffle_buffer=1", "train.stage1.micro_batch_size=2"])
+    ds = fill_ds_config(read_ds_json(REPO / "ds_configs/zero2.json"), cfg, 1, 1)
+    deepspeed.init_distributed("gloo")
+    try:
+        model = build_model(cfg.model)
+        engine, *_ = deepspeed.initialize(model=StageLoss(model, 1), config=ds,
+                                          model_parameters=param_groups(model, 0.05),
+                                          lr_scheduler=warmup_cosine(cfg.train.stage1))
+        assert next(model.encoders.parameters()).dtype == torch.bfloat16  # what the engine does
+        model.restore_frozen_dtype()
+        assert {p.dtype for p in model.encoders.parameters()} == {torch.float32}
+        assert {p.dtype for p in model.captioner.lm.parameters()} == {torch.float32}
+        assert {p.dtype for _, p in model.trainable_named_parameters()} == {torch.bfloat16}
+        out = engine(to_device(next(iter(make_train_loader(cfg, 1, 0, 1))), torch.device("cpu")))
+        engine.backward(out["loss"])
+        engine.step()
+        assert torch.isfinite(out["loss"])
+    finally:
+        dist.destroy_process_group()

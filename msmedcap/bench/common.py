@@ -252,7 +252,7 @@ def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from msmedcap.train.ds_config import fill_ds_config, read_ds_json
+    from msmedcap.train.ds_config import bf16_supported, fill_ds_config, read_ds_json
     from msmedcap.train.trainer import param_groups
 
     single_process_dist()
@@ -263,9 +263,11 @@ def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, 
     st.micro_batch_size, st.grad_accum = micro_batch, 1
     world = torch.distributed.get_world_size()
     ds = fill_ds_config(read_ds_json(REPO / "ds_configs" / "zero2.json"), cfg, stage, world, acc.device_name(),
-                        acc.is_bf16_supported())
+                        bf16_supported(acc))
     ds["zero_optimization"]["stage"] = zero_stage
     engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(model, st.weight_decay), config=ds)
+    if hasattr(model, "restore_frozen_dtype"):  # as the trainer does after the engine's cast
+        model.restore_frozen_dtype()
     return engine, ds
 
 

@@ -53,6 +53,15 @@ class MSMedCap(nn.Module):
         super().train(mode)  # encoders and the LM override train() and stay in eval mode
         return self
 
+    def restore_frozen_dtype(self) -> None:
+        """DeepSpeed's bf16/fp16 engine casts the whole module it wraps; the frozen encoders and LM go
+        back to their own dtype (``frozen_dtype``: fp16 on GPU by default). No optimizer state holds
+        them, so this is safe after ``deepspeed.initialize``."""
+        dtype = frozen_dtype(self.cfg.frozen_dtype)
+        for encoder in self.encoders.values():
+            encoder.to(dtype)
+        self.captioner.lm.to(dtype)
+
     def trainable_named_parameters(self) -> list:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 

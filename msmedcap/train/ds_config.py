@@ -156,3 +156,13 @@ def precision_of(ds: dict) -> str:
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
     return "fp32"
+
+
+def bf16_supported(accelerator) -> bool:
+    """Whether bf16 is worth using: DeepSpeed's CPU accelerator says yes on every CPU, but only a CPU
+    with native bf16 (AVX512-BF16, AMX) runs it at speed."""
+    if accelerator.device_name() == "cpu":
+        from msmedcap.models.encoders import cpu_has_native_bf16
+
+        return cpu_has_native_bf16()
+    return accelerator.is_bf16_supported()

@@ -28,7 +28,7 @@ from torch import nn
 
 from msmedcap.config import Config, ConfigError
 from msmedcap.train.checkpoint import CheckpointManager, latest_checkpoint, set_rng_states
-from msmedcap.train.ds_config import fill_ds_config
+from msmedcap.train.ds_config import bf16_supported, fill_ds_config
 from msmedcap.train.metrics import MetricsLog, count_flops, peak_memory_mb
 from msmedcap.train.schedule import warmup_cosine
 from msmedcap.train.signals import StopRequest
@@ -150,15 +150,7 @@ class Trainer:
 
     def ds_config(self, stage: int) -> dict:
         return fill_ds_config(self.ds_json, self.cfg, stage, self.world, self.device_type,
-                              self.bf16_supported(), source=self.ds_source)
-
-    def bf16_supported(self) -> bool:
-        # DeepSpeed's CPU accelerator says yes on every CPU; only native bf16 is worth using there.
-        if self.device_type == "cpu":
-            from msmedcap.models.encoders import cpu_has_native_bf16
-
-            return cpu_has_native_bf16()
-        return self.acc.is_bf16_supported()
+                              bf16_supported(self.acc), source=self.ds_source)
 
     # ------------------------------------------------------------------ planning
     def plan(self, stages: list, resume: Optional[str], overwrite: bool) -> dict:
@@ -220,6 +212,7 @@ class Trainer:
         engine, _, _, scheduler = deepspeed.initialize(
             model=StageLoss(model, stage), model_parameters=param_groups(model, st.weight_decay), config=ds_cfg,
             lr_scheduler=None if "scheduler" in ds_cfg else warmup_cosine(st))
+        model.restore_frozen_dtype()  # the engine cast everything to its precision
         ckpts = CheckpointManager(stage_dir(cfg, stage) / "checkpoints", cfg.train.keep_last, self.rank, self.barrier)
 
         step, rng = 0, None
