@@ -7,7 +7,6 @@ starts: unknown keys, wrong types and missing files raise :class:`ConfigError` n
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import typing
 from dataclasses import dataclass, field

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from msmedcap.batch import DOMAINS
+from msmedcap.atomic_files import atomic_write_text
 
 IMAGE_EXTS = ("jpg", "png")
 MANIFEST = "manifest.json"
@@ -58,9 +59,7 @@ def read_manifest(out_dir: str | Path) -> dict:
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
     manifest["shards"] = dict(sorted(manifest["shards"].items()))
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)  # never half written
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str, shard_size: int = 1000,

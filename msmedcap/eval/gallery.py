@@ -106,6 +106,6 @@ def render_gallery(records: Sequence[dict], title: str = "msmedcap gallery", sum
 
 
 def write_gallery(path, records: Sequence[dict], **kwargs) -> None:
-    from msmedcap.eval.io import atomic_write_text
+    from msmedcap.atomic_files import atomic_write_text
 
     atomic_write_text(path, render_gallery(records, **kwargs))

@@ -3,27 +3,10 @@ that name the file, line and key."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
-
-def atomic_write_text(path, text: str) -> None:
-    """Write via a temporary file in the same directory + rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the rest of a team
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+from msmedcap.atomic_files import atomic_write_text
 
 
 def write_json(path, obj) -> None:

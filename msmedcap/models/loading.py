@@ -7,14 +7,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from msmedcap.atomic_files import atomic_write
 from msmedcap.config import Config, ConfigError, ModelConfig, config_from_dict, resolve_asset
 from msmedcap.models.msmedcap_model import MSMedCap
 
@@ -51,18 +50,6 @@ def build_model(cfg: ModelConfig, init_trainables: bool = True) -> MSMedCap:
 
 
 # --------------------------------------------------------------------------- trainable export
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename: a crash never leaves a half-written file at ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_trainable(model: MSMedCap, path_dir, cfg) -> Path:
     """Write ``trainable.safetensors`` (trainable parameters only) and ``config.yaml`` (the full
     :class:`Config`; a bare ModelConfig is wrapped) into ``path_dir``."""
@@ -72,8 +59,8 @@ def save_trainable(model: MSMedCap, path_dir, cfg) -> Path:
         cfg = Config(model=cfg)
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.trainable_named_parameters()}
     meta = {"format": "msmedcap-trainable", "variant": model.cfg.variant}
-    _atomic_write(path_dir / TRAINABLE_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    _atomic_write(path_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
+    atomic_write(path_dir / TRAINABLE_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
     return path_dir
 
 

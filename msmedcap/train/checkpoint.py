@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from msmedcap.atomic_files import atomic_write_text
+
 STEP_DIR = re.compile(r"^step(\d{8})$")
 
 
@@ -69,12 +71,6 @@ def set_rng_states(state: dict) -> None:
         get_accelerator().set_rng_state(state["device"])
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(data if isinstance(data, str) else json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _remove_dir(path: Path) -> None:
     """Rename first (atomic) so a half-deleted directory never looks complete."""
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
@@ -106,13 +102,14 @@ class CheckpointManager:
         torch.save(rng_states(), tmp / f"rng_rank{self.rank:04d}.pt")
         if self.rank == 0:
             export(tmp / "export")
-            _write_json_atomic(tmp / "trainer_state.json", {k: v for k, v in client_state.items() if k != "config"})
+            atomic_write_text(tmp / "trainer_state.json",
+                              json.dumps({k: v for k, v in client_state.items() if k != "config"}, indent=2, default=str))
         self.barrier()
         if self.rank == 0:
             if final.exists():  # an earlier run's checkpoint of the same step (--overwrite)
                 _remove_dir(final)
             os.rename(tmp, final)
-            _write_json_atomic(self.root / "latest", tag)
+            atomic_write_text(self.root / "latest", tag)
             for old in complete_checkpoints(self.root)[:-self.keep_last] if self.keep_last > 0 else []:
                 _remove_dir(old)
         self.barrier()

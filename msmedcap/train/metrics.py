@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from msmedcap.atomic_files import atomic_write_text
 
 # Fields of every metrics.jsonl record besides stage/step and the per-head ``loss_*`` keys.
 RECORD_FIELDS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "flops_per_s",
@@ -69,9 +70,7 @@ class MetricsLog:
         """Keep the records before (stage, start_step); open the progress display."""
         kept = [r for r in read_records(self.path)
                 if r["stage"] < stage or (r["stage"] == stage and r["step"] <= start_step)]
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.stage = stage
         self.progress = Progress(
             TextColumn(f"[bold]stage {stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
