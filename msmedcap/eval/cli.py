@@ -6,10 +6,11 @@ import time
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("score", help="score predictions against references (pycocoevalcap)",
+    p = subparsers.add_parser("score", help="score predictions against references (pycocoevalcap, findings accuracy)",
                               description="Score {\"key\", \"prediction\"} JSONL lines against "
-                              "{\"key\", \"captions\": [...]} JSONL lines; per domain/source when the lines "
-                              "carry those fields.")
+                              "{\"key\", \"captions\": [...]} JSONL lines: n-gram scores and findings accuracy "
+                              "(per field, by the source's parser; lexicon P/R/F1 for free text); per "
+                              "domain/source when the lines carry those fields.")
     p.add_argument("predictions", help="PRED.jsonl: {\"key\", \"prediction\"} per line (evaluate's "
                    "predictions.jsonl works as is)")
     p.add_argument("--refs", help="REFS.jsonl: {\"key\", \"captions\": [...]} per line; default: the "
@@ -59,6 +60,7 @@ def run_score(args) -> int:
     except (InputError, ScoringError) as e:
         return _error("score", str(e))
     scores.pop("per_sample")
+    scores.pop("per_sample_findings")
     scores.update(predictions=args.predictions, references=args.refs, score_seconds=round(time.time() - start, 2))
     print_scores(scores, title=f"Scores: {args.predictions}")
     if args.out:

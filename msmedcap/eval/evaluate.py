@@ -178,7 +178,8 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
     score_s = time.time() - start
     for rec in everything:
         rec["scores"] = scores["per_sample"][rec["key"]]
-    del scores["per_sample"]
+        rec["findings"] = scores["per_sample_findings"][rec["key"]]
+    del scores["per_sample"], scores["per_sample_findings"]
     scores.update(
         checkpoint=None if checkpoint is None else str(checkpoint),
         data=specs,
@@ -198,7 +199,7 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
         o = scores["overall"]
         write_gallery(out / "gallery.html", everything, title=f"msmedcap {cfg.model.variant}: {out}",
                       summary=f"{len(everything)} samples · checkpoint {checkpoint} · CIDEr {o['CIDEr']:.4f} · "
-                              f"BLEU-4 {o['Bleu_4']:.4f}")
+                              f"BLEU-4 {o['Bleu_4']:.4f}", scores=scores)
     print_scores(scores, title=f"{cfg.model.variant} · {len(everything)} samples · {out}")
     return scores
 

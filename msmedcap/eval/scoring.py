@@ -179,7 +179,10 @@ def group_keys(records: Sequence[Mapping], fields: Sequence[str] = ("domain", "s
 
 
 def score_records(records: Sequence[Mapping], spice: str = "auto") -> dict:
-    """Score records carrying key, references, prediction (and domain/source for the breakdowns)."""
+    """Score records carrying key, references, prediction (and domain/source for the breakdowns):
+    :func:`score_captions`' n-gram scores plus, in each subset, a ``findings`` block (per-field
+    findings accuracy, distinct predictions, lexicon P/R/F1; see msmedcap.eval.findings) and
+    ``per_sample_findings`` {key: verdicts} next to ``per_sample``."""
     refs = {str(r["key"]): r["references"] for r in records}
     preds = {str(r["key"]): r["prediction"] for r in records}
     if len(refs) != len(records):
@@ -187,7 +190,18 @@ def score_records(records: Sequence[Mapping], spice: str = "auto") -> dict:
 
         dup = [k for k, c in Counter(str(r["key"]) for r in records).items() if c > 1]
         raise ScoringError(f"{len(dup)} key(s) appear more than once: {_few(dup)}")
-    scores = score_captions(refs, preds, groups=group_keys(records), spice=spice)
+    groups = group_keys(records)
+    scores = score_captions(refs, preds, groups=groups, spice=spice)
+    # Findings accuracy on the same subsets (msmedcap.eval.findings): a "findings" block next to
+    # each subset's n-gram scores; each sample's verdicts under "per_sample_findings".
+    from msmedcap.eval.findings import score_findings
+
+    findings = score_findings(records, groups)
+    scores["overall"]["findings"] = findings["overall"]
+    for group in groups:
+        for name, block in findings[group].items():
+            scores[group][name]["findings"] = block
+    scores["per_sample_findings"] = findings["per_sample"]
     by_domain: dict = {}
     for r in records:
         if r.get("domain") is not None and r.get("source") is not None:

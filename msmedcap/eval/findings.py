@@ -1,0 +1,382 @@
+"""Findings accuracy: references and predictions parsed into findings (is there a lesion, which side,
+how many, ...; which shapes and background), scored per field next to the n-gram scores, which
+reward a template that gets the frequent words right whatever the image shows.
+
+An extension point: a *parser* turns a caption into ``{field: value}``; parsers are registered per
+source (:func:`register_parser`, or with a predicate on the record for sources that share a
+grammar). The demo's caption grammar (msmedcap.data.demo) is the first: ``demo-medical`` (modality,
+lesion_present; count, size, side, margin and lesion_all_four where the reference has a lesion) and
+``demo-general`` (background, objects). Records whose source has no parser (ROCO, MedICaT, any
+free text) get the lexicon scorer: modality and laterality terms mentioned in the prediction vs the
+references, as micro precision/recall/F1 over samples.
+
+Rules:
+- a reference must match its grammar exactly; one that does not is counted
+  (``unparsed_references``) and left out of every field's denominator;
+- a prediction is read leniently: each field it states unambiguously (one value, not two
+  conflicting ones) is compared with the reference; a field it does not state is wrong. Empty,
+  truncated, garbage or wrong-grammar predictions are therefore wrong on what they fail to say, and
+  are counted (``unparsed_predictions``); nothing here raises on any string;
+- with several references, the grammar fields are judged against the first that parses, the
+  lexicon against the union of the references' terms.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+from msmedcap.data.demo import BACKGROUNDS, COLOURS, MODALITIES, NUMBERS, SHAPES
+
+# Table headers; scores.json keeps the field names.
+FIELD_HEADERS = {"lesion_present": "lesion", "lesion_all_four": "all four", "objects": "objects",
+                 "background": "background"}
+
+
+def normalize(text) -> str:
+    """Lower case, whitespace runs to one space; anything that is not a string becomes ''."""
+    return " ".join(text.lower().split()) if isinstance(text, str) else ""
+
+
+def _one(values: Iterable):
+    """The value a caption states: exactly one distinct value, else None (absent or conflicting)."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def _alt(words: Iterable[str]) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+# --------------------------------------------------------------------------- parsers
+class FindingsParser:
+    """Base class: ``fields`` in table order, ``parse`` (lenient: what the caption states) and
+    ``strict`` (does the caption follow the grammar exactly). ``judge`` compares a reference's
+    values with a prediction's: ``{field: True | False | None}``, None where the field is not
+    scored for this reference. Subclasses override ``applies`` for fields that depend on the
+    reference (e.g. lesion details only where the reference has a lesion)."""
+
+    name = "base"
+    fields: tuple = ()
+
+    def parse(self, text: str) -> dict:
+        raise NotImplementedError
+
+    def strict(self, text: str) -> Optional[dict]:
+        """The values of a caption that follows the grammar exactly, else None."""
+        raise NotImplementedError
+
+    def applies(self, field: str, ref: Mapping) -> bool:
+        return True
+
+    def judge(self, ref: Mapping, pred: Mapping) -> dict:
+        return {f: (pred.get(f) is not None and pred.get(f) == ref.get(f)) if self.applies(f, ref) else None
+                for f in self.fields}
+
+
+class DemoMedicalParser(FindingsParser):
+    """"axial ct of the abdomen showing two small lesions in the left kidney with irregular margins.",
+    "chest x-ray with no focal lesion." (msmedcap.data.demo.medical_sample)."""
+
+    name = "demo-medical"
+    fields = ("modality", "lesion_present", "count", "size", "side", "margin", "lesion_all_four")
+    LESION_FIELDS = ("count", "size", "side", "margin")
+    SIZES, SIDES, MARGINS = ("small", "large"), ("left", "right"), ("smooth", "irregular")
+    NOUNS = ("lesion", "nodule")
+    # how a prediction names each modality when it strays from the exact prefix
+    MODALITY_WORDS = {"ct": r"\bct\b", "xray": r"\bx-?rays?\b", "mr": r"\bmri?\b"}
+
+    def __init__(self):
+        self.numbers = {w: i for i, w in enumerate(NUMBERS) if i > 0}
+        num, size, noun = _alt(self.numbers), _alt(self.SIZES), _alt(self.NOUNS)
+        organs = {organ for _, _, organ in MODALITIES.values()}
+        prefixes = {prefix: m for m, (_, prefix, _) in MODALITIES.items()}
+        self.prefixes = prefixes
+        self._strict = re.compile(
+            rf"^(?P<prefix>{_alt(prefixes)}) (?:(?P<none>with no focal lesion)|showing (?P<count>{num}) "
+            rf"(?P<size>{size}) (?:{noun})s? in the (?P<side>{_alt(self.SIDES)}) (?:{_alt(organs)}) "
+            rf"with (?P<margin>{_alt(self.MARGINS)}) margins)\.$")
+        self._modality = {m: re.compile(self.MODALITY_WORDS.get(m, re.escape(p))) for p, m in prefixes.items()}
+        self._negative = re.compile(rf"\bno (?:focal )?(?:{noun})s?\b")
+        self._noun = re.compile(rf"\b(?:{noun})s?\b")
+        self._count = re.compile(rf"\b(?P<v>{num}) (?:(?:{size}) )?(?:{noun})s?\b|\bshowing (?P<w>{num})\b")
+        self._size = re.compile(rf"\b(?P<v>{size}) (?:{noun})s?\b|\bshowing (?:{num}) (?P<w>{size})\b")
+        self._side = re.compile(rf"\b({_alt(self.SIDES)})\b")
+        self._margin = re.compile(rf"\b(?P<v>{_alt(self.MARGINS)}) margins?\b|\bwith (?P<w>{_alt(self.MARGINS)})\b")
+
+    def strict(self, text: str) -> Optional[dict]:
+        m = self._strict.match(normalize(text))
+        if not m:
+            return None
+        out = {"modality": self.prefixes[m["prefix"]], "lesion_present": m["none"] is None}
+        if out["lesion_present"]:
+            out.update(count=self.numbers[m["count"]], size=m["size"], side=m["side"], margin=m["margin"])
+        return out
+
+    @staticmethod
+    def _groups(pattern: re.Pattern, text: str) -> list:
+        return [m["v"] or m["w"] for m in pattern.finditer(text)]
+
+    def parse(self, text: str) -> dict:
+        t = normalize(text)
+        out = {}
+        modality = _one(m for m, rx in self._modality.items() if rx.search(t))
+        negative = bool(self._negative.search(t))
+        # a lesion noun outside "no (focal) lesion", or a number after "showing" (a truncated caption)
+        positive = bool(self._noun.search(self._negative.sub(" ", t)) or self._groups(self._count, t))
+        if modality is not None:
+            out["modality"] = modality
+        if negative != positive:
+            out["lesion_present"] = positive
+        if out.get("lesion_present", True):  # a caption that says "no lesion" states no lesion details
+            count = _one(self.numbers[w] for w in self._groups(self._count, t))
+            values = {"count": count, "size": _one(self._groups(self._size, t)),
+                      "side": _one(self._side.findall(t)), "margin": _one(self._groups(self._margin, t))}
+            out.update({k: v for k, v in values.items() if v is not None})
+        return out
+
+    def applies(self, field: str, ref: Mapping) -> bool:
+        if field in self.LESION_FIELDS or field == "lesion_all_four":
+            return bool(ref.get("lesion_present"))
+        return True
+
+    def judge(self, ref: Mapping, pred: Mapping) -> dict:
+        out = super().judge(ref, pred)
+        if out["lesion_all_four"] is not None:
+            out["lesion_all_four"] = all(out[f] for f in self.LESION_FIELDS)
+        return out
+
+
+class DemoGeneralParser(FindingsParser):
+    """"two red circles and a blue square on a white background." (msmedcap.data.demo.general_sample):
+    background, and objects = the multiset of (count, colour, shape) groups, right only when equal."""
+
+    name = "demo-general"
+    fields = ("background", "objects")
+
+    def __init__(self):
+        self.numbers = {w: i for i, w in enumerate(NUMBERS) if i > 0}
+        group = rf"(?:{_alt(self.numbers)}) (?:{_alt(COLOURS)}) (?:{_alt(SHAPES)})s?"
+        self._strict = re.compile(rf"^(?P<groups>{group}(?: and {group})*) on a (?P<bg>{_alt(BACKGROUNDS)}) background\.$")
+        self._group = re.compile(rf"\b({_alt(self.numbers)}) ({_alt(COLOURS)}) ({_alt(SHAPES)})s?\b")
+        self._background = re.compile(rf"\b({_alt(BACKGROUNDS)}) background\b")
+
+    def _objects(self, text: str) -> list:
+        return sorted([self.numbers[n], c, s] for n, c, s in self._group.findall(text))
+
+    def strict(self, text: str) -> Optional[dict]:
+        t = normalize(text)
+        m = self._strict.match(t)
+        if not m:
+            return None
+        return {"background": m["bg"], "objects": self._objects(m["groups"])}
+
+    def parse(self, text: str) -> dict:
+        t = normalize(text)
+        out = {}
+        background = _one(self._background.findall(t))
+        if background is not None:
+            out["background"] = background
+        objects = self._objects(t)
+        if objects:
+            out["objects"] = objects
+        return out
+
+
+# --------------------------------------------------------------------------- the registry
+_BY_SOURCE: dict = {}
+_BY_PREDICATE: list = []
+
+
+def register_parser(parser: FindingsParser, sources: Sequence[str] = (),
+                    predicate: Optional[Callable[[Mapping], bool]] = None) -> FindingsParser:
+    """Use ``parser`` for records of these sources, and/or for records (dicts with key, source,
+    domain, references, prediction) where ``predicate(record)`` is true. A source entry wins over
+    predicates; later predicates are tried after earlier ones. Returns the parser."""
+    for s in sources:
+        _BY_SOURCE[str(s)] = parser
+    if predicate is not None:
+        _BY_PREDICATE.append((predicate, parser))
+    return parser
+
+
+def parser_for(record: Mapping) -> Optional[FindingsParser]:
+    """The record's parser, or None (then the lexicon scorer judges it)."""
+    parser = _BY_SOURCE.get(str(record.get("source")))
+    if parser is not None:
+        return parser
+    for predicate, p in _BY_PREDICATE:
+        if predicate(record):
+            return p
+    return None
+
+
+def registered_fields() -> list:
+    """Every registered parser's fields, in registration order (the tables' column order)."""
+    seen: list = []
+    for p in list(_BY_SOURCE.values()) + [p for _, p in _BY_PREDICATE]:
+        seen += [f for f in p.fields if f not in seen]
+    return seen
+
+
+register_parser(DemoGeneralParser(), sources=("demo-general",))
+register_parser(DemoMedicalParser(), sources=tuple(source for source, _, _ in MODALITIES.values()))
+
+
+# --------------------------------------------------------------------------- the lexicon
+# Terms per category: each name is matched by any of its patterns (whole words, lower case). A
+# combined word (PET/CT, CT angiography, MRA) names each modality it combines.
+LEXICON = {
+    "modality": {
+        "ct": (r"\bct\b", r"\bcta\b", r"\bhrct\b", r"\bcbct\b", r"computed tomograph", r"\bcat scan"),
+        "mri": (r"\bmri?\b", r"\bmra\b", r"magnetic resonance", r"\bt[12][- ]?weighted\b", r"\bflair\b",
+                r"\bdiffusion[- ]weighted\b"),
+        "x-ray": (r"\bx-?rays?\b", r"\bradiograph", r"\broentgenogra", r"\bplain films?\b"),
+        "ultrasound": (r"\bultrasound", r"\bsonogra", r"\bultrasonogra", r"\bdoppler\b", r"\bechocardiogra"),
+        "pet": (r"\bpet\b", r"positron emission"),
+        "angiography": (r"\bangiogra", r"\barteriogra", r"\bvenogra", r"\bcta\b", r"\bmra\b", r"\bdsa\b"),
+        "mammography": (r"\bmammogra",),
+        "scintigraphy": (r"\bscintigra", r"\bspect\b", r"\bbone scan"),
+        "fluoroscopy": (r"\bfluoroscop",),
+    },
+    "laterality": {
+        "left": (r"\bleft\b",),
+        "right": (r"\bright\b",),
+        "bilateral": (r"\bbilateral(?:ly)?\b", r"\bboth sides\b"),
+    },
+}
+_LEXICON_RX = {cat: {term: re.compile("|".join(pats)) for term, pats in terms.items()} for cat, terms in LEXICON.items()}
+
+
+def lexicon_terms(text) -> dict:
+    """{category: sorted terms} the text mentions."""
+    t = normalize(text)
+    return {cat: sorted(term for term, rx in terms.items() if rx.search(t)) for cat, terms in _LEXICON_RX.items()}
+
+
+# --------------------------------------------------------------------------- per sample
+def judge_record(record: Mapping) -> dict:
+    """One record's findings: the parser's fields right/wrong (None: not scored) with both sides'
+    values, or the lexicon's terms of reference and prediction."""
+    refs = record.get("references") or []
+    if isinstance(refs, str):
+        refs = [refs]
+    pred = record.get("prediction")
+    parser = parser_for(record)
+    if parser is None:
+        ref_terms: dict = {cat: set() for cat in LEXICON}
+        for r in refs:
+            for cat, terms in lexicon_terms(r).items():
+                ref_terms[cat].update(terms)
+        pred_terms = lexicon_terms(pred)
+        return {"parser": "lexicon",
+                "lexicon": {cat: {"reference": sorted(ref_terms[cat]), "prediction": pred_terms[cat]} for cat in LEXICON}}
+    ref_values = next((v for v in (parser.strict(r) for r in refs) if v is not None), None)
+    pred_values = parser.parse(pred) if isinstance(pred, str) else {}
+    out = {"parser": parser.name, "reference_parsed": ref_values is not None,
+           "prediction_parsed": isinstance(pred, str) and parser.strict(pred) is not None,
+           "reference": ref_values, "prediction": pred_values}
+    out["fields"] = ({f: None for f in parser.fields} if ref_values is None else parser.judge(ref_values, pred_values))
+    return out
+
+
+def sample_verdicts(judged: Mapping) -> dict:
+    """{field: True/False} for one judged sample (what the gallery marks right and wrong); lexicon
+    categories are right when the prediction names exactly the reference's terms (and there are some)."""
+    if judged.get("parser") == "lexicon":
+        out = {}
+        for cat, terms in judged["lexicon"].items():
+            if terms["reference"] or terms["prediction"]:
+                out[cat] = terms["reference"] == terms["prediction"]
+        return out
+    return {f: v for f, v in (judged.get("fields") or {}).items() if v is not None}
+
+
+# --------------------------------------------------------------------------- aggregation
+def _ratio(a: int, b: int) -> Optional[float]:
+    return a / b if b else None
+
+
+def prf(tp: int, fp: int, fn: int) -> dict:
+    p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    f1 = None if p is None or r is None else (2 * p * r / (p + r) if p + r else 0.0)
+    return {"precision": p, "recall": r, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def summarize(judged: Sequence[Mapping], predictions: Sequence) -> dict:
+    """The findings block of one subset (see :func:`score_findings`)."""
+    n = len(judged)
+    fields: dict = {}
+    parsers: dict = {}
+    unparsed_refs = unparsed_preds = 0
+    lex = {cat: [0, 0, 0] for cat in LEXICON}
+    lex_n = 0
+    order = registered_fields()
+    for j in judged:
+        parsers[j["parser"]] = parsers.get(j["parser"], 0) + 1
+        if j["parser"] == "lexicon":
+            lex_n += 1
+            for cat, terms in j["lexicon"].items():
+                ref, pred = set(terms["reference"]), set(terms["prediction"])
+                lex[cat][0] += len(ref & pred)
+                lex[cat][1] += len(pred - ref)
+                lex[cat][2] += len(ref - pred)
+            continue
+        unparsed_refs += not j["reference_parsed"]
+        unparsed_preds += not j["prediction_parsed"]
+        for f, v in j["fields"].items():
+            c = fields.setdefault(f, [0, 0])
+            if v is not None:
+                c[0] += bool(v)
+                c[1] += 1
+    ordered = sorted(fields, key=lambda f: (order.index(f) if f in order else len(order), f))
+    distinct = len({str(p) for p in predictions})
+    return {
+        "n": n,
+        "distinct_predictions": {"count": distinct, "share": _ratio(distinct, n)},
+        "fields": {f: {"accuracy": _ratio(*fields[f]), "correct": fields[f][0], "n": fields[f][1]} for f in ordered},
+        "unparsed_references": unparsed_refs,
+        "unparsed_predictions": unparsed_preds,
+        "parsers": dict(sorted(parsers.items())),
+        "lexicon": {"n": lex_n, **{cat: prf(*lex[cat]) for cat in LEXICON}},
+    }
+
+
+def score_findings(records: Sequence[Mapping], groups: Optional[Mapping[str, Mapping[str, Sequence[str]]]] = None) -> dict:
+    """Findings of records (key, references, prediction, source[, domain]), overall and per group
+    (as :func:`msmedcap.eval.scoring.group_keys` gives them).
+
+    Returns ``{"overall": block, "domain": {name: block}, "source": {...}, "per_sample": {key: judged}}``,
+    a block being ``{"n", "distinct_predictions": {"count", "share"}, "fields": {field: {"accuracy",
+    "correct", "n"}}, "unparsed_references", "unparsed_predictions", "parsers": {name: samples},
+    "lexicon": {"n", "modality": {"precision", "recall", "f1", "tp", "fp", "fn"}, "laterality": {...}}}``.
+    A field's ``n`` counts the samples it was scored on; ``accuracy`` is None where that is 0, as are
+    precision/recall/F1 without any term on the side they divide by.
+    """
+    judged = {str(r["key"]): judge_record(r) for r in records}
+    preds = {str(r["key"]): r.get("prediction") for r in records}
+
+    def block(keys):
+        keys = [str(k) for k in keys]
+        return summarize([judged[k] for k in keys], [preds[k] for k in keys])
+
+    out = {"overall": block(list(judged))}
+    for group, members in (groups or {}).items():
+        out[group] = {name: block(keys) for name, keys in sorted(members.items())}
+    out["per_sample"] = judged
+    return out
+
+
+# --------------------------------------------------------------------------- display helpers
+def field_header(field: str) -> str:
+    return FIELD_HEADERS.get(field, field.replace("_", " "))
+
+
+def table_fields(blocks: Iterable[Optional[Mapping]]) -> list:
+    """Fields scored on at least one sample in any of these blocks, in table order."""
+    order = registered_fields()
+    found = {f for b in blocks if b for f, s in (b.get("fields") or {}).items() if s.get("n")}
+    return sorted(found, key=lambda f: (order.index(f) if f in order else len(order), f))
+
+
+def has_lexicon(blocks: Iterable[Optional[Mapping]]) -> bool:
+    return any(b and (b.get("lexicon") or {}).get("n") for b in blocks)
