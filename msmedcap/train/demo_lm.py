@@ -1,23 +1,27 @@
-"""The demo's frozen language model: a tiny OPT pre-trained on the demo's training captions.
+"""The demo's frozen language model: a tiny OPT pre-trained to read its context.
 
-MSMedCap (like BLIP-2) keeps a *pre-trained* OPT frozen and learns only to steer it. A randomly
-initialised tiny OPT cannot be steered: its output distribution is nearly uniform whatever the
-prefix (stage-2 loss stays at ~ln(vocabulary)). So the demo ships this stand-in for OPT-2.7B,
-trained here on the layout the captioner feeds it: ``[prefix | bos + prompt + caption + "\\n"]``.
+MSMedCap (like BLIP-2) keeps a *pre-trained* OPT frozen and learns only to steer it through the
+prefix. What makes a real OPT steerable is that any fact stated in its context can change what it
+writes. A tiny LM trained on bare captions is not: only its first words follow the prefix (measured:
+fed the embeddings of "two red circles on a white background." it wrote "... grey background.").
 
-The prefix stands in for the projected queries: a variable number of positions holding the
-embeddings of some of the caption's own tokens, shuffled, with noise. A real OPT has learnt to use
-what its context says; a tiny LM trained on bare captions has not, and then no prefix can choose
-its first word (measured: the first token's distribution was the caption prior, whatever the image).
-This teaches it, in the same positions as stage 2, that the context tells what the caption says:
+So the demo's stand-in for OPT-2.7B is trained on the layout the captioner feeds it,
+``[prefix | bos + prompt + caption + "\\n"]``, where the prefix stands in for the soft prompts and
+projected queries: in the same number of positions as stage 2 (soft prompts + queries of one or of
+two branches), the token embeddings of *every* distinct token of the caption, the remaining
+positions filled with repeats, in shuffled order, with noise. It learns that the caption says
+exactly what the context holds, whichever position holds it: the contract stage 2's projections
+then have to meet, and that :func:`steer_accuracy` checks (greedy decoding from such a prefix must
+reproduce held-out captions; tests/test_demo_lm.py).
 
-    python -m msmedcap.train.demo_lm            # rewrites msmedcap/assets/opt-demo (~1 minute)
+    python -m msmedcap.train.demo_lm            # rewrites msmedcap/assets/opt-demo (~3 CPU minutes)
 """
 from __future__ import annotations
 
 import argparse
 import random
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -25,22 +29,67 @@ from msmedcap.batch import CAPTION_EOS
 from msmedcap.config import load_config
 
 OUT = Path(__file__).resolve().parent.parent / "assets" / "opt-demo"
-MIN_PREFIX, MAX_PREFIX = 8, 24  # the demo's 4 soft prompts + 8 queries per branch: 12 or 20
-PREFIX_NOISE = 0.5
+PREFIX_NOISE = 0.5  # noise sd, in units of the embedding matrix's sd (training draws 0..2x this)
+PLACED_P = 0.5  # share of training prefixes whose hints carry their place (the rest: words only)
+DROP_P = 0.1  # share of training prefixes with one caption token left out (the LM must not rely on every word)
 
 
-def pretrain_demo_lm(out_dir: str | Path = OUT, steps: int = 600, batch_size: int = 64, lr: float = 3e-3,
-                     seed: int = 0) -> Path:
+def demo_lm_config():
+    return load_config("demo", ["model.lm.name_or_path=null"], check_files=False).model
+
+
+def prefix_lengths(model_cfg) -> tuple:
+    """Stage 2's prefix sizes before bos + prompt: soft prompts + queries of one branch, of two."""
+    s, q = model_cfg.lm.num_soft_prompts, model_cfg.qformer.num_query_tokens
+    return s + q, s + 2 * q
+
+
+def hint_ids(caption_ids: Sequence[int], k: int, rng: random.Random, drop: bool = False) -> list:
+    """``k`` (token id, place in the caption) pairs: every token of the caption (one left out if
+    ``drop``), the remaining positions repeats of them, shuffled."""
+    hints = list(enumerate(caption_ids))
+    if drop and len(hints) > 1:
+        hints.pop(rng.randrange(len(hints)))
+    if len(hints) > k:
+        raise ValueError(f"caption has {len(hints)} tokens, more than the prefix's {k} positions")
+    hints = hints + [rng.choice(hints) for _ in range(k - len(hints))]
+    rng.shuffle(hints)
+    return [(t, i) for i, t in hints]
+
+
+def hint_prefix(lm, hints: list, noise: float, placed=True, generator: torch.Generator = None):
+    """``[B, k, D]``: each hint's token embedding, plus (where ``placed``, a bool per row) the LM's
+    own position embedding of the token's place in the caption, plus Gaussian noise of ``noise`` x
+    the token embeddings' sd. The place is what keeps a shuffled prefix unambiguous: "one yellow
+    circle and two blue triangles" and "one blue circle and two yellow triangles" hold the same words."""
+    embed = lm.get_input_embeddings()
+    ids = torch.tensor([[t for t, _ in row] for row in hints])
+    places = torch.tensor([[i for _, i in row] for row in hints])
+    e = embed(ids)
+    pos = lm.model.decoder.embed_positions.weight[places + lm.model.decoder.embed_positions.offset]
+    placed = torch.as_tensor(placed, dtype=e.dtype).reshape(-1, 1, 1)
+    e = e + placed * pos.to(e.dtype)
+    sd = embed.weight.std()
+    return e + noise * sd * torch.randn(e.shape, generator=generator, dtype=e.dtype)
+
+
+def _encode(tok, captions: Sequence[str], max_len: int) -> list:
+    return [tok(c + CAPTION_EOS, add_special_tokens=False).input_ids[:max_len] for c in captions]
+
+
+def pretrain_demo_lm(out_dir: str | Path = OUT, steps: int = 2000, batch_size: int = 64, lr: float = 3e-3,
+                     seed: int = 0, log_every: int = 250) -> Path:
     from transformers import OPTConfig, OPTForCausalLM
 
     from msmedcap.data.demo import demo_captions
     from msmedcap.tokenization import load_lm_tokenizer
 
-    cfg = load_config("demo", ["model.lm.name_or_path=null"], check_files=False).model.lm
+    model_cfg = demo_lm_config()
+    cfg = model_cfg.lm
+    lengths = prefix_lengths(model_cfg)
     tok = load_lm_tokenizer(cfg.tokenizer)
     prompt = tok(cfg.prompt, add_special_tokens=True).input_ids
-    texts = [prompt + tok(c + CAPTION_EOS, add_special_tokens=False).input_ids[:cfg.max_caption_len]
-             for c in demo_captions(seed)]
+    captions = _encode(tok, demo_captions(seed), cfg.max_caption_len)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     lm = OPTForCausalLM(OPTConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -50,16 +99,17 @@ def pretrain_demo_lm(out_dir: str | Path = OUT, steps: int = 600, batch_size: in
     embed = lm.get_input_embeddings()
     lm.train()
     for step in range(steps):
-        batch = rng.sample(texts, batch_size)
-        width = max(map(len, batch))
-        ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in batch])
-        mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in batch])
+        batch = rng.sample(captions, batch_size)
+        texts = [prompt + c for c in batch]
+        width = max(map(len, texts))
+        ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in texts])
+        mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in texts])
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, :len(prompt)] = -100  # the loss is on captions, as in stage 2
-        # prefix: as many positions as stage 2's soft prompts + queries (one or two branches)
-        k = rng.randint(MIN_PREFIX, MAX_PREFIX)
-        hints = torch.tensor([[rng.choice(t[len(prompt):]) for _ in range(k)] for t in batch])
-        prefix = embed(hints) + PREFIX_NOISE * embed.weight.std() * torch.randn(batch_size, k, embed.embedding_dim)
+        k = rng.choice(lengths)
+        hints = [hint_ids(c[:-1], k, rng, drop=rng.random() < DROP_P) for c in batch]  # c[-1] is the EOS
+        placed = [rng.random() < PLACED_P for _ in batch]
+        prefix = hint_prefix(lm, hints, PREFIX_NOISE * 2 * rng.random(), placed)
         embeds = torch.cat([prefix, embed(ids)], dim=1)
         mask = torch.cat([mask.new_ones(batch_size, k), mask], dim=1)
         labels = torch.cat([labels.new_full((batch_size, k), -100), labels], dim=1)
@@ -68,17 +118,67 @@ def pretrain_demo_lm(out_dir: str | Path = OUT, steps: int = 600, batch_size: in
         loss.backward()
         opt.step()
         sched.step()
-        if (step + 1) % 100 == 0:
-            print(f"step {step + 1}/{steps}: caption loss {loss.item():.3f}", flush=True)
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1}/{steps}: caption loss {loss.item():.4f}", flush=True)
     out_dir = Path(out_dir)
     lm.save_pretrained(out_dir)  # config.json + model.safetensors
     return out_dir
 
 
+@torch.no_grad()
+def steer_accuracy(lm, tok, prompt: str, captions: Sequence[str], k: int, noise: float = PREFIX_NOISE,
+                   seed: int = 0, batch_size: int = 100, max_len: int = 32) -> tuple:
+    """Share of ``captions`` that greedy decoding reproduces exactly from a prefix of their own tokens'
+    embeddings (``k`` positions, shuffled, with noise) followed by bos + prompt; and the misses."""
+    from transformers import GenerationConfig
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    embed = lm.get_input_embeddings()
+    prompt_ids = torch.tensor(tok(prompt, add_special_tokens=True).input_ids)
+    eos = tok(CAPTION_EOS, add_special_tokens=False).input_ids[0]
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_len, eos_token_id=eos,
+                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    lm.eval()
+    right, misses = 0, []
+    for i in range(0, len(captions), batch_size):
+        chunk = list(captions[i:i + batch_size])
+        hints = [hint_ids(tok(c, add_special_tokens=False).input_ids, k, rng) for c in chunk]
+        prefix = hint_prefix(lm, hints, noise, True, gen)
+        embeds = torch.cat([prefix, embed(prompt_ids).expand(len(chunk), -1, -1)], dim=1).to(embed.weight.dtype)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        out = lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        for ref, pred in zip(chunk, tok.batch_decode(out, skip_special_tokens=True)):
+            if pred.strip() == ref:
+                right += 1
+            else:
+                misses.append((ref, pred.strip()))
+    return right / len(captions), misses
+
+
+def shipped_steer_accuracy(k: int = None, n_per_domain: int = 150) -> tuple:
+    """:func:`steer_accuracy` of the shipped asset on the demo's held-out (eval) captions."""
+    from transformers import OPTForCausalLM
+
+    from msmedcap.data.demo import demo_sample
+    from msmedcap.tokenization import load_lm_tokenizer
+
+    model_cfg = demo_lm_config()
+    captions = [demo_sample(0, "eval", d, i)["txt"] for d in ("general", "medical") for i in range(n_per_domain)]
+    lm = OPTForCausalLM.from_pretrained(OUT)
+    return steer_accuracy(lm, load_lm_tokenizer(model_cfg.lm.tokenizer), model_cfg.lm.prompt, captions,
+                          k or prefix_lengths(model_cfg)[0])
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(OUT))
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(pretrain_demo_lm(args.out, steps=args.steps))
+    print(pretrain_demo_lm(args.out, steps=args.steps, seed=args.seed))
+    for k in prefix_lengths(demo_lm_config()):
+        acc, misses = shipped_steer_accuracy(k) if Path(args.out) == OUT else (None, [])
+        if acc is not None:
+            print(f"prefix of {k}: {acc:.1%} of the 300 eval captions reproduced exactly; misses: {misses[:5]}")
