@@ -8,7 +8,7 @@ import sys
 
 SUBCOMMAND_MODULES = [
     "msmedcap.data.cli",      # shards write / inspect / demo
-    "msmedcap.eval.cli",      # score, caption
+    "msmedcap.eval.cli",      # score, caption, probe
     "msmedcap.bench",         # bench
 ]
 
