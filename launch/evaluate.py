@@ -55,7 +55,7 @@ def init_distributed() -> tuple:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before, between or after options
     if args.compare:
         from msmedcap.eval.report import print_compare
 

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before, between or after options
     if isinstance(args.deepspeed, str) and "=" in args.deepspeed and not args.deepspeed.endswith(".json"):
         args.overrides.insert(0, args.deepspeed)  # `--deepspeed a.b=c`: an override, not a path
         args.deepspeed = True

@@ -488,8 +488,17 @@ def most_frequent_caption_baseline(cfg: Config, predictions_path: Path) -> dict:
                 "CIDEr": float(Cider().compute_score(g, r)[0]), "n": len(keys)}
 
     domains = sorted({r.get("domain") for r in records if r.get("domain")})
-    return {"caption": caption, "overall": score(list(gts)),
-            "domain": {d: score([r["key"] for r in records if r.get("domain") == d]) for d in domains}}
+    out = {"caption": caption, "overall": score(list(gts)),
+           "domain": {d: score([r["key"] for r in records if r.get("domain") == d]) for d in domains}}
+    # the same floor for findings accuracy: what a captioner that ignores the image gets per field
+    from msmedcap.eval.findings import score_findings
+
+    findings = score_findings([{**r, "prediction": caption} for r in records],
+                              {"domain": {d: [r["key"] for r in records if r.get("domain") == d] for d in domains}})
+    out["overall"]["findings"] = findings["overall"]
+    for d in domains:
+        out["domain"][d]["findings"] = findings["domain"][d]
+    return out
 
 
 def train(cfg: Config, ds_json: dict, ds_source: str = "DeepSpeed config", resume: Optional[str] = None,
