@@ -105,7 +105,8 @@ class ClipEncoder(FrozenEncoder):
         import open_clip
 
         name = _open_clip_name(cfg.name)
-        clip = open_clip.create_model(name, pretrained=cfg.pretrained, force_image_size=cfg.image_size,
+        pretrained = resolve_asset(cfg.pretrained) if cfg.pretrained else None  # a tag, a file, a pkg:// file
+        clip = open_clip.create_model(name, pretrained=pretrained, force_image_size=cfg.image_size,
                                       device=torch.empty(0).device)  # follows torch.device("meta") contexts
         visual = clip.visual
         trunk = getattr(visual, "trunk", None)  # timm towers (EVA) are wrapped: visual.trunk
@@ -139,9 +140,38 @@ TINY_SAM_DEFAULTS = dict(embed_dim=64, depth=2, num_heads=2, patch_size=16, out_
                          global_attn_indexes=(1,), window_size=4)
 
 
+def build_sam_tiny(image_size: int = 128, checkpoint: str | None = None, **encoder):
+    """A tiny ``Sam`` built as segment-anything's ``_build_sam`` builds vit_b/l/h (same classes:
+    ImageEncoderViT, PromptEncoder, MaskDecoder with a TwoWayTransformer), with ``encoder``'s
+    ImageEncoderViT kwargs over TINY_SAM_DEFAULTS and the prompt/decoder width = the encoder's
+    ``out_chans`` (SAM: 256). ``checkpoint``: a full-model state dict, read with weights_only=True."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    kwargs = {**TINY_SAM_DEFAULTS, **encoder}
+    kwargs["global_attn_indexes"] = tuple(kwargs["global_attn_indexes"])
+    dim, grid = kwargs["out_chans"], image_size // kwargs["patch_size"]
+    sam = Sam(
+        image_encoder=ImageEncoderViT(img_size=image_size, mlp_ratio=4, qkv_bias=True, use_rel_pos=True,
+                                      norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
+                                     input_image_size=(image_size, image_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=4 * dim,
+                                                               num_heads=2),
+                                 transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    sam.eval()
+    if checkpoint is not None:
+        sam.load_state_dict(torch.load(resolve_asset(checkpoint), map_location="cpu", weights_only=True))
+    return sam
+
+
 def load_sam_state(path: str) -> dict:
-    """A SAM ``.pth`` (full model or image encoder only), read with ``weights_only=True``, as the image
-    encoder's state dict."""
+    """A SAM ``.pth`` (full model or image encoder only; a ``pkg://`` path is a packaged asset), read
+    with ``weights_only=True``, as the image encoder's state dict."""
+    path = resolve_asset(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
@@ -155,20 +185,17 @@ def load_sam_state(path: str) -> dict:
 
 
 class SamEncoder(FrozenEncoder):
-    """segment-anything's ``ImageEncoderViT`` (the registry's vit_b/l/h, or ``tiny`` built from
-    ``cfg.encoder``). Output ``[B, C, H, W]`` (256 x 64 x 64 for SAM) becomes tokens:
-    ``channels`` = C tokens of H*W (the reference implementation), ``spatial`` = H*W tokens of C."""
+    """segment-anything's ``ImageEncoderViT`` (the registry's vit_b/l/h, or ``tiny`` from
+    :func:`build_sam_tiny` with ``cfg.encoder``). Output ``[B, C, H, W]`` (256 x 64 x 64 for SAM)
+    becomes tokens: ``channels`` = C tokens of H*W (the reference implementation), ``spatial`` = H*W
+    tokens of C."""
 
     def __init__(self, cfg: SamConfig):
         super().__init__()
         from segment_anything import sam_model_registry
-        from segment_anything.modeling import ImageEncoderViT
 
         if cfg.type == "tiny":
-            kwargs = {**TINY_SAM_DEFAULTS, **cfg.encoder}
-            kwargs["global_attn_indexes"] = tuple(kwargs["global_attn_indexes"])
-            self.encoder = ImageEncoderViT(img_size=cfg.image_size, mlp_ratio=4, qkv_bias=True, use_rel_pos=True,
-                                           norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+            self.encoder = build_sam_tiny(cfg.image_size, **cfg.encoder).image_encoder
         else:
             if cfg.encoder:
                 raise ConfigError("model.sam.encoder overrides are for type 'tiny'; "
