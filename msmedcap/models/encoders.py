@@ -106,8 +106,14 @@ class ClipEncoder(FrozenEncoder):
 
         name = _open_clip_name(cfg.name)
         pretrained = resolve_asset(cfg.pretrained) if cfg.pretrained else None  # a tag, a file, a pkg:// file
-        clip = open_clip.create_model(name, pretrained=pretrained, force_image_size=cfg.image_size,
-                                      device=torch.empty(0).device)  # follows torch.device("meta") contexts
+        try:
+            clip = open_clip.create_model(name, pretrained=pretrained, force_image_size=cfg.image_size,
+                                          device=torch.empty(0).device)  # follows torch.device("meta") contexts
+        except (RuntimeError, AssertionError, KeyError) as e:
+            if not pretrained:
+                raise
+            raise ConfigError(f"model.clip.pretrained: {cfg.pretrained} does not load into model.clip.name="
+                              f"{cfg.name} at image_size {cfg.image_size}: {str(e)[:500]}") from e
         visual = clip.visual
         trunk = getattr(visual, "trunk", None)  # timm towers (EVA) are wrapped: visual.trunk
         blocks = trunk.blocks if trunk is not None else visual.transformer.resblocks
@@ -204,7 +210,11 @@ class SamEncoder(FrozenEncoder):
                 raise ConfigError(f"model.sam.image_size: SAM {cfg.type} takes 1024, got {cfg.image_size}")
             self.encoder = sam_model_registry[cfg.type](checkpoint=None).image_encoder
         if cfg.checkpoint:
-            self.encoder.load_state_dict(load_sam_state(cfg.checkpoint))
+            try:
+                self.encoder.load_state_dict(load_sam_state(cfg.checkpoint))
+            except RuntimeError as e:  # weights of another shape: name the keys that must match them
+                raise ConfigError(f"model.sam.checkpoint: {cfg.checkpoint} does not fit model.sam.type={cfg.type} "
+                                  f"(image_size {cfg.image_size}, encoder {cfg.encoder}): {str(e)[:500]}") from e
             log.info("SAM %s image encoder loaded from %s", cfg.type, cfg.checkpoint)
         grid = self.encoder.img_size // self.encoder.patch_embed.proj.kernel_size[0]
         chans = self.encoder.neck[0].out_channels
