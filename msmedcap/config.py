@@ -360,8 +360,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                 if _is_local(path) and not os.path.isfile(path):
                     raise ConfigError(f"data.{section}: shard file not found: {path} (from {spec!r})")
     files = {
-        "model.clip.pretrained": m.clip.pretrained if m.clip.pretrained and os.sep in m.clip.pretrained else None,
-        "model.sam.checkpoint": m.sam.checkpoint,
+        "model.clip.pretrained": (resolve_asset(m.clip.pretrained) if m.clip.pretrained
+                                  and os.sep in m.clip.pretrained else None),
+        "model.sam.checkpoint": m.sam.checkpoint and resolve_asset(m.sam.checkpoint),
         "model.blip2_checkpoint": m.blip2_checkpoint,
     }
     for key, path in files.items():

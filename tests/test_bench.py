@@ -74,7 +74,8 @@ def test_cached_features_equal_fresh_ones_and_a_hit_skips_the_encoder(tmp_path):
     assert torch.equal(mixed, fresh_model.encode(other, "sam"))
 
     # another encoder (other weights or size) gets its own store: never a stale hit
-    changed = load_config("demo", [f"model.feature_cache={tmp_path / 'cache'}", "model.sam.image_size=64"])
+    changed = load_config("demo", [f"model.feature_cache={tmp_path / 'cache'}", "model.sam.image_size=64",
+                                   "model.sam.checkpoint=null"])  # the shipped SAM is for 128 px
     other_model = build_model(changed.model)
     assert other_model.feature_cache.stores["sam"].dir != cache.stores["sam"].dir
     assert len(other_model.feature_cache.stores["sam"]) == 0
@@ -119,5 +120,5 @@ def test_benchmark_runs_on_the_demo_preset_and_writes_its_json(tmp_path):
 
     size = frozen_dtype("auto").itemsize  # the frozen encoders' dtype on this CPU
     assert cache["hits_during_cached_steps"] > 0 and cache["bytes_per_image"] == {"clip": 17 * 64 * size,
-                                                                                   "sam": 32 * 64 * size}
+                                                                                   "sam": 32 * 256 * size}
     assert res["hf"]["ratio"] > 0 and res["hf"]["transformers"]["params"]["frozen"] > 0

@@ -119,7 +119,8 @@ def test_blip2_vision_tower_loads_into_open_clip_eva(tokenizers, tmp_path):
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=28, patch_size=14),  # BLIP-2 drops EVA's last block: 2 of our 3
         qformer_config=dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
-                            intermediate_size=q.intermediate_size, encoder_hidden_size=32),
+                            intermediate_size=q.intermediate_size, cross_attention_frequency=q.cross_attention_freq,
+                            encoder_hidden_size=32),
         text_config=dict(model_type="opt", vocab_size=len(load_lm_tokenizer(cfg.model.lm.tokenizer)),
                          **cfg.model.lm.config),
         num_query_tokens=q.num_query_tokens)
@@ -134,7 +135,7 @@ def test_blip2_vision_tower_loads_into_open_clip_eva(tokenizers, tmp_path):
     hf.save_pretrained(tmp_path / "blip2")
 
     cfg = demo_config(tokenizers, "model.variant=blip2", "model.frozen_dtype=fp32", f"model.clip.name={clip_json}",
-                      "model.clip.image_size=28", f"model.blip2_checkpoint={tmp_path / 'blip2'}")
+                      "model.clip.pretrained=null", "model.clip.image_size=28", f"model.blip2_checkpoint={tmp_path / 'blip2'}")
     model = build_model(cfg.model).eval()
     pixels = torch.randn(2, 3, 28, 28)
     with torch.no_grad():

@@ -191,5 +191,5 @@ def test_sam_spatial_token_layout(tokenizers):
     cfg = demo_config(tokenizers, "model.variant=sam-blip2", "model.sam.token_layout=spatial")
     model = build_model(cfg.model)
     tokens = model.encode(make_batch(cfg), "sam")
-    assert tokens.shape == (8, 64, 32)  # 128 px / 16 = 8x8 positions of 32 channels (channels: 32 x 64)
+    assert tokens.shape == (8, 256, 32)  # 128 px / 8 = 16x16 positions of 32 channels (channels: 32 x 256)
     assert torch.isfinite(model.stage1_loss(make_batch(cfg))["loss"])
