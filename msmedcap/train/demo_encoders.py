@@ -27,7 +27,7 @@ train-time and use-time inputs match:
 
 Seeded: the same ``--seed`` writes the same bytes (same thread count; one by default). Measured on
 this project's 2-core machine, one thread, other jobs running (load 1-2.5): clip 2 min 10 s, sam
-2 min 56 s, probe 2 min. Results and probe table: docs/demo_encoders.md.
+9 min 4 s (2400 steps; 800 took 2 min 56 s but counted small lesions worse), probe 2 min. Results and probe table: docs/demo_encoders.md.
 """
 from __future__ import annotations
 
@@ -328,7 +328,7 @@ def decode_batch(sam, embeddings: torch.Tensor, batch: list) -> tuple:
 
 
 @_seeded
-def train_sam(steps: int = 800, batch_size: int = 16, targets_per_image: int = 4, lr: float = 3e-3, seed: int = 0,
+def train_sam(steps: int = 2400, batch_size: int = 16, targets_per_image: int = 4, lr: float = 3e-3, seed: int = 0,
               log_every: int = 50, model_cfg=None):
     """The SAM stand-in trained for promptable segmentation; returns the ``Sam`` (eval mode)."""
     m = model_cfg or demo_model_config()
@@ -515,7 +515,7 @@ def main(argv=None) -> int:
     parser.add_argument("what", choices=("clip", "sam", "probe"))
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo preset")
     parser.add_argument("--out", help="weights file (default: the shipped asset); probe: a JSON of the results")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: clip 1000, sam 800)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: clip 1000, sam 2400)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the same count: the same weights)")
     args = parser.parse_args(argv)
