@@ -68,12 +68,14 @@ def main(argv=None) -> int:
 
     from msmedcap.config import ConfigError
     from msmedcap.eval.checkpoints import CheckpointError, default_out_dir, find_export, load_for_eval
+    from msmedcap.eval.scoring import JavaMissing, require_java
 
     try:
+        require_java()  # before minutes of generation
         export = find_export(args.checkpoint)
         rank, world_size, device = init_distributed()
         model, cfg = load_for_eval(export, args.overrides, device, data=args.data)
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, JavaMissing) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     from msmedcap.eval.evaluate import evaluate

@@ -84,9 +84,25 @@ def _clean(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class JavaMissing(ScoringError):
+    """pycocoevalcap's PTB tokenizer and METEOR run in Java; there is none on the PATH."""
+
+
+def require_java() -> None:
+    """Raise :class:`JavaMissing` with what to install when ``java`` is not on the PATH (checked before
+    training or generation, so a run does not train for minutes and then die in scoring)."""
+    import shutil
+
+    if shutil.which("java") is None:
+        raise JavaMissing("java not found on the PATH: pycocoevalcap's PTB tokenizer and METEOR need it "
+                          "(Debian/Ubuntu: apt-get install -y default-jre-headless; or any JRE >= 8 on the PATH)")
+
+
 def tokenize(refs: Mapping[str, Sequence[str]], preds: Mapping[str, str]) -> tuple:
     """PTB-tokenize references and predictions in one Java run -> (gts, res) as pycocoevalcap wants."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    require_java()
 
     keys = list(refs)
     joint = {("ref", k): [{"caption": _clean(c)} for c in refs[k]] for k in keys}

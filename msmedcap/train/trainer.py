@@ -324,6 +324,13 @@ class Trainer:
         stages = [1, 2] if cfg.train.stage == "all" else [int(cfg.train.stage)]
         for s in stages:
             self.ds_config(s)  # a contradicting JSON fails before any work
+        if cfg.train.eval_at_end and stages[-1] == 2:
+            from msmedcap.eval.scoring import JavaMissing, require_java
+
+            try:
+                require_java()  # the final evaluation needs it: fail now, not after training
+            except JavaMissing as e:
+                raise ConfigError(f"train.eval_at_end=true: {e} (or set train.eval_at_end=false)") from e
         plan = self.plan(stages, resume, overwrite)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
