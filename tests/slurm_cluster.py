@@ -199,6 +199,18 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         text = self.run("scontrol", "-o", "show", "job", job_id).stdout
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
+    def wait_nodes_idle(self, timeout: float = 60) -> None:
+        """Until every node is idle: a job started on a node still cleaning up after the previous one
+        is killed by slurmctld as "non-startable batch job: Job credential revoked"."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if states and all(s == "idle" for s in states):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nodes not idle after {timeout} s: {states}")
+            time.sleep(0.5)
+
     def wait(self, job_id: str, until=lambda job: job["JobState"] in FINISHED, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
         while True:

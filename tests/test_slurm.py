@@ -85,7 +85,10 @@ def preempted_run(cluster, submit_dir):
     requeued = cluster.wait(job, timeout=180, until=lambda j: (j["Restarts"], j["JobState"]) == ("1", "PENDING")
                             or j["JobState"] in FINISHED)
     stopped = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
-    # A requeued job waits ~2 minutes before it is eligible again (SLURM's cleanup delay): skip it.
+    # A requeued job waits ~2 minutes before it is eligible again (SLURM's cleanup delay): skip it,
+    # once the nodes have finished cleaning up after the first run (else: "Job credential revoked").
+    cluster.wait_nodes_idle()
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     final = cluster.wait(job, timeout=300)
     return {"job": job, "run": run, "requeued": requeued, "final": final, "stopped": stopped}
