@@ -134,6 +134,12 @@ def test_resume_after_sigkill_is_exact(straight, tmp_path):
         load_file(ref / "stage2/export/trainable.safetensors").keys()
     a, b = (load_file(d / "stage2/export/trainable.safetensors") for d in (out, ref))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the run's summary still has the stage finished before the kill (steps, losses, digest)
+    stages = {r["stage"]: r for r in json.loads((out / "summary.json").read_text())["stages"]}
+    first = json.loads((ref / "stage1/result.json").read_text())
+    assert sorted(stages) == [1, 2] and stages[1]["finished_earlier"] and not stages[2]["finished_earlier"]
+    assert {k: stages[1][k] for k in ("steps_done", "last_loss", "weights_sha256")} == \
+        {k: first[k] for k in ("steps_done", "last_loss", "weights_sha256")}
 
 
 def test_two_nodes_no_ssh_end_with_identical_weights(tmp_path):

@@ -111,6 +111,23 @@ class StageResult:
     weights_sha256: Optional[str] = None
     skipped_samples: dict = field(default_factory=dict)
     overflow_skipped_steps: int = 0
+    finished_earlier: bool = False  # read back from stageN/result.json: finished by an earlier invocation
+
+
+def stage_record(cfg: Config, stage: int) -> Path:
+    """A finished stage's StageResult, written next to its export, so that a resumed run's summary
+    still lists the stages finished before the interruption."""
+    return stage_dir(cfg, stage) / "result.json"
+
+
+def read_stage_record(cfg: Config, stage: int) -> Optional[StageResult]:
+    path = stage_record(cfg, stage)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    known = {k: v for k, v in data.items() if k in StageResult.__dataclass_fields__}
+    return StageResult(**{**known, "finished_earlier": True})
 
 
 class Trainer:
@@ -302,6 +319,10 @@ class Trainer:
         self.barrier()
         del batches
         result.seconds = time.time() - t_start
+        if not result.stopped_by and self.rank == 0:
+            from msmedcap.atomic_files import atomic_write_text
+
+            atomic_write_text(stage_record(cfg, stage), json.dumps(result.__dict__, indent=2, default=str))
         self.model = model
         engine.destroy()
         del engine
@@ -342,6 +363,9 @@ class Trainer:
         for s in stages:
             if plan[s] == "done":
                 self.print0(f"stage {s}: already finished ({export_dir(cfg, s)}), skipping")
+                earlier = read_stage_record(cfg, s)
+                if earlier is not None:  # the summary keeps the stage's record (steps, losses, time, digest)
+                    results.append(earlier)
                 continue
             results.append(self.run_stage(s, plan[s]))
             if results[-1].stopped_by:
@@ -392,7 +416,7 @@ class Trainer:
         for col in ("stage", "steps", "loss first → last", "skipped", "time", "export"):
             table.add_column(col)
         for r in results:
-            note = f" (stopped by {r.stopped_by})" if r.stopped_by else ""
+            note = f" (stopped by {r.stopped_by})" if r.stopped_by else (" (earlier run)" if r.finished_earlier else "")
             first = f"{r.first_loss:.3f}" if r.first_loss is not None else "-"
             last = f"{r.last_loss:.3f}" if r.last_loss is not None else "-"
             table.add_row(str(r.stage), f"{r.steps_done}/{r.total_steps}{note}", f"{first} → {last}",
