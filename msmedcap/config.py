@@ -329,8 +329,41 @@ def _is_hub_name(path: str) -> bool:
     return not path.startswith((".", "/", "~")) and not os.path.exists(path) and path.count("/") <= 1
 
 
+# Numeric ranges checked before any work: (dotted key, test, what is allowed).
+_AT_LEAST_1, _AT_LEAST_0, _POSITIVE = ((lambda v: v >= 1), ">= 1"), ((lambda v: v >= 0), ">= 0"), ((lambda v: v > 0), "> 0")
+BOUNDS = [
+    *[(f"model.qformer.{k}", *_AT_LEAST_1) for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                                     "cross_attention_freq", "num_query_tokens", "embed_dim")],
+    ("model.qformer.max_text_len", (lambda v: v >= 2), ">= 2 ([CLS] and [SEP])"),
+    ("model.clip.image_size", *_AT_LEAST_1), ("model.sam.image_size", *_AT_LEAST_1),
+    ("model.lm.max_caption_len", *_AT_LEAST_1), ("model.lm.num_soft_prompts", *_AT_LEAST_0),
+    *[(f"train.{st}.{k}", *b) for st in ("stage1", "stage2") for k, b in (
+        ("lr", _POSITIVE), ("min_lr", _AT_LEAST_0), ("warmup_lr", _AT_LEAST_0), ("warmup_steps", _AT_LEAST_0),
+        ("weight_decay", _AT_LEAST_0), ("grad_clip", _AT_LEAST_0))],
+    ("train.log_every", *_AT_LEAST_1), ("train.ckpt_every", *_AT_LEAST_1), ("train.keep_last", *_AT_LEAST_1),
+    ("eval.batch_size", *_AT_LEAST_1), ("eval.num_beams", *_AT_LEAST_1), ("eval.max_len", *_AT_LEAST_1),
+    ("eval.min_len", *_AT_LEAST_0), ("eval.repetition_penalty", *_POSITIVE), ("eval.max_samples", *_AT_LEAST_0),
+]
+
+
+def _dotted(cfg, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def validate(cfg: Config, check_files: bool = True) -> None:
     m, t = cfg.model, cfg.train
+    for key, ok, allowed in BOUNDS:
+        value = _dotted(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r}: must be {allowed}")
+    for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):
+        betas = st.betas
+        if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                                   for b in betas)):
+            raise ConfigError(f"train.{name}.betas={betas!r}: must be two numbers in [0, 1)")
     for domain, branches in m.routing.items():
         if domain not in ("general", "medical"):
             raise ConfigError(f"model.routing: unknown domain {domain!r} (general, medical)")

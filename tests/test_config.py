@@ -1,6 +1,7 @@
 """msmedcap.config: presets, overrides, and errors that name the key or file before any work starts."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,17 @@ def test_weighted_specs():
 def test_cli_reports_config_errors_before_work(capsys):
     assert main(["shards", "inspect", "x.tar::bad"]) == 2
     assert "config error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key", [
+    ("eval.num_beams=0", "eval.num_beams"), ("eval.batch_size=0", "eval.batch_size"),
+    ("model.lm.max_caption_len=0", "model.lm.max_caption_len"),
+    ("model.qformer.num_query_tokens=0", "model.qformer.num_query_tokens"),
+    ("model.lm.num_soft_prompts=-1", "model.lm.num_soft_prompts"), ("train.stage1.lr=-1", "train.stage1.lr"),
+    ("eval.repetition_penalty=0", "eval.repetition_penalty"), ("train.keep_last=0", "train.keep_last"),
+    ("train.stage2.betas=[0.9]", "train.stage2.betas"),
+])
+def test_out_of_range_settings_fail_before_work_naming_the_key(override, key):
+    """The settings users got wrong (issue 14): each is refused by load_config, naming its own key."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}="):
+        load_config("demo", [override], check_files=False)
