@@ -13,16 +13,12 @@ from msmedcap.config import load_config
 from msmedcap.data.loader import make_eval_loader
 from msmedcap.models import build_model
 from msmedcap.models.feature_cache import FeatureStore, attach_feature_cache
+from test_model_kit import one_thread
 
 EVAL_SHARD = "shards/demo/medical-eval-000.tar"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def first_batch(cfg, n: int = 6) -> dict:

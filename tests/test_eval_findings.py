@@ -7,12 +7,12 @@ gallery.html, the tables, `--compare` and `msmedcap score` carry the findings.
 Pure Python except two Java runs (score_records: PTB tokenizer + METEOR), shared by a module fixture."""
 import json
 import tarfile
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from msmedcap.eval import findings as F
+from test_eval_gallery import Collect
 
 REPO = Path(__file__).resolve().parent.parent
 CT = "axial ct of the abdomen showing two small lesions in the left kidney with irregular margins."
@@ -284,25 +284,6 @@ def test_score_records_has_a_findings_block_per_subset(scored):
     json.dumps(scores)  # all of it JSON
 
 
-class Rows(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.rows, self.options, self.stack = [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag not in ("img", "input", "meta"):
-            self.stack.append(tag)
-        if tag == "tr" and "data-key" in a:
-            self.rows.append(a)
-        if tag == "option":
-            self.options.append(a.get("value"))
-
-    def handle_endtag(self, tag):
-        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}>"
-        self.stack.pop()
-
-
 def test_gallery_marks_fields_and_filters_by_them(scored):
     from msmedcap.eval.gallery import render_gallery
 
@@ -310,7 +291,7 @@ def test_gallery_marks_fields_and_filters_by_them(scored):
     gallery_recs = [{**r, "scores": scores["per_sample"][r["key"]], "findings": scores["per_sample_findings"][r["key"]]}
                     for r in recs]
     page = render_gallery(gallery_recs, title="t", scores=scores)
-    p = Rows()
+    p = Collect()  # the gallery tests' parser: rows, options, balanced tags
     p.feed(page)
     p.close()
     assert not p.stack

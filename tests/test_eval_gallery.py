@@ -16,7 +16,7 @@ from msmedcap.eval.gallery import render_gallery, thumbnail_b64
 class Collect(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.rows, self.imgs, self.scripts, self.stack, self.text = [], [], 0, [], []
+        self.rows, self.imgs, self.options, self.scripts, self.stack, self.text = [], [], [], 0, [], []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -26,6 +26,8 @@ class Collect(HTMLParser):
             self.rows.append(a)
         if tag == "img":
             self.imgs.append(a["src"])
+        if tag == "option":
+            self.options.append(a.get("value"))
         self.scripts += tag == "script"
 
     def handle_endtag(self, tag):

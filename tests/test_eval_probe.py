@@ -10,16 +10,12 @@ import pytest
 import torch
 
 from msmedcap.eval import probe as P
+from test_model_kit import one_thread
 
 DEMO_CT = "axial ct of the abdomen showing two small lesions in the left kidney with irregular margins."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def toy(n, d, classes, separable, seed):

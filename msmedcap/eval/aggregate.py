@@ -141,49 +141,49 @@ def _label(variant: str, e: Mapping) -> str:
     return f"{variant} ({e['runs']} seed{'s' if e['runs'] != 1 else ''}{n})"
 
 
-def table1_tables(agg: Mapping, sources: bool = False) -> list:
-    """Rich tables: per dataset, one of the n-gram metrics and one of the findings (mean ± sd)."""
-    tables = []
+def _sections(agg: Mapping, sources: bool = False):
+    """Per dataset, the n-gram and the findings section: ``(title, cols, rows)`` with rows
+    ``(variant, entry, [(cell text, is best mean), ...])``; what both renderings show."""
     for title, entries in _datasets(agg, sources):
         metrics, fcols = _columns(entries)
         for cols, suffix, digits in ((metrics, "", 4), (fcols, " · findings", 3)):
             if not cols:
                 continue
             best = _best(entries, cols)
-            table = Table(title=f"{title}{suffix} (mean ± sd over seeds)")
-            table.add_column("model", style="bold", no_wrap=True)
-            for _, head, _ in cols:
-                table.add_column(head, justify="right")
+            rows = []
             for variant, e in entries.items():
                 cells = []
                 for k, _, kind in cols:
-                    s = e[kind].get(k)
-                    c = fmt_stat(s, digits)
-                    cells.append(f"[green]{c}[/green]" if s and s["mean"] is not None and s["mean"] == best[k] else c)
-                table.add_row(_label(variant, e), *cells)
-            tables.append(table)
+                    stat = e[kind].get(k)
+                    cells.append((fmt_stat(stat, digits),
+                                  bool(stat) and stat["mean"] is not None and stat["mean"] == best[k]))
+                rows.append((variant, e, cells))
+            yield f"{title}{suffix}", cols, rows
+
+
+def table1_tables(agg: Mapping, sources: bool = False) -> list:
+    """Rich tables: per dataset, one of the n-gram metrics and one of the findings (mean ± sd)."""
+    tables = []
+    for title, cols, rows in _sections(agg, sources):
+        table = Table(title=f"{title} (mean ± sd over seeds)")
+        table.add_column("model", style="bold", no_wrap=True)
+        for _, head, _ in cols:
+            table.add_column(head, justify="right")
+        for variant, e, cells in rows:
+            table.add_row(_label(variant, e), *(f"[green]{c}[/green]" if best else c for c, best in cells))
+        tables.append(table)
     return tables
 
 
 def table1_markdown(agg: Mapping, sources: bool = False) -> str:
     """The same as Markdown; the best mean per column in bold."""
     out = []
-    for title, entries in _datasets(agg, sources):
-        metrics, fcols = _columns(entries)
-        for cols, suffix, digits in ((metrics, "", 4), (fcols, " · findings", 3)):
-            if not cols:
-                continue
-            best = _best(entries, cols)
-            out.append(f"**{title}{suffix}** (mean ± sd over seeds)\n")
-            out.append("| model | seeds | n | " + " | ".join(h for _, h, _ in cols) + " |")
-            out.append("|---|---:|---:|" + "---:|" * len(cols))
-            for variant, e in entries.items():
-                cells = []
-                for k, _, kind in cols:
-                    s = e[kind].get(k)
-                    c = fmt_stat(s, digits)
-                    cells.append(f"**{c}**" if s and s["mean"] is not None and s["mean"] == best[k] else c)
-                n = "-" if e.get("n") is None else str(e["n"])
-                out.append(f"| {variant} | {e['runs']} | {n} | " + " | ".join(cells) + " |")
-            out.append("")
+    for title, cols, rows in _sections(agg, sources):
+        out.append(f"**{title}** (mean ± sd over seeds)\n")
+        out.append("| model | seeds | n | " + " | ".join(h for _, h, _ in cols) + " |")
+        out.append("|---|---:|---:|" + "---:|" * len(cols))
+        for variant, e, cells in rows:
+            n = "-" if e.get("n") is None else str(e["n"])
+            out.append(f"| {variant} | {e['runs']} | {n} | " + " | ".join(f"**{c}**" if best else c for c, best in cells) + " |")
+        out.append("")
     return "\n".join(out)
