@@ -156,8 +156,9 @@ def steer_accuracy(lm, tok, prompt: str, captions: Sequence[str], k: int, noise:
     return right / len(captions), misses
 
 
-def shipped_steer_accuracy(k: int = None, n_per_domain: int = 150) -> tuple:
-    """:func:`steer_accuracy` of the shipped asset on the demo's held-out (eval) captions."""
+def shipped_steer_accuracy(k: int = None, n_per_domain: int = 150, path: str | Path = OUT) -> tuple:
+    """:func:`steer_accuracy` of the demo LM at ``path`` (the shipped asset) on the demo's held-out
+    (eval) captions."""
     from transformers import OPTForCausalLM
 
     from msmedcap.data.demo import demo_sample
@@ -165,7 +166,7 @@ def shipped_steer_accuracy(k: int = None, n_per_domain: int = 150) -> tuple:
 
     model_cfg = demo_lm_config()
     captions = [demo_sample(0, "eval", d, i)["txt"] for d in ("general", "medical") for i in range(n_per_domain)]
-    lm = OPTForCausalLM.from_pretrained(OUT)
+    lm = OPTForCausalLM.from_pretrained(path)
     return steer_accuracy(lm, load_lm_tokenizer(model_cfg.lm.tokenizer), model_cfg.lm.prompt, captions,
                           k or prefix_lengths(model_cfg)[0])
 
@@ -177,8 +178,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(pretrain_demo_lm(args.out, steps=args.steps, seed=args.seed))
+    out = pretrain_demo_lm(args.out, steps=args.steps, seed=args.seed)
+    print(out)
     for k in prefix_lengths(demo_lm_config()):
-        acc, misses = shipped_steer_accuracy(k) if Path(args.out) == OUT else (None, [])
-        if acc is not None:
-            print(f"prefix of {k}: {acc:.1%} of the 300 eval captions reproduced exactly; misses: {misses[:5]}")
+        acc, misses = shipped_steer_accuracy(k, path=out)
+        print(f"prefix of {k}: {acc:.1%} of the 300 eval captions reproduced exactly; misses: {misses[:5]}")

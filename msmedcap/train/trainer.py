@@ -506,8 +506,9 @@ def most_frequent_caption_baseline(cfg: Config, predictions_path: Path) -> dict:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
+    from msmedcap.eval.findings import score_findings
     from msmedcap.eval.io import read_predictions
-    from msmedcap.eval.scoring import tokenize
+    from msmedcap.eval.scoring import group_keys, tokenize
 
     caption = Counter(training_captions(cfg)).most_common(1)[0][0]
     records = read_predictions(predictions_path)
@@ -518,17 +519,14 @@ def most_frequent_caption_baseline(cfg: Config, predictions_path: Path) -> dict:
         return {"Bleu_4": float(Bleu(4).compute_score(g, r, verbose=0)[0][3]),
                 "CIDEr": float(Cider().compute_score(g, r)[0]), "n": len(keys)}
 
-    domains = sorted({r.get("domain") for r in records if r.get("domain")})
+    by_domain = group_keys(records, ("domain",)).get("domain", {})
     out = {"caption": caption, "overall": score(list(gts)),
-           "domain": {d: score([r["key"] for r in records if r.get("domain") == d]) for d in domains}}
+           "domain": {d: score(keys) for d, keys in sorted(by_domain.items())}}
     # the same floor for findings accuracy: what a captioner that ignores the image gets per field
-    from msmedcap.eval.findings import score_findings
-
-    findings = score_findings([{**r, "prediction": caption} for r in records],
-                              {"domain": {d: [r["key"] for r in records if r.get("domain") == d] for d in domains}})
+    findings = score_findings([{**r, "prediction": caption} for r in records], {"domain": by_domain})
     out["overall"]["findings"] = findings["overall"]
-    for d in domains:
-        out["domain"][d]["findings"] = findings["domain"][d]
+    for d, block in findings.get("domain", {}).items():
+        out["domain"][d]["findings"] = block
     return out
 
 
