@@ -339,7 +339,10 @@ BOUNDS = [
     ("model.lm.max_caption_len", *_AT_LEAST_1), ("model.lm.num_soft_prompts", *_AT_LEAST_0),
     *[(f"train.{st}.{k}", *b) for st in ("stage1", "stage2") for k, b in (
         ("lr", _POSITIVE), ("min_lr", _AT_LEAST_0), ("warmup_lr", _AT_LEAST_0), ("warmup_steps", _AT_LEAST_0),
-        ("weight_decay", _AT_LEAST_0), ("grad_clip", _AT_LEAST_0))],
+        ("weight_decay", _AT_LEAST_0), ("grad_clip", _AT_LEAST_0),
+        ("steps", _AT_LEAST_1), ("micro_batch_size", _AT_LEAST_1), ("grad_accum", _AT_LEAST_1))],
+    *[(f"data.{k}", *_AT_LEAST_1) for k in ("shuffle_buffer", "segment_batches", "max_image_pixels")],
+    ("data.num_workers", *_AT_LEAST_0),
     ("train.log_every", *_AT_LEAST_1), ("train.ckpt_every", *_AT_LEAST_1), ("train.keep_last", *_AT_LEAST_1),
     ("eval.batch_size", *_AT_LEAST_1), ("eval.num_beams", *_AT_LEAST_1), ("eval.max_len", *_AT_LEAST_1),
     ("eval.min_len", *_AT_LEAST_0), ("eval.repetition_penalty", *_POSITIVE), ("eval.max_samples", *_AT_LEAST_0),
@@ -358,12 +361,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for key, ok, allowed in BOUNDS:
         value = _dotted(cfg, key)
         if not ok(value):
-            raise ConfigError(f"{key}={value!r}: must be {allowed}")
-    for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):
-        betas = st.betas
-        if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
-                                                                   for b in betas)):
-            raise ConfigError(f"train.{name}.betas={betas!r}: must be two numbers in [0, 1)")
+            raise ConfigError(f"{key} must be {allowed}, got {value!r}")
     for domain, branches in m.routing.items():
         if domain not in ("general", "medical"):
             raise ConfigError(f"model.routing: unknown domain {domain!r} (general, medical)")
@@ -372,16 +370,12 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if m.qformer.hidden_size % m.qformer.num_heads:
         raise ConfigError("model.qformer.hidden_size must be divisible by model.qformer.num_heads")
     for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):
-        for k in ("steps", "micro_batch_size", "grad_accum"):
-            if getattr(st, k) < 1:
-                raise ConfigError(f"train.{name}.{k} must be >= 1")
+        betas = st.betas
+        if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                                   for b in betas)):
+            raise ConfigError(f"train.{name}.betas must be two numbers in [0, 1), got {betas!r}")
         if st.min_lr > st.lr:
             raise ConfigError(f"train.{name}.min_lr must be <= train.{name}.lr")
-    for k in ("shuffle_buffer", "segment_batches", "max_image_pixels"):
-        if getattr(cfg.data, k) < 1:
-            raise ConfigError(f"data.{k} must be >= 1")
-    if cfg.data.num_workers < 0:
-        raise ConfigError("data.num_workers must be >= 0")
     if cfg.eval.min_len > cfg.eval.max_len:
         raise ConfigError("eval.min_len must be <= eval.max_len")
     if not check_files:

@@ -94,5 +94,5 @@ def test_cli_reports_config_errors_before_work(capsys):
 ])
 def test_out_of_range_settings_fail_before_work_naming_the_key(override, key):
     """The settings users got wrong (issue 14): each is refused by load_config, naming its own key."""
-    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}="):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be "):
         load_config("demo", [override], check_files=False)
