@@ -148,14 +148,14 @@ def test_write_from_roco_medicat_and_dicom(tmp_path, capsys):
     assert got[0][1] == {"domain": "medical", "source": "roco", "id": "ROCO_00001"}
     assert "'missing_image': 1" in capsys.readouterr().out
 
-    med = tmp_path / "medicat"
-    _jpeg(med / "figures" / "abc_fig1.jpg")
-    (med / "s2.jsonl").write_text(json.dumps({"pdf_hash": "abc", "fig_uri": "abc_fig1.jpg", "s2_caption": "Figure 1."})
+    med = tmp_path / "medicat"  # the release's layout: figures/{pdf_hash}_{fig_uri} (test_data_real_layouts.py)
+    _jpeg(med / "figures" / "abc_2-Figure1-1.jpg")
+    (med / "s2.jsonl").write_text(json.dumps({"pdf_hash": "abc", "fig_uri": "2-Figure1-1.jpg", "s2_caption": "Figure 1."})
                                   + "\n")
     assert main(["shards", "write", "--from", "medicat", str(med / "s2.jsonl"), "--out", str(tmp_path / "m"),
                  "--domain", "medical"]) == 0
     ((key, meta, caption, _),) = _written(tmp_path / "m")
-    assert (key, caption, meta["pdf_hash"]) == ("medicat-abc-abc_fig1", "Figure 1.", "abc")
+    assert (key, caption, meta["pdf_hash"]) == ("medicat-abc-2-Figure1-1", "Figure 1.", "abc")
 
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileMetaDataset

@@ -11,9 +11,11 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="shards_command", required=True)
 
     w = sub.add_parser("write", help="turn a caption dataset into shards + manifest.json")
-    w.add_argument("--from", dest="kind", required=True, choices=["jsonl", "folder", "coco", "roco", "medicat"])
-    w.add_argument("input", help="jsonl file | image folder | COCO captions JSON | ROCO captions.txt | MedICaT JSONL")
-    w.add_argument("--images", help="image directory (default: next to the input; roco: images/, medicat: figures/)")
+    w.add_argument("--from", dest="kind", required=True, choices=["jsonl", "folder", "csv", "coco", "roco", "medicat"])
+    w.add_argument("input", help="jsonl file | image folder | CSV/TSV file | COCO captions JSON | ROCO captions.txt "
+                                 "| MedICaT JSONL")
+    w.add_argument("--images", help="image directory (default: next to the input; roco: images/, medicat: figures/, "
+                                    "where figures are {pdf_hash}_{fig_uri})")
     w.add_argument("--out", required=True, help="output directory")
     w.add_argument("--domain", required=True, choices=["general", "medical"])
     w.add_argument("--source", help="source name in the metadata (default: the --from kind)")
@@ -21,6 +23,10 @@ def add_parser(subparsers) -> None:
     w.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     w.add_argument("--coco-per", choices=["caption", "image"], default="caption",
                    help="coco: one sample per caption, or per image (first caption; all in json 'captions')")
+    w.add_argument("--image-col", default="image", help="csv: the image column (a path, or an ID without extension)")
+    w.add_argument("--caption-col", default="caption", help="csv: the caption column")
+    w.add_argument("--id-col", help="csv: the column naming each sample (default: the image column)")
+    w.add_argument("--delimiter", help="csv: field separator (default: tab for .tsv/.tab, else comma)")
     w.add_argument("--max-pixels", type=int, default=50_000_000, help="skip larger images")
     w.set_defaults(func=cmd_write)
 
@@ -46,6 +52,9 @@ def cmd_write(args: argparse.Namespace) -> int:
         return 2
     source = args.source or args.kind
     kw = {"per": args.coco_per} if args.kind == "coco" else {}
+    if args.kind == "csv":
+        kw = {"image_col": args.image_col, "caption_col": args.caption_col, "id_col": args.id_col,
+              "delimiter": args.delimiter}
     counts = collections.Counter()
     try:
         records = READERS[args.kind](args.input, args.images, **kw)

@@ -6,13 +6,20 @@ missing or unreadable images, counting and reporting them, so that a run goes on
 
 - ``jsonl``: lines ``{"image": path, "caption": text, ...}`` (paths relative to the file or --images)
 - ``folder``: image files with a same-name ``.txt`` caption
-- ``coco``: a COCO captions annotation JSON + image dir; one sample per caption or per image
-- ``roco``: ROCO's ``captions.txt`` (``ROCO_ID<TAB> caption``) + image dir with ``ROCO_ID.<ext>``
-- ``medicat``: MedICaT's JSONL (``s2_caption``, ``pdf_hash``, ``fig_uri``) + figures dir
+- ``csv``: a CSV/TSV list with a header row; named image and caption columns (ROCOv2's
+  ``train_captions.csv``: ``ID,Caption``, images ``train/{ID}.jpg``)
+- ``coco``: a COCO captions annotation JSON (``images[].{id,file_name}``, ``annotations[].{image_id,id,
+  caption}``, as in ``captions_train2017.json``) + image dir; one sample per caption or per image
+- ``roco``: ROCO's ``captions.txt`` (``ROCO_ID<TAB> caption``) + image dir: ``ROCO_ID.jpg`` (its
+  ``scripts/fetch.py`` since 2022-01), else the older fetch's ``{PMCID}_{image name}`` found through
+  ``dlinks.txt`` next to ``captions.txt``
+- ``medicat``: MedICaT's JSONL (``pdf_hash``, ``fig_uri``, ``s2_caption``, ...) + the release's
+  ``figures/`` dir, where each figure is ``{pdf_hash}_{fig_uri}`` (allenai/medicat README and sample/)
 """
 from __future__ import annotations
 
 import collections
+import csv
 import io
 import json
 import sys
@@ -88,8 +95,30 @@ def read_coco(path: str, images: str | None = None, per: str = "caption") -> Ite
         raise SourceError(f"coco: per must be 'caption' or 'image', got {per!r}")
 
 
+_SUFFIX_CASES = tuple(x for suf in IMAGE_SUFFIXES for x in (suf, suf.upper()))
+
+
 def _by_stem(root: Path) -> dict:
     return {p.stem: p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _roco_old_names(captions: Path) -> dict:
+    """ROCO_ID -> the image name ROCO's fetch.py gave before 2022-01 (``{PMCID}_{name in the PMC
+    archive}``), from ``dlinks.txt`` (``ROCO_ID<TAB>wget -r ftp://.../PMCxxxx.tar.gz -P ...<TAB>name``)."""
+    dlinks = captions.parent / "dlinks.txt"
+    if not dlinks.is_file():
+        return {}
+    names = {}
+    with open(dlinks, encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3:
+                continue
+            archive = next((w for w in parts[1].split() if w.endswith(".tar.gz")), "")
+            pmc_id = archive.rsplit("/", 1)[-1][: -len(".tar.gz")]
+            if pmc_id:
+                names[parts[0].strip()] = f"{pmc_id}_{parts[-1].strip()}"
+    return names
 
 
 def read_roco(path: str, images: str | None = None) -> Iterator[dict]:
@@ -98,6 +127,7 @@ def read_roco(path: str, images: str | None = None) -> Iterator[dict]:
     if not root.is_dir():
         raise SourceError(f"roco: image directory not found: {root} (give --images)")
     files = _by_stem(root)
+    old_names = None  # read only when an image is not under its ROCO_ID
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -106,23 +136,72 @@ def read_roco(path: str, images: str | None = None) -> Iterator[dict]:
             if not sep:
                 raise SourceError(f"{path}:{lineno}: expected 'ROCO_ID<TAB> caption'")
             roco_id = roco_id.strip()
-            yield {"id": roco_id, "image": files.get(roco_id, root / f"{roco_id}.jpg"), "caption": caption,
-                   "meta": {}}
+            image = files.get(roco_id)
+            if image is None:
+                if old_names is None:
+                    old_names = _roco_old_names(path)
+                image = root / old_names[roco_id] if roco_id in old_names else root / f"{roco_id}.jpg"
+            yield {"id": roco_id, "image": image, "caption": caption, "meta": {}}
+
+
+# Metadata of a MedICaT row kept in the sample's json (the references and OA details stay out).
+MEDICAT_META = ("pdf_hash", "fig_uri", "fig_key", "radiology", "scope", "predicted_type")
 
 
 def read_medicat(path: str, images: str | None = None) -> Iterator[dict]:
+    """MedICaT as released: JSONL rows ``{"pdf_hash", "fig_key", "fig_uri", "s2_caption",
+    "s2orc_caption", "s2orc_references", "radiology", "scope", "predicted_type", "oa_info"}``; the
+    figure of a row is ``figures/{pdf_hash}_{fig_uri}`` (README of allenai/medicat; its sample/
+    folder). The caption is ``s2_caption`` (``s2orc_caption`` where that is empty)."""
     path = Path(path)
     root = Path(images) if images else path.parent / "figures"
+    if not root.is_dir():
+        raise SourceError(f"medicat: figure directory not found: {root} (give --images: the release's figures/)")
     for lineno, row in _read_json_lines(path):
         try:
-            pdf_hash, fig_uri = row["pdf_hash"], row["fig_uri"]
+            pdf_hash, fig_uri = str(row["pdf_hash"]), str(row["fig_uri"])
         except (KeyError, TypeError):
             raise SourceError(f"{path}:{lineno}: MedICaT rows need pdf_hash and fig_uri") from None
-        yield {"id": f"{pdf_hash}-{Path(fig_uri).stem}", "image": root / fig_uri, "caption": row.get("s2_caption"),
-               "meta": {"pdf_hash": pdf_hash, "fig_uri": fig_uri}}
+        caption = row.get("s2_caption") or row.get("s2orc_caption")
+        meta = {k: row[k] for k in MEDICAT_META if k in row}
+        doi = (row.get("oa_info") or {}).get("doi") if isinstance(row.get("oa_info"), dict) else None
+        if doi:
+            meta["doi"] = doi
+        yield {"id": f"{pdf_hash}-{Path(fig_uri).stem}", "image": root / f"{pdf_hash}_{fig_uri}",
+               "caption": caption, "meta": meta}
 
 
-READERS = {"jsonl": read_jsonl, "folder": read_folder, "coco": read_coco, "roco": read_roco, "medicat": read_medicat}
+def read_csv(path: str, images: str | None = None, image_col: str = "image", caption_col: str = "caption",
+             id_col: str | None = None, delimiter: str | None = None) -> Iterator[dict]:
+    """A CSV/TSV with a header row. ``image_col`` holds an image path relative to ``images`` (default:
+    the file's folder), with or without its extension (ROCOv2: ``ID`` = ``ROCOv2_2023_train_000001``,
+    image ``train/ROCOv2_2023_train_000001.jpg``); ``id_col`` (default: the image column) names the
+    sample. Tab-separated when the file ends in .tsv/.tab (or ``delimiter``)."""
+    path = Path(path)
+    root = Path(images) if images else path.parent
+    if delimiter is None:
+        delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = reader.fieldnames or []
+        for role, col in (("--image-col", image_col), ("--caption-col", caption_col), ("--id-col", id_col)):
+            if col is not None and col not in columns:
+                raise SourceError(f"{path}: no column {col!r} ({role}); the header has {columns}")
+        for row in reader:
+            lineno = reader.line_num
+            name = (row.get(image_col) or "").strip()
+            if not name:
+                raise SourceError(f"{path}:{lineno}: empty {image_col!r}")
+            image = root / name
+            if not image.is_file() and not Path(name).suffix:  # an ID without extension (ROCOv2)
+                image = next((c for c in (root / f"{name}{suf}" for suf in _SUFFIX_CASES) if c.is_file()), image)
+            extra = {k: v for k, v in row.items() if k not in (image_col, caption_col, id_col) and k is not None}
+            yield {"id": str(row.get(id_col or image_col) or name), "image": image, "caption": row.get(caption_col),
+                   "meta": extra}
+
+
+READERS = {"jsonl": read_jsonl, "folder": read_folder, "csv": read_csv, "coco": read_coco, "roco": read_roco,
+           "medicat": read_medicat}
 
 
 # --------------------------------------------------------------------------- images
