@@ -7,6 +7,7 @@ starts: unknown keys, wrong types and missing files raise :class:`ConfigError` n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ VARIANT_BRANCHES = {"blip2": ("clip",), "sam-blip2": ("sam",), "msmedcap": ("cli
 
 class ConfigError(ValueError):
     """A bad configuration: raised before any work starts, naming the key or file."""
+
+
+class ConfigWarning(UserWarning):
+    """A legal but suspicious setting (e.g. warmup longer than the stage): reported, not refused."""
 
 
 # --------------------------------------------------------------------------- model
@@ -135,6 +140,10 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0  # 0 = evaluate only at the end
     eval_at_end: bool = True
+    # torch.distributed timeout: how long a rank waits in a collective for a silent (hung) peer before
+    # it fails with an error. A dead peer is detected at once (its connections close); see
+    # docs/reliability.md. Longer than any legitimate wait (a checkpoint write, an uneven eval share).
+    dist_timeout_s: int = 600
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -346,7 +355,164 @@ BOUNDS = [
     ("train.log_every", *_AT_LEAST_1), ("train.ckpt_every", *_AT_LEAST_1), ("train.keep_last", *_AT_LEAST_1),
     ("eval.batch_size", *_AT_LEAST_1), ("eval.num_beams", *_AT_LEAST_1), ("eval.max_len", *_AT_LEAST_1),
     ("eval.min_len", *_AT_LEAST_0), ("eval.repetition_penalty", *_POSITIVE), ("eval.max_samples", *_AT_LEAST_0),
+    ("train.eval_every", *_AT_LEAST_0), ("train.dist_timeout_s", *_AT_LEAST_1),
+    ("train.seed", (lambda v: 0 <= v < 2**32), "in [0, 2**32) (numpy's seed range)"),
 ]
+# Strings that may be empty; every other str / Optional[str] field must be non-empty when set.
+EMPTY_STRING_OK = {"model.lm.prompt"}
+# ImageEncoderViT kwargs model.sam.encoder may set for type tiny (build_sam_tiny passes the rest) and
+# the patch size it uses when none is given (msmedcap.models.encoders.TINY_SAM_DEFAULTS).
+SAM_ENCODER_KEYS = {"embed_dim": int, "depth": int, "num_heads": int, "patch_size": int, "out_chans": int,
+                    "window_size": int, "global_attn_indexes": list, "use_abs_pos": bool, "rel_pos_zero_init": bool}
+TINY_SAM_PATCH = 16
+SAM_REGISTRY_IMAGE_SIZE, SAM_REGISTRY_PATCH = 1024, 16  # vit_b/l/h as segment-anything builds them
+
+
+def config_fields(cls=None, prefix: str = "") -> dict:
+    """Every leaf field of the config: dotted key -> annotation (nested dataclasses walked)."""
+    cls = cls or Config
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(config_fields(hints[f.name], key + "."))
+        else:
+            out[key] = hints[f.name]
+    return out
+
+
+def _open_clip_vision_cfg(name: str) -> Optional[dict]:
+    """vision_cfg of an open_clip model config (a JSON path, or a built-in name's packaged JSON),
+    read without importing open_clip; None when it cannot be found."""
+    import importlib.util
+    import json
+
+    try:
+        if name.endswith(".json"):
+            path = resolve_asset(name)
+        else:
+            spec = importlib.util.find_spec("open_clip")
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            path = os.path.join(list(spec.submodule_search_locations)[0], "model_configs", f"{name}.json")
+        with open(path) as f:
+            vision = json.load(f).get("vision_cfg")
+        return vision if isinstance(vision, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _clip_patch_and_depth(vision: dict) -> tuple:
+    import re
+
+    patch = vision.get("patch_size")
+    if patch is None and isinstance(vision.get("timm_model_name"), str):  # e.g. eva_giant_patch14_224
+        m = re.search(r"patch(\d+)", vision["timm_model_name"])
+        patch = int(m.group(1)) if m else None
+    depth = vision.get("layers") if isinstance(vision.get("layers"), int) else None
+    return (patch if isinstance(patch, int) and patch > 0 else None), depth
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_fields(cfg: "Config") -> None:
+    """Per-field constraints beyond the ranges in BOUNDS: finiteness, non-empty strings, patch
+    divisibility, element types of list/dict fields. Each error names the dotted key and what is allowed."""
+    import math
+
+    m = cfg.model
+    for key, tp in config_fields().items():
+        value = _dotted(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        if isinstance(value, str) and not value.strip() and key not in EMPTY_STRING_OK:
+            optional = typing.get_origin(tp) is typing.Union
+            raise ConfigError(f"{key} must be a non-empty string{' or null' if optional else ''}, got {value!r}")
+    # CLIP: the image is cut into patch x patch squares; the feature layer must exist.
+    vision = _open_clip_vision_cfg(m.clip.name)
+    if vision is not None:
+        patch, depth = _clip_patch_and_depth(vision)
+        if patch and m.clip.image_size % patch:
+            raise ConfigError(f"model.clip.image_size must be a multiple of {m.clip.name}'s patch size {patch}, "
+                              f"got {m.clip.image_size}")
+        if depth and not -depth <= m.clip.feature_layer < depth:
+            raise ConfigError(f"model.clip.feature_layer must be in [-{depth}, {depth - 1}] ({m.clip.name} has "
+                              f"{depth} blocks), got {m.clip.feature_layer}")
+    # SAM: the registry's types are fixed; tiny takes ImageEncoderViT kwargs.
+    s = m.sam
+    if s.type != "tiny":
+        if s.encoder:
+            raise ConfigError(f"model.sam.encoder must be empty for model.sam.type={s.type} (overrides are for "
+                              f"type tiny), got {s.encoder!r}")
+        if s.image_size != SAM_REGISTRY_IMAGE_SIZE:
+            raise ConfigError(f"model.sam.image_size must be {SAM_REGISTRY_IMAGE_SIZE} for model.sam.type={s.type}, "
+                              f"got {s.image_size}")
+    else:
+        for k, v in s.encoder.items():
+            want = SAM_ENCODER_KEYS.get(k)
+            if want is None:
+                raise ConfigError(f"model.sam.encoder.{k}: unknown key (allowed: {', '.join(sorted(SAM_ENCODER_KEYS))})")
+            if want is int and not (_is_int(v) and (v >= 1 or (k == "window_size" and v >= 0))):
+                raise ConfigError(f"model.sam.encoder.{k} must be an integer >= {0 if k == 'window_size' else 1}, "
+                                  f"got {v!r}")
+            if want is bool and not isinstance(v, bool):
+                raise ConfigError(f"model.sam.encoder.{k} must be true/false, got {v!r}")
+        enc = s.encoder
+        depth = enc.get("depth", 2)
+        gai = enc.get("global_attn_indexes", [1])
+        if not (isinstance(gai, list) and all(_is_int(i) and 0 <= i < depth for i in gai)):
+            raise ConfigError(f"model.sam.encoder.global_attn_indexes must be a list of block indexes in "
+                              f"[0, {depth - 1}] (depth {depth}), got {gai!r}")
+        dim, heads = enc.get("embed_dim", 64), enc.get("num_heads", 2)
+        if dim % heads:
+            raise ConfigError(f"model.sam.encoder.embed_dim must be divisible by model.sam.encoder.num_heads "
+                              f"({heads}), got {dim}")
+        patch = enc.get("patch_size", TINY_SAM_PATCH)
+        if s.image_size % patch:
+            raise ConfigError(f"model.sam.image_size must be a multiple of the SAM patch size {patch} "
+                              f"(model.sam.encoder.patch_size), got {s.image_size}")
+    # The language model's random-init config: OPTConfig keyword arguments, sizes >= 1.
+    lm = m.lm
+    for k, v in lm.config.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"model.lm.config: keys must be OPTConfig argument names, got {k!r}")
+        if not (v is None or isinstance(v, (str, int, float, bool))):
+            raise ConfigError(f"model.lm.config.{k} must be a number, string, true/false or null, got {v!r}")
+    known = _opt_config_keys() if lm.config else frozenset()
+    unknown = sorted(set(lm.config) - known) if known else []
+    if unknown:
+        raise ConfigError(f"model.lm.config.{unknown[0]}: not an OPTConfig argument (e.g. hidden_size, "
+                          "num_hidden_layers, num_attention_heads, ffn_dim, max_position_embeddings, vocab_size)")
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "max_position_embeddings",
+              "word_embed_proj_dim", "vocab_size"):
+        if k in lm.config and not (_is_int(lm.config[k]) and lm.config[k] >= 1):
+            raise ConfigError(f"model.lm.config.{k} must be an integer >= 1, got {lm.config[k]!r}")
+    hidden, heads = lm.config.get("hidden_size"), lm.config.get("num_attention_heads")
+    if hidden and heads and hidden % heads:
+        raise ConfigError(f"model.lm.config.hidden_size must be divisible by model.lm.config.num_attention_heads "
+                          f"({heads}), got {hidden}")
+    positions = lm.config.get("max_position_embeddings")
+    prefix = lm.num_soft_prompts + m.qformer.num_query_tokens * len(m.branches)
+    if positions and prefix + lm.max_caption_len > positions:
+        raise ConfigError(f"model.lm.num_soft_prompts ({lm.num_soft_prompts}) + model.qformer.num_query_tokens "
+                          f"({m.qformer.num_query_tokens}) x {len(m.branches)} branch(es) + model.lm.max_caption_len "
+                          f"({lm.max_caption_len}) must be <= model.lm.config.max_position_embeddings ({positions}), "
+                          f"got {prefix + lm.max_caption_len}")
+
+
+@functools.lru_cache(maxsize=1)
+def _opt_config_keys() -> frozenset:
+    """OPTConfig's argument and attribute names (empty when transformers is not importable)."""
+    try:
+        import inspect
+
+        from transformers import OPTConfig
+    except ImportError:
+        return set()
+    return frozenset(inspect.signature(OPTConfig.__init__).parameters) | frozenset(vars(OPTConfig()))
 
 
 def _dotted(cfg, key: str):
@@ -362,20 +528,28 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         value = _dotted(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+    _check_fields(cfg)
     for domain, branches in m.routing.items():
         if domain not in ("general", "medical"):
             raise ConfigError(f"model.routing: unknown domain {domain!r} (general, medical)")
-        if not isinstance(branches, list) or not set(branches) <= set(BRANCHES):
-            raise ConfigError(f"model.routing.{domain}: expected a list of {BRANCHES}, got {branches!r}")
+        if not (isinstance(branches, list) and all(isinstance(b, str) and b in BRANCHES for b in branches)
+                and len(set(branches)) == len(branches)):
+            raise ConfigError(f"model.routing.{domain}: expected a list of distinct branches from {BRANCHES}, "
+                              f"got {branches!r}")
     if m.qformer.hidden_size % m.qformer.num_heads:
         raise ConfigError("model.qformer.hidden_size must be divisible by model.qformer.num_heads")
     for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):
         betas = st.betas
-        if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
-                                                                   for b in betas)):
+        if not (isinstance(betas, list) and len(betas) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
             raise ConfigError(f"train.{name}.betas must be two numbers in [0, 1), got {betas!r}")
         if st.min_lr > st.lr:
             raise ConfigError(f"train.{name}.min_lr must be <= train.{name}.lr")
+        if st.warmup_steps > st.steps:  # legal (the lr never reaches its peak), rarely meant: say so
+            import warnings
+
+            warnings.warn(f"train.{name}.warmup_steps ({st.warmup_steps}) > train.{name}.steps ({st.steps}): "
+                          f"the learning rate never reaches train.{name}.lr", ConfigWarning, stacklevel=2)
     if cfg.eval.min_len > cfg.eval.max_len:
         raise ConfigError("eval.min_len must be <= eval.max_len")
     if not check_files:

@@ -96,3 +96,137 @@ def test_out_of_range_settings_fail_before_work_naming_the_key(override, key):
     """The settings users got wrong (issue 14): each is refused by load_config, naming its own key."""
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be "):
         load_config("demo", [override], check_files=False)
+
+
+# --------------------------------------------------------------------------- every field, table-driven
+# dotted key -> (one valid override value, [invalid values]); values are YAML as on the command line,
+# applied to the demo preset. A field added to the config without an entry here fails
+# test_every_field_has_a_table_entry: its constraints must be decided and tested.
+FIELD_CASES = {
+    "model.variant": ("blip2", ["vit", "1"]),
+    "model.clip.name": ("pkg://assets/open_clip/tiny-vit.json", ["''", "[a]"]),
+    "model.clip.pretrained": ("null", ["''", "{a: 1}"]),
+    "model.clip.image_size": ("64", ["0", "30", "big"]),  # 30: not a multiple of the stand-in's patch 8
+    "model.clip.feature_layer": ("-1", ["3", "-4", "x"]),  # the stand-in has 3 blocks
+    "model.clip.ln_vision": ("false", ["maybe"]),
+    "model.clip.stage1_checkpoint": ("null", ["''", "{a: 1}"]),
+    "model.clip.stage1_skip": ("[encoder_side]", ["5", "{a: 1}"]),
+    "model.sam.type": ("tiny", ["vit_x", "vit_b"]),  # vit_b: the demo's tiny encoder overrides are refused
+    "model.sam.checkpoint": ("null", ["''", "[a]"]),
+    "model.sam.image_size": ("256", ["0", "100", "-8"]),  # 100: not a multiple of patch 8
+    "model.sam.token_layout": ("spatial", ["rows"]),
+    "model.sam.encoder": ("{embed_dim: 64, depth: 2, num_heads: 2, patch_size: 16, out_chans: 32, "
+                          "global_attn_indexes: [1], window_size: 8}",
+                          ["[1]", "{depth: 0}", "{patchsize: 8}", "{patch_size: 3}", "{global_attn_indexes: [5]}",
+                           "{embed_dim: 63}", "{depth: two}", "{use_abs_pos: 1}", "{global_attn_indexes: 1}"]),
+    "model.sam.ln_vision": ("false", ["maybe"]),
+    "model.sam.stage1_checkpoint": ("null", ["''", "[a]"]),
+    "model.sam.stage1_skip": ("[]", ["5"]),
+    "model.qformer.hidden_size": ("128", ["0", "66", "x"]),  # 66: not divisible by the 4 heads
+    "model.qformer.num_layers": ("1", ["0", "1.5"]),
+    "model.qformer.num_heads": ("8", ["0", "3"]),
+    "model.qformer.intermediate_size": ("256", ["0", "-1"]),
+    "model.qformer.cross_attention_freq": ("2", ["0"]),
+    "model.qformer.num_query_tokens": ("8", ["0", "100"]),  # 100: 4 + 2 x 100 + 32 > 128 LM positions
+    "model.qformer.embed_dim": ("16", ["0"]),
+    "model.qformer.max_text_len": ("16", ["1", "0"]),
+    "model.qformer.tokenizer": ("pkg://assets/tokenizers/qformer", ["''", "{a: 1}"]),
+    "model.qformer.init_from": ("null", ["''", "[a]"]),
+    "model.lm.name_or_path": ("null", ["''", "[a]"]),
+    "model.lm.tokenizer": ("pkg://assets/tokenizers/lm", ["''", "[a]"]),
+    "model.lm.config": ("{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, ffn_dim: 128, "
+                        "max_position_embeddings: 128, word_embed_proj_dim: 64}",
+                        ["[1]", "{hidden_sise: 64}", "{hidden_size: 0}", "{hidden_size: 65}", "{ffn_dim: [1]}",
+                         "{num_hidden_layers: 2.5}", "{max_position_embeddings: 40}", "{1: 2}"]),
+    "model.lm.prompt": ("''", ["{a: 1}", "[a]"]),
+    "model.lm.num_soft_prompts": ("0", ["-1", "100", "x"]),  # 100: no room for the caption in 128 positions
+    "model.lm.max_caption_len": ("16", ["0", "100"]),
+    "model.routing": ("{general: [clip], medical: [clip, sam]}",
+                      ["[clip]", "{general: [vit]}", "{surgical: [sam]}", "{general: clip2}", "{general: [[clip]]}",
+                       "{general: [clip, clip]}", "{medical: [{a: 1}]}"]),
+    "model.frozen_dtype": ("bf16", ["fp8"]),
+    "model.blip2_checkpoint": ("null", ["''", "[a]"]),
+    "model.feature_cache": ("/tmp/cache", ["''", "[a]"]),
+    "data.train": ("[a.tar::2, b.tar]", ["{a: 1}", "3"]),
+    "data.eval": ("[a.tar]", ["{a: 1}", "3"]),
+    "data.num_workers": ("0", ["-1", "x"]),
+    "data.shuffle_buffer": ("1", ["0"]),
+    "data.max_image_pixels": ("1000000", ["0"]),
+    "data.segment_batches": ("10", ["0"]),
+    "train.stage": ("2", ["3", "both"]),
+    "train.output_dir": ("runs/x", ["''", "[a]"]),
+    "train.seed": ("0", ["-1", "4294967296", "x"]),
+    "train.precision": ("fp32", ["fp8"]),
+    "train.dist_timeout_s": ("60", ["0", "x"]),
+    "train.log_every": ("1", ["0"]),
+    "train.ckpt_every": ("1", ["0"]),
+    "train.keep_last": ("1", ["0"]),
+    "train.eval_every": ("0", ["-1"]),
+    "train.eval_at_end": ("false", ["maybe"]),
+    "eval.batch_size": ("1", ["0"]),
+    "eval.num_beams": ("1", ["0", "x"]),
+    "eval.min_len": ("0", ["-1", "31"]),  # 31 > eval.max_len 30
+    "eval.max_len": ("3", ["0", "2"]),  # 2 < the demo's eval.min_len 3
+    "eval.repetition_penalty": ("1.2", ["0", "-1", ".inf", ".nan"]),
+    "eval.length_penalty": ("-0.5", [".inf", ".nan", "x"]),
+    "eval.max_samples": ("0", ["-1"]),
+    "eval.gallery": ("false", ["maybe"]),
+    **{f"train.{st}.{k}": v for st in ("stage1", "stage2") for k, v in {
+        "steps": ("500", ["0", "x"]),
+        "micro_batch_size": ("1", ["0"]),
+        "grad_accum": ("2", ["0"]),
+        "lr": ("3e-4", ["0", "-1", ".inf", "1e-9"]),  # 1e-9 < the demo's min_lr
+        "min_lr": ("0", ["-1", "1"]),  # 1 > lr
+        "warmup_lr": ("0", ["-1", ".nan"]),
+        "warmup_steps": ("0", ["-1"]),
+        "weight_decay": ("0", ["-0.1", ".inf"]),
+        "betas": ("[0.9, 0.98]", ["[0.9]", "[0.9, 1]", "[0.9, x]", "[true, 0.9]", "0.9", "[0.9, 0.99, 0.9]"]),
+        "grad_clip": ("0", ["-1"]),
+    }.items()},
+}
+
+
+def test_every_field_has_a_table_entry():
+    from msmedcap.config import config_fields
+
+    fields = set(config_fields())
+    assert fields - set(FIELD_CASES) == set(), "config fields without constraint cases in FIELD_CASES"
+    assert set(FIELD_CASES) - fields == set(), "FIELD_CASES entries for fields that no longer exist"
+
+
+@pytest.mark.parametrize("key", sorted(FIELD_CASES))
+def test_each_field_accepts_its_valid_value(key):
+    valid, _ = FIELD_CASES[key]
+    cfg = load_config("demo", [f"{key}={valid}"], check_files=False)
+    assert cfg is not None
+
+
+@pytest.mark.parametrize("key, bad", [(k, b) for k in sorted(FIELD_CASES) for b in FIELD_CASES[k][1]])
+def test_each_invalid_value_is_refused_naming_the_key(key, bad):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [f"{key}={bad}"], check_files=False)
+    msg = str(err.value)
+    assert key in msg, msg
+    assert re.search(r"must be|expected|is not one of|unknown|not an OPTConfig argument", msg), msg
+
+
+def test_warmup_longer_than_the_stage_is_reported():
+    from msmedcap.config import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match=r"train.stage2.warmup_steps \(20\) > train.stage2.steps \(5\)"):
+        load_config("demo", ["train.stage2.steps=5"], check_files=False)
+
+
+def test_tiny_sam_patch_default_matches_the_encoder():
+    from msmedcap.config import TINY_SAM_PATCH
+    from msmedcap.models.encoders import TINY_SAM_DEFAULTS
+
+    assert TINY_SAM_DEFAULTS["patch_size"] == TINY_SAM_PATCH
+
+
+def test_paper_preset_patch_sizes():
+    """EVA01-g-14 is a timm tower: its patch (14) comes from the timm model name."""
+    with pytest.raises(ConfigError, match=r"model.clip.image_size must be a multiple of EVA01-g-14's patch size 14"):
+        load_config("paper", ["model.clip.image_size=225"], check_files=False)
+    with pytest.raises(ConfigError, match=r"model.sam.image_size must be 1024 for model.sam.type=vit_b"):
+        load_config("paper", ["model.sam.image_size=512"], check_files=False)
