@@ -39,6 +39,14 @@ class ClipConfig:
     image_size: int = 224
     # Which transformer block's output feeds the Q-Former; -2 = penultimate, as BLIP-2 does.
     feature_layer: int = -2
+    # A trainable LayerNorm on the tokens before this branch's Q-Former (BLIP-2's ln_vision).
+    ln_vision: bool = True
+    # Stage-1 warm start of this branch's Q-Former: LAVIS blip2_pretrained.pth (or any LAVIS Blip2Qformer
+    # .pth) or an HF Blip2ForImageTextRetrieval directory (Salesforce/blip2-itm-vit-g); None = off.
+    stage1_checkpoint: Optional[str] = None
+    # Q-Former tensors left at their initialisation (fnmatch patterns, or `encoder_side`: the tensors whose
+    # shape follows the encoder width: ln_vision and the cross-attention keys/values).
+    stage1_skip: list = field(default_factory=list)
 
 
 @dataclass
@@ -50,6 +58,10 @@ class SamConfig:
     token_layout: Literal["channels", "spatial"] = "channels"
     # ImageEncoderViT kwargs overriding the registry type (tiny presets); empty = the registry's.
     encoder: dict = field(default_factory=dict)
+    # As model.clip.*: the reference code (MSMedCap) cross-attends SAM's neck output with no LayerNorm.
+    ln_vision: bool = True
+    stage1_checkpoint: Optional[str] = None
+    stage1_skip: list = field(default_factory=list)
 
 
 @dataclass
@@ -565,6 +577,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                                   and os.sep in m.clip.pretrained else None),
         "model.sam.checkpoint": m.sam.checkpoint and resolve_asset(m.sam.checkpoint),
         "model.blip2_checkpoint": m.blip2_checkpoint,
+        **{f"model.{b}.stage1_checkpoint": getattr(m, b).stage1_checkpoint and resolve_asset(getattr(m, b).stage1_checkpoint)
+           for b in BRANCHES},
     }
     for key, path in files.items():
         if path and not os.path.exists(path):

@@ -102,8 +102,8 @@ def test_paper_preset_on_meta_device_matches_the_architecture(tokenizers, tmp_pa
     # Q-Former: BERT-base + cross-attention every 2nd layer + query FFN + heads (BLIP-2 reports 188M)
     assert 185e6 < trainable["clip_qformer"] < 192e6
     # the SAM Q-Former differs only by its cross-attention K/V input width (4096 channel tokens vs 1408)
-    # in 6 layers, and its ln_vision
-    assert trainable["sam_qformer"] - trainable["clip_qformer"] == (4096 - 1408) * (6 * 2 * 768 + 2)
+    # in 6 layers, and its ln_vision: none in the paper preset (model.sam.ln_vision=false, as the reference)
+    assert trainable["sam_qformer"] - trainable["clip_qformer"] == (4096 - 1408) * 6 * 2 * 768 - 1408 * 2
     assert trainable["projections"] == 2 * (768 * 2560 + 2560) and trainable["soft_prompts"] == 32 * 2560
     assert sum(frozen[k] for k in ("clip_encoder", "sam_encoder", "lm")) == frozen["total"]
     assert trainable["total"] == trainable["clip_qformer"] + trainable["sam_qformer"] + 2 * 768 * 2560 + 2 * 2560 + 32 * 2560

@@ -1,4 +1,5 @@
-"""Building the model with its weights; trainable-weights export and import; HF BLIP-2 import.
+"""Building the model with its weights; trainable-weights export and import; HF BLIP-2 import; stage-1
+Q-Former warm starts from LAVIS ``blip2_pretrained.pth`` and HF ``Blip2ForImageTextRetrieval``.
 
 Everything is read with safetensors or ``torch.load(weights_only=True)``: nothing is unpickled.
 """
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from msmedcap.atomic_files import atomic_write
 from msmedcap.config import Config, ConfigError, ModelConfig, config_from_dict, resolve_asset
 from msmedcap.models.msmedcap_model import MSMedCap
+from msmedcap.models.stage1_import import import_stage1
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +27,9 @@ CONFIG_FILE = "config.yaml"
 
 def build_model(cfg: ModelConfig, init_trainables: bool = True) -> MSMedCap:
     """The model of ``cfg``: frozen parts from their weights (open_clip tag/file, SAM checkpoint, OPT
-    directory, a BLIP-2 checkpoint) or random init; Q-Formers from BERT when ``qformer.init_from`` is set
-    (skipped with ``init_trainables=False``, when an export overwrites them anyway).
+    directory, a BLIP-2 checkpoint) or random init; Q-Formers from BERT when ``qformer.init_from`` is set,
+    then from ``model.<branch>.stage1_checkpoint`` (LAVIS or HF stage-1; reports in ``model.stage1_imports``);
+    both skipped with ``init_trainables=False``, when an export overwrites them anyway.
 
     With ``blip2_checkpoint`` and neither ``lm.name_or_path`` nor ``lm.config``, OPT's architecture comes
     from the checkpoint's ``text_config`` (its weights from the checkpoint)."""
@@ -37,6 +40,12 @@ def build_model(cfg: ModelConfig, init_trainables: bool = True) -> MSMedCap:
     if cfg.qformer.init_from and init_trainables:
         for qformer in model.qformers.values():
             qformer.init_from_bert(cfg.qformer.init_from)
+    model.stage1_imports = {}
+    for branch in model.branches:  # after BERT (the checkpoint wins), before blip2_checkpoint (that wins)
+        branch_cfg = getattr(cfg, branch)
+        if branch_cfg.stage1_checkpoint and init_trainables:
+            model.stage1_imports[branch] = import_stage1(model, branch, branch_cfg.stage1_checkpoint,
+                                                         branch_cfg.stage1_skip)
     if cfg.blip2_checkpoint:
         import_blip2(model, cfg.blip2_checkpoint)
     if cfg.feature_cache:
@@ -100,7 +109,7 @@ def load_from_export(path_dir) -> tuple:
 
 
 # --------------------------------------------------------------------------- HF BLIP-2 import
-def read_state_dict(directory: Path) -> dict:
+def read_state_dict(directory: Path, key: str = "model.blip2_checkpoint") -> dict:
     """All tensors of an HF model directory (safetensors, sharded or not; else ``.bin`` weights_only)."""
     for index_name, reader in (("model.safetensors.index.json", load_file),
                                ("pytorch_model.bin.index.json", None)):
@@ -111,7 +120,7 @@ def read_state_dict(directory: Path) -> dict:
     else:
         files = [f for f in ("model.safetensors", "pytorch_model.bin") if (directory / f).is_file()][:1]
     if not files:
-        raise ConfigError(f"model.blip2_checkpoint: no weights (model.safetensors / pytorch_model.bin) in {directory}")
+        raise ConfigError(f"{key}: no weights (model.safetensors / pytorch_model.bin) in {directory}")
     state = {}
     for f in files:
         p = str(directory / f)
@@ -195,13 +204,16 @@ def import_blip2(model: MSMedCap, directory) -> None:
     state = read_state_dict(directory)
     mine = model.state_dict()
     main = blip2_key_map(state)
+    if model.qformers["clip"].ln_vision is None:  # model.clip.ln_vision=false: post_layernorm has no place
+        main = {k: v for k, v in main.items() if not k.startswith("qformers.clip.ln_vision.")}
     bad = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape) if k in mine else 'absent'}"
            for k, v in main.items() if k not in mine or mine[k].shape != v.shape]
     if bad:
         raise ConfigError(f"model.blip2_checkpoint {directory}: {len(bad)} tensors do not fit: {bad[:5]}")
     vision = {k: v for k, v in eva_vision_key_map(state).items() if k in mine and mine[k].shape == v.shape}
     model.load_state_dict({**main, **vision}, strict=False)
-    model.qformers["clip"].ln_vision.eps = hf.vision_config.layer_norm_eps  # BLIP-2's post_layernorm
+    if model.qformers["clip"].ln_vision is not None:
+        model.qformers["clip"].ln_vision.eps = hf.vision_config.layer_norm_eps  # BLIP-2's post_layernorm
     skipped = sum(1 for k in state if k.startswith("vision_model.")) - len(vision) - 2  # -2: post_layernorm
     log.info("BLIP-2 %s imported: %d Q-Former/projection/LM tensors, %d vision tensors (%d skipped: no "
              "matching name or shape in %s)", directory, len(main), len(vision), max(skipped, 0), model.cfg.clip.name)

@@ -38,7 +38,8 @@ class MSMedCap(nn.Module):
         with fixed_seed():
             self.encoders = nn.ModuleDict({b: ENCODERS[b](getattr(cfg, b)).freeze(dtype) for b in self.branches})
         self.qformers = nn.ModuleDict({
-            b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id) for b in self.branches})
+            b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id,
+                       ln_vision=getattr(cfg, b).ln_vision) for b in self.branches})
         self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches},
                                    load_lm_tokenizer(cfg.lm.tokenizer), dtype)
         # routing[d, i] = samples of domain d train branch i in stage 1

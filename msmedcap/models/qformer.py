@@ -30,13 +30,16 @@ def qformer_hf_config(cfg: QFormerConfig, encoder_width: int, vocab_size: int, p
 
 class QFormer(nn.Module):
     """Learned queries cross-attending one encoder's tokens (after a trainable LayerNorm, BLIP-2's
-    ``ln_vision``); text shares the self-attention. Heads: ITC projections + temperature, ITM, ITG."""
+    ``ln_vision``, unless ``ln_vision=False``: then ``self.ln_vision`` is None and the tokens go in as
+    they are, as the MSMedCap reference does for SAM); text shares the self-attention. Heads: ITC
+    projections + temperature, ITM, ITG."""
 
-    def __init__(self, cfg: QFormerConfig, encoder_width: int, vocab_size: int, pad_token_id: int):
+    def __init__(self, cfg: QFormerConfig, encoder_width: int, vocab_size: int, pad_token_id: int,
+                 ln_vision: bool = True):
         super().__init__()
         hf = qformer_hf_config(cfg, encoder_width, vocab_size, pad_token_id)
         h = cfg.hidden_size
-        self.ln_vision = nn.LayerNorm(encoder_width)
+        self.ln_vision = nn.LayerNorm(encoder_width) if ln_vision else None
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, h) * hf.initializer_range)
         self.embeddings = Blip2TextEmbeddings(hf)
         self.bert = Blip2QFormerModel(hf)  # .layernorm is BERT's embedding LayerNorm
@@ -68,7 +71,9 @@ class QFormer(nn.Module):
 
     # ----------------------------------------------------------------- passes
     def image_embeds(self, encoder_tokens: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder tokens -> trainable LayerNorm, in this module's dtype."""
+        """Frozen encoder tokens -> trainable LayerNorm (if any), in this module's dtype."""
+        if self.ln_vision is None:
+            return encoder_tokens.to(self.dtype)
         return self.ln_vision(encoder_tokens.to(self.ln_vision.weight.dtype))
 
     def queries(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -89,6 +94,19 @@ class QFormer(nn.Module):
         out = self.bert(query_embeds=emb, query_length=self.num_queries, attention_mask=mask,
                         encoder_hidden_states=image_embeds).last_hidden_state
         return out[:, : self.num_queries]
+
+    # ----------------------------------------------------------------- retrieval scores
+    def similarity(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+        """ITC similarity ``[n_images, n_texts]``: the max over queries of the query-text cosine
+        (before the temperature), as BLIP-2 and ``Blip2ForImageTextRetrieval`` score retrieval."""
+        image_feats = F.normalize(self.vision_proj(self.queries(image_embeds)), dim=-1)
+        text_feat = F.normalize(self.text_proj(self.text(input_ids, attention_mask)[:, 0]), dim=-1)
+        return torch.einsum("iqd,td->itq", image_feats, text_feat).amax(-1)
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+        """ITM logits ``[n, 2]`` (no match, match) of the pairs (image ``i``, text ``i``): the ITM head
+        averaged over the query outputs of the multimodal pass."""
+        return self.itm_head(self.multimodal(input_ids, attention_mask, image_embeds)).mean(dim=1)
 
     def itg_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask ``[B, 1, Q+T, Q+T]``: queries see queries only; text sees all queries and the
