@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.preset, args.overrides + [f"data.num_workers={args.workers}"])
     batch_size = cfg.train.stage1.micro_batch_size
-    urls = [u for _, us, _ in parse_specs(cfg.data.train) for u in us]
+    urls = [u for shard_set in parse_specs(cfg.data.train) for u in shard_set.urls]
 
     results = {"msmedcap": measure(make_train_loader(cfg, 1, 0, 1), args.batches, batch_size)}
     for name, transforms in (("plain decode", None), ("plain + transforms", encoder_transforms(cfg))):

@@ -327,18 +327,51 @@ def expand_braces(pattern: str) -> list:
     return list(braceexpand.braceexpand(pattern))
 
 
+class ShardSpec(typing.NamedTuple):
+    """One ``data.train`` / ``data.eval`` entry: ``PATTERN[::WEIGHT[::DOMAIN[::SOURCE]]]``."""
+    pattern: str
+    weight: float = 1.0
+    domain: Optional[str] = None  # general | medical: the domain of every sample (wins over the sample's json)
+    source: Optional[str] = None  # the source name of every sample (wins over the sample's json)
+
+
+def parse_shard_spec(spec: str) -> ShardSpec:
+    """``"cc-{000..331}.tar::2::general::cc3m"`` -> ShardSpec(pattern, 2.0, "general", "cc3m").
+
+    Fields after the pattern, separated by ``::``, all optional from the right: WEIGHT (a number > 0;
+    empty = 1), DOMAIN (general | medical; empty = each sample's json says), SOURCE (a name; empty =
+    each sample's json says). A DOMAIN or SOURCE given here wins over the samples' own metadata, so
+    shards written by other tools (img2dataset: no domain) train as they are."""
+    from msmedcap.batch import DOMAINS
+
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"shard spec {spec!r}: expected 'PATTERN[::WEIGHT[::DOMAIN[::SOURCE]]]'")
+    pattern, *fields = spec.split("::")
+    if len(fields) > 3:
+        raise ConfigError(f"shard spec {spec!r}: at most PATTERN::WEIGHT::DOMAIN::SOURCE ({len(fields) + 1} fields)")
+    weight, domain, source = (fields + ["", "", ""])[:3]
+    if not pattern:
+        raise ConfigError(f"shard spec {spec!r}: no pattern before '::'")
+    if weight.strip():
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ConfigError(f"shard spec {spec!r}: weight {weight!r} is not a number") from None
+        if not w > 0:
+            raise ConfigError(f"shard spec {spec!r}: weight must be > 0")
+    else:
+        w = 1.0
+    domain, source = domain.strip() or None, source.strip() or None
+    if domain is not None and domain not in DOMAINS:
+        raise ConfigError(f"shard spec {spec!r}: domain {domain!r} is not one of {DOMAINS}")
+    return ShardSpec(pattern, w, domain, source)
+
+
 def split_weighted_spec(spec: str) -> tuple:
-    """``"path-{0..3}.tar::2.5"`` -> (pattern, 2.5)."""
-    pattern, sep, weight = spec.rpartition("::")
-    if not sep:
-        return spec, 1.0
-    try:
-        w = float(weight)
-    except ValueError:
-        raise ConfigError(f"shard spec {spec!r}: weight {weight!r} is not a number") from None
-    if w <= 0:
-        raise ConfigError(f"shard spec {spec!r}: weight must be > 0")
-    return pattern, w
+    """``"path-{0..3}.tar::2.5"`` -> (pattern, 2.5); the DOMAIN/SOURCE fields are accepted and dropped
+    (see :func:`parse_shard_spec`)."""
+    parsed = parse_shard_spec(spec)
+    return parsed.pattern, parsed.weight
 
 
 def _is_local(path: str) -> bool:
@@ -355,7 +388,7 @@ _AT_LEAST_1, _AT_LEAST_0, _POSITIVE = ((lambda v: v >= 1), ">= 1"), ((lambda v: 
 BOUNDS = [
     *[(f"model.qformer.{k}", *_AT_LEAST_1) for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
                                                      "cross_attention_freq", "num_query_tokens", "embed_dim")],
-    ("model.qformer.max_text_len", (lambda v: v >= 2), ">= 2 ([CLS] and [SEP])"),
+    ("model.qformer.max_text_len", (lambda v: 2 <= v <= 512), "in 2..512 ([CLS] and [SEP]; the Q-Former's 512 positions)"),
     ("model.clip.image_size", *_AT_LEAST_1), ("model.sam.image_size", *_AT_LEAST_1),
     ("model.lm.max_caption_len", *_AT_LEAST_1), ("model.lm.num_soft_prompts", *_AT_LEAST_0),
     *[(f"train.{st}.{k}", *b) for st in ("stage1", "stage2") for k, b in (
@@ -568,10 +601,15 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         return
     for section in ("train", "eval"):
         for spec in getattr(cfg.data, section):
-            pattern, _ = split_weighted_spec(spec)
-            for path in expand_braces(pattern):
+            parsed = parse_shard_spec(spec)
+            paths = expand_braces(parsed.pattern)
+            for path in paths:
                 if _is_local(path) and not os.path.isfile(path):
                     raise ConfigError(f"data.{section}: shard file not found: {path} (from {spec!r})")
+            if parsed.domain is None:  # samples without a domain would be skipped forever: say so now
+                from msmedcap.data.shards import check_spec_has_domain
+
+                check_spec_has_domain(f"data.{section}", spec, paths)
     files = {
         "model.clip.pretrained": (resolve_asset(m.clip.pretrained) if m.clip.pretrained
                                   and os.sep in m.clip.pretrained else None),

@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
+from msmedcap.batch import CAPTION_EOS
 from msmedcap.config import resolve_asset
 
 DEC_TOKEN = "[DEC]"  # BLIP-2's ITG bos token, added to the BERT vocabulary
@@ -32,6 +33,31 @@ def load_lm_tokenizer(name_or_path: str):
     tok = AutoTokenizer.from_pretrained(resolve_asset(name_or_path), use_fast=True)
     tok.padding_side = "right"
     return tok
+
+
+def encode_lm_captions(tok, captions: list, max_len: int) -> dict:
+    """LM targets: each caption's tokens + the end token (``CAPTION_EOS``), right-padded to ``max_len``.
+    A caption longer than ``max_len`` is cut *before* the end token, which is always kept, so the
+    model learns to stop on long captions too. -> {"input_ids", "attention_mask" (LongTensor [B, max_len]),
+    "truncated" (BoolTensor [B]: the caption lost tokens)}."""
+    import torch
+
+    eos = list(tok(CAPTION_EOS, add_special_tokens=False)["input_ids"])
+    if not 0 < len(eos) < max_len:
+        raise ValueError(f"model.lm.max_caption_len={max_len} leaves no room for a caption before the end token {eos}")
+    room = max_len - len(eos)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(captions), max_len), pad, dtype=torch.long)
+    mask = torch.zeros((len(captions), max_len), dtype=torch.long)
+    truncated = torch.zeros(len(captions), dtype=torch.bool)
+    # the caption with its end token, tokenized together (as generation sees it), then cut before the end
+    for i, full in enumerate(tok([c + CAPTION_EOS for c in captions], add_special_tokens=False)["input_ids"]):
+        body = full[: -len(eos)] if full[-len(eos):] == eos else full
+        truncated[i] = len(body) > room
+        row = body[:room] + eos
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "truncated": truncated}
 
 
 def train_demo_tokenizers(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000) -> tuple:

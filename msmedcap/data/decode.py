@@ -1,5 +1,11 @@
-"""Our own sample decoder: only ``jpg``/``png``, ``txt`` and ``json`` are ever decoded (never
-webdataset's default ``decode()``, which unpickles ``.pkl``/``.pyd``/``.pth`` members).
+"""Our own sample decoder: only ``jpg``/``png``/``webp``, ``txt`` and ``json`` are ever decoded (never
+webdataset's default ``decode()``, which unpickles ``.pkl``/``.pyd``/``.pth`` members). Other members
+(img2dataset's, anyone's) are ignored, not counted.
+
+The domain and source of a sample: the spec's (``PATTERN::WEIGHT::DOMAIN::SOURCE``, attached by the
+loader as ``__domain__``/``__source__``) when it gives them, else the sample's json. With a spec
+domain, the json may lack one (or be absent); without it, a sample whose json has no valid domain is
+skipped as ``no_domain``.
 
 A bad sample raises :class:`SkipSample` with a reason; :class:`SkipCounter` is the webdataset
 handler that counts reasons instead of failing, and hands the counts to the next batch.
@@ -16,8 +22,9 @@ from PIL import Image
 
 from msmedcap.batch import DOMAINS
 
-IMAGE_KEYS = ("jpg", "png", "jpeg")
-REASONS = ("bad_image", "missing_caption", "bad_json", "too_large", "bad_tar")
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+REASONS = ("bad_image", "missing_caption", "bad_json", "no_domain", "too_large", "bad_tar")
 
 
 class SkipSample(Exception):
@@ -76,15 +83,28 @@ def _where(raw: dict) -> str:
 
 
 def parse_meta(raw: dict) -> dict:
+    """The sample's json with ``domain`` and ``source`` settled: a spec's ``__domain__``/``__source__``
+    win over the json's (which is then optional). SkipSample("bad_json" | "no_domain") otherwise."""
+    domain, source = raw.get("__domain__"), raw.get("__source__")
     data = raw.get("json")
     if data is None:
-        raise SkipSample("bad_json", f"{_where(raw)} has no json member")
-    try:
-        meta = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SkipSample("bad_json", f"{_where(raw)}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("domain") not in DOMAINS:
-        raise SkipSample("bad_json", f"{_where(raw)}: json needs a domain in {DOMAINS}")
+        if domain is None:
+            raise SkipSample("bad_json", f"{_where(raw)} has no json member")
+        meta = {}
+    else:
+        try:
+            meta = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SkipSample("bad_json", f"{_where(raw)}: {e}") from None
+        if not isinstance(meta, dict):
+            raise SkipSample("bad_json", f"{_where(raw)}: json is not an object")
+    if domain is not None:
+        meta["domain"] = domain
+    elif meta.get("domain") not in DOMAINS:
+        raise SkipSample("no_domain", f"{_where(raw)}: json needs a domain in {DOMAINS} "
+                                      f"(or give it in the spec: PATTERN::WEIGHT::DOMAIN)")
+    if source is not None:
+        meta["source"] = source
     meta.setdefault("source", "unknown")
     return meta
 
@@ -105,8 +125,8 @@ def decode_image(data: bytes, max_pixels: int, where: str = "") -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.format not in ("JPEG", "PNG"):
-                raise SkipSample("bad_image", f"{where}: format {img.format} is not jpg/png")
+            if img.format not in IMAGE_FORMATS:
+                raise SkipSample("bad_image", f"{where}: format {img.format} is not jpg/png/webp")
             if img.width * img.height > max_pixels:
                 raise SkipSample("too_large", f"{where}: {img.width}x{img.height} over {max_pixels} pixels")
             img.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
@@ -125,7 +145,7 @@ def decode_sample(raw: dict, max_pixels: int) -> dict:
     caption = parse_caption(raw)
     ext = next((k for k in IMAGE_KEYS if k in raw), None)
     if ext is None:
-        raise SkipSample("bad_image", f"{_where(raw)} has no jpg/png member")
+        raise SkipSample("bad_image", f"{_where(raw)} has no jpg/png/webp member")
     image = decode_image(raw[ext], max_pixels, _where(raw))
     return {"key": raw["__key__"], "image": image, "caption": caption, "domain": meta["domain"],
             "source": str(meta["source"]), "meta": meta}

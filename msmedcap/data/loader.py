@@ -1,7 +1,8 @@
 """Train and eval streams over WebDataset shards, yielding batches in the msmedcap.batch format.
 
 Train (:func:`make_train_loader`): a weighted mixture of shard sets (``data.train`` specs
-``PATTERN::WEIGHT``; weight = relative share of samples), shards resampled with replacement,
+``PATTERN[::WEIGHT[::DOMAIN[::SOURCE]]]``; weight = relative share of samples; a DOMAIN/SOURCE given
+there labels every sample of the set and wins over its json), shards resampled with replacement,
 a seeded shuffle buffer, our own decoder, per-encoder transforms, tokenisation, batching. Infinite:
 the step count drives the epoch, and every rank yields a batch at every step.
 
@@ -31,15 +32,17 @@ import os
 import signal
 import random
 from functools import partial
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from msmedcap.batch import CAPTION_EOS, DOMAIN_INDEX
-from msmedcap.config import Config, ConfigError, expand_braces, split_weighted_spec
+from msmedcap.batch import DOMAIN_INDEX
+from msmedcap.config import Config, ConfigError, expand_braces, parse_shard_spec
 from msmedcap.data.decode import IMAGE_KEYS, SkipCounter, decode_sample
-from msmedcap.data.shards import check_tar_ends, iter_raw_samples
+from msmedcap.data.shards import check_spec_has_domain, check_tar_ends, iter_raw_samples, label_sample
+from msmedcap.tokenization import encode_lm_captions
 
 # Shards visited in a row without one sample before a source is declared unreadable (not an endless loop).
 MAX_EMPTY_SHARDS = 64
@@ -47,18 +50,35 @@ MAX_EMPTY_SHARDS = 64
 MAX_UNUSABLE_IN_A_ROW = 1000
 
 
-def parse_specs(specs: list) -> list:
-    """["pattern::w", ...] -> [(pattern, [urls], weight)], naming a spec that expands to nothing."""
+class ShardSet(NamedTuple):
+    pattern: str
+    urls: list
+    weight: float
+    domain: Optional[str]  # the spec's DOMAIN (wins over each sample's json), or None
+    source: Optional[str]  # the spec's SOURCE, or None
+
+
+def parse_specs(specs: list, where: str = "data") -> list:
+    """["pattern::w::domain::source", ...] -> [ShardSet], naming a spec that expands to nothing or whose
+    samples have no domain (checked on its first shard's first samples, before any work)."""
     out = []
     for spec in specs:
-        pattern, weight = split_weighted_spec(spec)
-        urls = expand_braces(pattern)
+        parsed = parse_shard_spec(spec)
+        urls = expand_braces(parsed.pattern)
         if not urls:
             raise ConfigError(f"shard spec {spec!r} names no files")
-        out.append((pattern, urls, weight))
+        if parsed.domain is None:
+            check_spec_has_domain(where, spec, urls)
+        out.append(ShardSet(parsed.pattern, urls, parsed.weight, parsed.domain, parsed.source))
     if not out:
         raise ConfigError("no shard specs given")
     return out
+
+
+def _labelled(raws, domain: Optional[str], source: Optional[str]):
+    if domain is None and source is None:
+        return raws
+    return (label_sample(raw, domain, source) for raw in raws)
 
 
 def _worker() -> tuple:
@@ -95,12 +115,16 @@ class SampleProcessor:
             sample[name] = transform(image)
         return sample
 
+    def _qformer_lengths(self, captions: list) -> list:
+        """Untruncated Q-Former lengths ([CLS] caption [SEP]), to count the captions cut at max_text_len."""
+        return [len(ids) for ids in self.qformer_tok(captions, truncation=False, verbose=False)["input_ids"]]
+
     def collate(self, samples: list, counter: SkipCounter) -> dict:
         captions = [s["caption"] for s in samples]
         q = self.qformer_tok(captions, padding="max_length", truncation=True, max_length=self.max_text_len,
                              return_tensors="pt")
-        lm = self.lm_tok([c + CAPTION_EOS for c in captions], add_special_tokens=False, padding="max_length",
-                         truncation=True, max_length=self.max_caption_len, return_tensors="pt")
+        q_truncated = sum(n > self.max_text_len for n in self._qformer_lengths(captions))
+        lm = encode_lm_captions(self.lm_tok, captions, self.max_caption_len)
         batch = {
             "key": [s["key"] for s in samples],
             "source": [s["source"] for s in samples],
@@ -108,6 +132,7 @@ class SampleProcessor:
             "caption": captions,
             "text_input_ids": q["input_ids"], "text_attention_mask": q["attention_mask"],
             "lm_input_ids": lm["input_ids"], "lm_attention_mask": lm["attention_mask"],
+            "truncated": {"qformer_text": int(q_truncated), "lm_caption": int(lm["truncated"].sum())},
             "skipped": counter.pop(),
         }
         for name in self.transforms:  # numpy stack: no torch thread pool (see transforms._normalised)
@@ -150,16 +175,17 @@ class TrainStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.stage, self.rank, self.world_size, self.start_step = cfg, stage, rank, world_size, start_step
-        self.sources = parse_specs(cfg.data.train)
+        self.sources = parse_specs(cfg.data.train, "data.train")
         self.batch_size = getattr(cfg.train, f"stage{stage}").micro_batch_size
 
-    def _source_samples(self, pattern: str, urls: list, seed: int, counter: SkipCounter):
+    def _source_samples(self, shard_set: ShardSet, seed: int, counter: SkipCounter):
         import webdataset as wds
 
-        progress = _Progress(pattern)
-        shards = wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=_no_worker_seed)
+        progress = _Progress(shard_set.pattern)
+        shards = wds.ResampledShards(shard_set.urls, seed=seed, deterministic=True, worker_seed=_no_worker_seed)
         checked = check_tar_ends(progress.shards(iter(shards)), counter.tar_handler)
-        return progress.samples(wds.tarfile_samples(checked, handler=counter.tar_handler))
+        raws = progress.samples(wds.tarfile_samples(checked, handler=counter.tar_handler))
+        return _labelled(raws, shard_set.domain, shard_set.source)
 
     def segment(self, processor: SampleProcessor, counter: SkipCounter, workers: int, role: int, index: int):
         """The ``index``-th segment (``data.segment_batches`` batches) of worker role ``role``."""
@@ -168,8 +194,8 @@ class TrainStream(IterableDataset):
         d = self.cfg.data
         rng = random.Random(f"msmedcap-train/{self.cfg.train.seed}/{self.stage}/{self.world_size}/{self.rank}/"
                             f"{workers}/{role}/{index}")
-        streams = [self._source_samples(p, urls, rng.getrandbits(31), counter) for p, urls, _ in self.sources]
-        mixed = _weighted_mix(streams, [w for _, _, w in self.sources], rng)
+        streams = [self._source_samples(s, rng.getrandbits(31), counter) for s in self.sources]
+        mixed = _weighted_mix(streams, [s.weight for s in self.sources], rng)
         shuffled = wds.shuffle(d.shuffle_buffer, initial=d.shuffle_buffer, rng=random.Random(rng.getrandbits(64)))(mixed)
         prepared = wds.map(processor.prepare, handler=counter.sample_handler)(shuffled)
         batches = wds.batched(self.batch_size, collation_fn=partial(processor.collate, counter=counter),
@@ -235,7 +261,13 @@ class EvalStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.rank, self.world_size, self.batch_size = cfg, rank, world_size, batch_size
-        self.urls = [u for _, urls, _ in parse_specs(specs) for u in urls]
+        sets = parse_specs(specs, "data.eval")
+        self.urls = [u for s in sets for u in s.urls]
+        # a spec's DOMAIN/SOURCE by shard (the first spec naming a shard labels it)
+        self.labels = {}
+        for s in sets:
+            for u in s.urls:
+                self.labels.setdefault(u, (s.domain, s.source))
 
     def __iter__(self):
         import webdataset as wds
@@ -246,6 +278,8 @@ class EvalStream(IterableDataset):
         # every slot reads every shard: only slot 0 counts shard-level errors, so they count once
         raw = iter_raw_samples(self.urls, counter.tar_handler if slot == 0 else _ignore)
         mine = itertools.islice(raw, slot, None, slots)
+        if any(d is not None or src is not None for d, src in self.labels.values()):
+            mine = (label_sample(r, *self.labels.get(r.get("__url__"), (None, None))) for r in mine)
         prepared = wds.map(processor.prepare, handler=counter.sample_handler)(mine)
         yield from _batches(prepared, self.batch_size, partial(processor.collate, counter=counter))
 

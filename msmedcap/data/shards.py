@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -120,6 +121,15 @@ def check_tar_ends(shards: Iterable[dict], handler) -> Iterator[dict]:
         yield shard
 
 
+def label_sample(raw: dict, domain: str | None, source: str | None) -> dict:
+    """Attach a spec's DOMAIN/SOURCE to a raw sample (read by decode.parse_meta; they win over its json)."""
+    if domain is not None:
+        raw["__domain__"] = domain
+    if source is not None:
+        raw["__source__"] = source
+    return raw
+
+
 def iter_raw_samples(urls: list, handler) -> Iterator[dict]:
     """Raw samples (member bytes by extension) of ``urls`` in order, via webdataset's tar reader."""
     import webdataset as wds
@@ -127,18 +137,58 @@ def iter_raw_samples(urls: list, handler) -> Iterator[dict]:
     return wds.tarfile_samples(check_tar_ends(({"url": u} for u in urls), handler), handler=handler)
 
 
+# Samples read from a spec's first shard to tell whether its samples carry a domain.
+DOMAIN_PROBE_SAMPLES = 16
+
+
+def check_spec_has_domain(where: str, spec: str, urls: list) -> None:
+    """Raise ConfigError naming ``spec`` when the first samples of its first local shard have no
+    ``domain`` in their json (shards written by img2dataset and other tools): the loader would skip
+    every one of them, forever. Unreadable or empty shards pass (the loader counts those)."""
+    from msmedcap.config import ConfigError
+
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:") and os.path.isfile(u)]
+    if not local:
+        return
+    seen, examples = 0, []
+    try:
+        for raw in itertools.islice(iter_raw_samples(local[:1], _ignore_errors), DOMAIN_PROBE_SAMPLES):
+            seen += 1
+            try:
+                meta = json.loads(raw["json"]) if "json" in raw else None
+            except (ValueError, UnicodeDecodeError):
+                continue  # a corrupt json is one bad sample, counted by the loader
+            if isinstance(meta, dict) and meta.get("domain") in DOMAINS:
+                return
+            if len(examples) < 2:
+                examples.append(f"{raw['__key__']}: " + ("no json member" if meta is None else
+                                "json keys " + ", ".join(sorted(meta)[:8]) if isinstance(meta, dict) else "json not an object"))
+    except Exception:  # noqa: BLE001  a shard the loader will report as bad_tar
+        return
+    if seen:
+        pattern = spec.split("::")[0]
+        raise ConfigError(
+            f"{where}: {spec!r}: its samples have no domain ({local[0]}, first {seen} samples; "
+            f"{'; '.join(examples)}). Name it in the spec: '{pattern}::1::general' or '{pattern}::1::medical' "
+            f"(PATTERN::WEIGHT::DOMAIN[::SOURCE])")
+
+
+def _ignore_errors(exn: Exception) -> bool:
+    return True
+
+
 def inspect_shards(specs: list) -> dict:
     """Counts per domain and source, bytes, and checksum verification against each shard's manifest.
     Returns {"shards": [...], "domains": {...}, "sources": {...}, "samples", "bytes", "skipped", "problems"}."""
-    from msmedcap.config import expand_braces, split_weighted_spec
+    from msmedcap.config import expand_braces, parse_shard_spec
     from msmedcap.data.decode import SkipCounter, parse_meta
 
-    urls = [u for spec in specs for u in expand_braces(split_weighted_spec(spec)[0])]
+    urls = [(u, parsed) for parsed in map(parse_shard_spec, specs) for u in expand_braces(parsed.pattern)]
     manifests: dict = {}
     report = {"shards": [], "domains": collections.Counter(), "sources": collections.Counter(),
               "samples": 0, "bytes": 0, "problems": []}
     counter = SkipCounter()
-    for url in urls:
+    for url, parsed in urls:
         path = Path(url)
         if not path.is_file():
             report["problems"].append(f"{url}: file not found")
@@ -151,7 +201,7 @@ def inspect_shards(specs: list) -> dict:
             report["problems"].append(f"{url}: sha256/bytes differ from {path.parent / MANIFEST}")
         n = 0
         for raw in iter_raw_samples([url], counter.tar_handler):
-            meta = counter.attempt(parse_meta, raw)
+            meta = counter.attempt(parse_meta, label_sample(raw, parsed.domain, parsed.source))
             if meta is None:
                 continue
             n += 1

@@ -295,6 +295,7 @@ class Trainer:
                         "samples_per_s": stats["samples"] / dt, "tokens_per_s": stats["tokens"] / dt,
                         "flops_per_s": flops_per_micro * stats["micro_batches"] / dt,
                         "skipped_samples": stats["skipped"], "overflow_skipped_steps": result.overflow_skipped_steps,
+                        "truncated_captions": {**stats["truncated"], "of": stats["samples"]},
                         "peak_memory_mb": peak_memory_mb(self.device_type), "elapsed_s": time.time() - t_start})
                 window, t_window = Window(), time.time()
             stopping = self.stop.agreed(self.device)
@@ -446,6 +447,7 @@ class Window:
         self.counts: dict = {}
         self.samples = self.tokens = self.micro_batches = self.steps = 0
         self.skipped: dict = {}
+        self.truncated: dict = {}  # captions cut by the loader, per side (batch["truncated"])
 
     def add(self, out: dict, batch: dict, stage: int) -> None:
         for k, v in out.items():
@@ -460,14 +462,18 @@ class Window:
         self.micro_batches += 1
         for reason, n in (batch.get("skipped") or {}).items():
             self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+        for side, n in (batch.get("truncated") or {}).items():
+            self.truncated[side] = self.truncated.get(side, 0) + int(n)
 
     def reduce(self, dist) -> dict:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (self.sums, self.counts, self.samples, self.tokens, self.micro_batches,
-                                       self.skipped))
-        sums, counts, skipped = {}, {}, {}
+                                       self.skipped, self.truncated))
+        sums, counts, skipped, truncated = {}, {}, {}, {}
         samples = tokens = micro = 0
-        for s, c, n, t, m, sk in parts:
+        for s, c, n, t, m, sk, tr in parts:
+            for k, v in tr.items():
+                truncated[k] = truncated.get(k, 0) + v
             for k in s:
                 sums[k] = sums.get(k, 0.0) + s[k]
                 counts[k] = counts.get(k, 0) + c[k]
@@ -476,7 +482,7 @@ class Window:
             samples, tokens, micro = samples + n, tokens + t, micro + m
         losses = {k: sums[k] / counts[k] for k in sorted(sums, key=lambda k: (k != "loss", k))}
         return {"losses": losses, "loss": losses["loss"], "samples": samples, "tokens": tokens,
-                "micro_batches": micro, "skipped": skipped}
+                "micro_batches": micro, "skipped": skipped, "truncated": truncated}
 
 
 def training_captions(cfg: Config, limit: int = 20000) -> list:
