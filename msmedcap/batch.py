@@ -11,11 +11,15 @@ A batch is a plain dict. Tensors are on CPU when the loader yields them; the tra
     text_input_ids       LongTensor [B,T]   Q-Former tokenizer ([CLS] caption [SEP]), padded to max_text_len
     text_attention_mask  LongTensor [B,T]
     lm_input_ids         LongTensor [B,L]   LM tokenizer of caption + "\\n" (no special tokens), right-padded
+                                            to L = max_caption_len; a longer caption is cut before the "\\n",
+                                            which is always kept (msmedcap.tokenization.encode_lm_captions)
     lm_attention_mask    LongTensor [B,L]
     image_sha256         list[str]          sha256 hex of each encoded image (only with model.feature_cache)
+    truncated            dict[str,int]      captions of this batch cut to fit: "qformer_text" (max_text_len),
+                                            "lm_caption" (max_caption_len)
     skipped              dict[str,int]      samples skipped per reason since the same loader worker's
                                             previous batch ("bad_image", "missing_caption", "bad_json",
-                                            "too_large", "bad_tar", "bad_sample"): sum them for metrics
+                                            "no_domain", "too_large", "bad_tar", "bad_sample"): sum them for metrics
 
 ``clip_image``/``sam_image`` are present only for the branches the model variant uses. Each comes
 from the original decoded image with its own encoder's resize and normalisation.
