@@ -75,3 +75,17 @@ def test_paper_preset_lengths_fit_real_medical_captions():
     assert cfg.model.lm.max_caption_len == 128 and cfg.eval.max_len == 64
     with pytest.raises(ConfigError, match="model.qformer.max_text_len"):
         load_config("paper", ["model.qformer.max_text_len=600"], check_files=False)  # over BERT's 512 positions
+
+
+def test_caption_set_from_published_lengths():
+    from msmedcap.data.caption_lengths import ROCO_WORD_QUANTILES, quantile, report, synthetic_captions
+
+    captions = synthetic_captions(["axial ct of the abdomen showing a lesion", "chest x-ray"], 4000)
+    words = [len(c.split()) for c in captions]
+    for share, n in ROCO_WORD_QUANTILES[1:-1]:  # p50 16, p90 37, p99 81 words
+        assert abs(quantile(words, share) - n) <= max(1, 0.06 * n), (share, quantile(words, share))
+    assert max(words) <= 187
+    cfg = tiny_config()
+    r = report(captions, load_qformer_tokenizer(cfg.model.qformer.tokenizer), load_lm_tokenizer(cfg.model.lm.tokenizer),
+               qformer_limits=(32, 320), lm_limits=(32, 128))
+    assert r["n"] == 4000 and r["qformer_truncated"][32] > 0.2 and r["lm_truncated"][32] > r["lm_truncated"][128]
