@@ -3,6 +3,12 @@
 What transformers lacks and is written here: the text-only and ITG passes (causal text mask over
 visible queries), the ITG language-model head (tied to the word embeddings, as BERT's), the ITC
 projections/temperature and the ITM head as BLIP-2 trains them, and BERT initialisation.
+
+ITG reuses the query pass: transformers' Q-Former has no KV cache, so :meth:`QFormer.queries_with_kv`
+records each layer's self-attention keys/values of the queries (forward hooks on the ``key``/``value``
+Linears), and :meth:`QFormer.decode` runs only the text through the layers, attending to those and to
+the text before it, as LAVIS's ``past_key_values`` (blip2_qformer.py). Queries see only queries under
+the ITG mask, so this equals one pass over [queries; text] without computing the queries twice.
 """
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Blip2QFormerConfig
-from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.blip_2.modeling_blip_2 import (Blip2QFormerModel, Blip2TextEmbeddings,
+                                                        eager_attention_forward)
 
 from msmedcap.config import QFormerConfig
 
@@ -81,6 +89,23 @@ class QFormer(nn.Module):
         q = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.bert(query_embeds=q, encoder_hidden_states=image_embeds).last_hidden_state
 
+    def queries_with_kv(self, image_embeds: torch.Tensor):
+        """:meth:`queries` and, per layer, the queries' self-attention ``(keys, values)`` ``[B, Q, H]``
+        (with gradient), as they were computed in this pass: the ITG text attends to them (:meth:`decode`)."""
+        kv: dict = {}
+        handles = []
+        for i, layer in enumerate(self.bert.encoder.layer):
+            attn = layer.attention.attention  # self-attention; crossattention has Linears of its own
+            for j, linear in enumerate((attn.key, attn.value)):
+                handles.append(linear.register_forward_hook(
+                    lambda _m, _args, out, at=(i, j): kv.__setitem__(at, out)))
+        try:
+            out = self.queries(image_embeds)
+        finally:
+            for h in handles:
+                h.remove()
+        return out, [(kv[i, 0], kv[i, 1]) for i in range(len(self.bert.encoder.layer))]
+
     def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only pass ``[B, T, H]`` (no cross-attention, text FFN)."""
         emb = self.embeddings(input_ids=input_ids)
@@ -121,14 +146,29 @@ class QFormer(nn.Module):
         return torch.zeros(b, 1, n, n, dtype=dtype, device=attention_mask.device).masked_fill(
             ~allowed[:, None], torch.finfo(dtype).min)
 
-    def decode(self, input_ids, attention_mask, image_embeds) -> torch.Tensor:
-        """ITG logits ``[B, T, V]`` for text positions, conditioned on the queries."""
-        q = self.query_tokens.expand(input_ids.shape[0], -1, -1)
-        emb = self.embeddings(input_ids=input_ids, query_embeds=q)
-        mask = self.itg_mask(attention_mask, emb.dtype)
-        out = self.bert(query_embeds=emb, query_length=self.num_queries, attention_mask=mask,
-                        encoder_hidden_states=image_embeds).last_hidden_state
-        h = self.itg_transform(out[:, self.num_queries:])
+    def decode(self, input_ids, attention_mask, image_embeds=None, query_kv=None) -> torch.Tensor:
+        """ITG logits ``[B, T, V]`` for text positions, conditioned on the queries: the text alone runs
+        through the layers (text FFN, no cross-attention), its self-attention over the queries' keys and
+        values of ``query_kv`` (from :meth:`queries_with_kv`; computed from ``image_embeds`` if not given)
+        and the text up to itself (the text rows of :meth:`itg_mask`)."""
+        if query_kv is None:
+            query_kv = self.queries_with_kv(image_embeds)[1]
+        bert = self.bert
+        h = self.embeddings(input_ids=input_ids)  # positions from 0, as after the queries in one pass
+        h = bert.dropout(bert.layernorm(h.to(bert.layernorm.weight.dtype)))
+        mask = self.itg_mask(attention_mask, h.dtype)[:, :, self.num_queries:]  # [B, 1, T, Q+T]
+        for layer, (keys, values) in zip(bert.encoder.layer, query_kv):
+            attn = layer.attention.attention
+
+            def heads(x: torch.Tensor) -> torch.Tensor:
+                return x.view(*x.shape[:2], -1, attn.attention_head_size).transpose(1, 2)
+
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+            context, _ = attention(attn, heads(attn.query(h)), heads(torch.cat([keys, attn.key(h)], dim=1)),
+                                   heads(torch.cat([values, attn.value(h)], dim=1)), mask,
+                                   dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling)
+            h = layer.feed_forward_chunk(layer.attention.output(context.reshape(*h.shape[:2], -1), h))
+        h = self.itg_transform(h)
         return F.linear(h, self.embeddings.word_embeddings.weight, self.itg_bias)
 
     # ----------------------------------------------------------------- init

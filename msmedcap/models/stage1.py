@@ -99,7 +99,7 @@ def stage1_branch_loss(qformer: QFormer, encoder_tokens: torch.Tensor, text_ids:
         qformer.temp.clamp_(0.001, 0.5)
     image_embeds = qformer.image_embeds(encoder_tokens)
     if n:
-        query_out = qformer.queries(image_embeds)
+        query_out, query_kv = qformer.queries_with_kv(image_embeds)  # the keys/values serve ITG below
         image_feats = F.normalize(qformer.vision_proj(query_out), dim=-1)
         text_out = qformer.text(text_ids, text_mask)
         text_feat = F.normalize(qformer.text_proj(text_out[:, 0]), dim=-1)
@@ -136,5 +136,5 @@ def stage1_branch_loss(qformer: QFormer, encoder_tokens: torch.Tensor, text_ids:
 
     dec_ids = text_ids.clone()
     dec_ids[:, 0] = dec_token_id  # [DEC] replaces [CLS]
-    loss_itg = itg_loss(qformer.decode(dec_ids, text_mask, image_embeds), dec_ids, text_mask)
+    loss_itg = itg_loss(qformer.decode(dec_ids, text_mask, query_kv=query_kv), dec_ids, text_mask)
     return {"itc": loss_itc + anchor, "itm": loss_itm, "itg": loss_itg}
