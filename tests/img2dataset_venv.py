@@ -13,7 +13,7 @@ import sys
 import venv
 from pathlib import Path
 
-REQUIREMENT = "img2dataset"
+REQUIREMENT = "img2dataset==1.47.0"  # the version the tests were written against
 
 
 def venv_dir() -> Path:
