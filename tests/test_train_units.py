@@ -217,7 +217,8 @@ def test_checkpoints_atomic_rotating_trainable_only(tmp_path, monkeypatch):
 
 def test_frozen_parts_keep_their_dtype_under_a_bf16_engine(monkeypatch):
     """DeepSpeed's bf16 engine casts the whole wrapped module; the trainer puts the frozen encoders
-    and LM back in their own dtype (fp16 on GPU; fp32 here), trainables stay bf16, and a step runs."""
+    and LM back in their own dtype (fp16 on GPU; fp32 here), and the trainables this stage does not
+    train back as they were; the stage's trainables stay bf16, and a step runs."""
     import deepspeed
     import torch.distributed as dist
 
@@ -244,7 +245,9 @@ def test_frozen_parts_keep_their_dtype_under_a_bf16_engine(monkeypatch):
         model.restore_frozen_dtype()
         assert {p.dtype for p in model.encoders.parameters()} == {torch.float32}
         assert {p.dtype for p in model.captioner.lm.parameters()} == {torch.float32}
-        assert {p.dtype for _, p in model.trainable_named_parameters()} == {torch.bfloat16}
+        # what stage 1 trains is bf16; the trainables it does not train (projections, soft prompts) keep fp32
+        assert {p.dtype for _, p in model.stage_named_parameters(1)} == {torch.bfloat16}
+        assert {p.dtype for n, p in model.trainable_named_parameters() if not model.stage_trains(n, 1)} == {torch.float32}
         out = engine(to_device(next(iter(make_train_loader(cfg, 1, 0, 1))), torch.device("cpu")))
         engine.backward(out["loss"])
         engine.step()

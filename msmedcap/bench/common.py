@@ -265,7 +265,8 @@ def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, 
     ds = fill_ds_config(read_ds_json(REPO / "ds_configs" / "zero2.json"), cfg, stage, world, acc.device_name(),
                         bf16_supported(acc))
     ds["zero_optimization"]["stage"] = zero_stage
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(model, st.weight_decay), config=ds)
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(model, st.weight_decay, stage),
+                                      config=ds)
     if hasattr(model, "restore_frozen_dtype"):  # as the trainer does after the engine's cast
         model.restore_frozen_dtype()
     return engine, ds

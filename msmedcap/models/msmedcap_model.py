@@ -8,6 +8,7 @@ branch on every sample.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +26,13 @@ from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
 log = logging.getLogger(__name__)
 
 ENCODERS = {"clip": ClipEncoder, "sam": SamEncoder}
+
+# What the stage-2 captioning loss reaches inside a Q-Former (``qformers.<branch>.`` + this): the query
+# path (learned queries, ln_vision, the embedding LayerNorm, self-attention, cross-attention, query FFN).
+# The text side (embeddings, text FFN) and the stage-1 heads (ITC projections, temp, ITM, ITG) are not.
+# tests/test_stage_scope.py checks this rule against autograd on a real batch.
+STAGE2_QFORMER = re.compile(r"(query_tokens|ln_vision\.|bert\.layernorm\."
+                            r"|bert\.encoder\.layer\.\d+\.(attention|crossattention|intermediate_query|output_query)\.)")
 
 
 class MSMedCap(nn.Module):
@@ -46,6 +54,11 @@ class MSMedCap(nn.Module):
         routing = [[b in cfg.routing.get(d, []) for b in self.branches] for d in DOMAINS]
         self.register_buffer("routing", torch.tensor(routing, dtype=torch.bool), persistent=False)
         self.feature_cache = None  # a models.feature_cache.FeatureCache when model.feature_cache is set
+        # The model's trainables (exported, loaded, hashed, whatever the stage): fixed here. A stage trains
+        # a subset of them (set_stage); the others are frozen for that stage only.
+        self._trainable_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
+        self._held: dict = {}  # stage-frozen trainables' values while an engine may cast them (set_stage)
+        self.stage = None
         log.info("model %s: frozen encoders and LM in %s; trainables in %s", cfg.variant,
                  str(dtype).replace("torch.", ""), str(self.qformers[self.branches[0]].dtype).replace("torch.", ""))
 
@@ -56,15 +69,51 @@ class MSMedCap(nn.Module):
 
     def restore_frozen_dtype(self) -> None:
         """DeepSpeed's bf16/fp16 engine casts the whole module it wraps; the frozen encoders and LM go
-        back to their own dtype (``frozen_dtype``: fp16 on GPU by default). No optimizer state holds
-        them, so this is safe after ``deepspeed.initialize``."""
+        back to their own dtype (``frozen_dtype``: fp16 on GPU by default), and the trainables frozen
+        for this stage to the values and dtype they had at :meth:`set_stage` (unrounded, so a stage
+        leaves them bit-identical). No optimizer state holds any of them, so this is safe after
+        ``deepspeed.initialize``."""
         dtype = frozen_dtype(self.cfg.frozen_dtype)
         for encoder in self.encoders.values():
             encoder.to(dtype)
         self.captioner.lm.to(dtype)
+        params = dict(self.named_parameters())
+        for name, value in self._held.items():
+            params[name].data = value.to(params[name].device)
+        self._held = {}
 
     def trainable_named_parameters(self) -> list:
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        """The model's trainables (Q-Formers with their heads, projections, soft prompts), in every
+        stage: what save_trainable exports, load_trainable loads and weights_digest hashes."""
+        params = dict(self.named_parameters())
+        return [(n, params[n]) for n in self._trainable_names]
+
+    def stage_trains(self, name: str, stage: int) -> bool:
+        """Whether stage ``stage`` trains trainable ``name``: stage 1 the Q-Formers (every part, heads
+        included); stage 2 what the captioning loss reaches: each Q-Former's query path
+        (:data:`STAGE2_QFORMER`), the projections and the soft prompts."""
+        top, _, rest = name.partition(".")
+        if stage == 1:
+            return top == "qformers"
+        if stage == 2:
+            return top == "captioner" or (top == "qformers" and STAGE2_QFORMER.match(rest.partition(".")[2]) is not None)
+        raise ValueError(f"stage must be 1 or 2, not {stage!r}")
+
+    def stage_named_parameters(self, stage: int) -> list:
+        """The trainables stage ``stage`` trains: its optimizer's parameters."""
+        return [(n, p) for n, p in self.trainable_named_parameters() if self.stage_trains(n, stage)]
+
+    def set_stage(self, stage) -> None:
+        """Train ``stage``'s parameters only: the other trainables get ``requires_grad=False`` (no
+        gradient, no optimizer state, no weight decay) until the next call; ``None``: all trainable.
+        Their values are held (on the host) so :meth:`restore_frozen_dtype` can undo an engine's cast."""
+        self.stage = stage
+        self._held = {}
+        for name, p in self.trainable_named_parameters():
+            trains = stage is None or self.stage_trains(name, stage)
+            p.requires_grad_(trains)
+            if not trains:
+                self._held[name] = p.detach().to("cpu", copy=True)
 
     @staticmethod
     def part_of(name: str) -> str:
@@ -73,18 +122,20 @@ class MSMedCap(nn.Module):
 
     def parameter_counts(self) -> dict:
         """``{part: {"trainable": n, "frozen": n}}`` for clip/sam encoder and Q-Former, lm, projections,
-        soft_prompts, and ``total``."""
+        soft_prompts, and ``total`` (trainable: the model's trainables, whatever the stage)."""
+        trainable = set(self._trainable_names)
         counts: dict = {}
         for name, p in self.named_parameters():
             for part in (self.part_of(name), "total"):
                 c = counts.setdefault(part, {"trainable": 0, "frozen": 0})
-                c["trainable" if p.requires_grad else "frozen"] += p.numel()
+                c["trainable" if name in trainable else "frozen"] += p.numel()
         return counts
 
     def _touch_trainables(self) -> torch.Tensor:
-        """0 x every trainable: each step gives every trainable a gradient (zero where unused, e.g. the
-        projections in stage 1), so DDP / ZeRO gradient reduction never waits on a missing one."""
-        return 0.0 * sum(p.sum() for _, p in self.trainable_named_parameters())
+        """0 x every parameter this stage trains: each step gives each of them a gradient (zero where
+        unused, e.g. an unrouted branch's Q-Former in stage 1), so DDP / ZeRO gradient reduction never
+        waits on a missing one. Trainables frozen for the stage are not touched."""
+        return 0.0 * sum(p.sum() for _, p in self.trainable_named_parameters() if p.requires_grad)
 
     def load_trainable(self, path, strict: bool = True) -> None:
         from msmedcap.models.loading import load_trainable

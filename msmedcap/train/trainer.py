@@ -50,12 +50,15 @@ def seed_everything(seed: int) -> None:
 
 class StageLoss(nn.Module):
     """What DeepSpeed wraps: ``forward(batch)`` is the model's loss for one stage (the engine's
-    forward must run so ZeRO's backward hooks are armed)."""
+    forward must run so ZeRO's backward hooks are armed). Wrapping scopes the model to the stage
+    (``set_stage``: the trainables this stage does not train are frozen while it runs)."""
 
     def __init__(self, model: nn.Module, stage: int):
         super().__init__()
         self.model = model
         self.stage = stage
+        if hasattr(model, "set_stage"):
+            model.set_stage(stage)
 
     def forward(self, batch: dict) -> dict:
         return getattr(self.model, f"stage{self.stage}_loss")(batch)
@@ -70,10 +73,19 @@ class StageLoss(nn.Module):
         return full
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list:
-    """Trainable parameters only; no weight decay on biases, norms and other 1-D tensors (BLIP-2)."""
+def param_groups(model: nn.Module, weight_decay: float, stage: Optional[int] = None) -> list:
+    """The parameters ``stage`` trains (``model.stage_named_parameters``; by default the stage that
+    ``StageLoss(model, stage)`` set, which freezes the others; every trainable for a model without
+    stages); no weight decay on biases, norms and other 1-D tensors (BLIP-2)."""
+    stage = stage if stage is not None else getattr(model, "stage", None)  # the stage StageLoss set
+    scoped = stage is not None and hasattr(model, "stage_named_parameters")
+    named = model.stage_named_parameters(stage) if scoped else model.trainable_named_parameters()
+    frozen = [n for n, p in named if not p.requires_grad]
+    if frozen:
+        raise RuntimeError(f"param_groups: {len(frozen)} parameters to train have requires_grad=False "
+                           f"({frozen[0]}, ...): wrap the model in StageLoss(model, {stage}) first")
     decay, no_decay = [], []
-    for name, p in model.trainable_named_parameters():
+    for name, p in named:
         if p.ndim < 2 or name.endswith("bias") or "norm" in name.lower() or ".ln" in name:
             no_decay.append(p)
         else:
@@ -227,7 +239,7 @@ class Trainer:
         ds_cfg = self.ds_config(stage)
         model = self.build(stage)
         engine, _, _, scheduler = deepspeed.initialize(
-            model=StageLoss(model, stage), model_parameters=param_groups(model, st.weight_decay), config=ds_cfg,
+            model=StageLoss(model, stage), model_parameters=param_groups(model, st.weight_decay, stage), config=ds_cfg,
             lr_scheduler=None if "scheduler" in ds_cfg else warmup_cosine(st))
         model.restore_frozen_dtype()  # the engine cast everything to its precision
         ckpts = CheckpointManager(stage_dir(cfg, stage) / "checkpoints", cfg.train.keep_last, self.rank, self.barrier)
