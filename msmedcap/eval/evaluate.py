@@ -3,6 +3,7 @@ search), rank 0 gathers every record, scores them once with pycocoevalcap and wr
 predictions.jsonl, scores.json and gallery.html, and prints the table."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -94,9 +95,13 @@ def generate_records(model, batches, gen_kwargs: dict, limit: int = 0, thumbnail
                      skipped: Optional[dict] = None) -> list:
     """Caption every batch -> records (key, source, domain, references, prediction[, thumbnail]).
     ``limit`` > 0 stops after that many samples; ``skipped`` accumulates the loader's skip counts."""
+    from msmedcap.train.signals import fault_point
+
     device = model_device(model)
     records = []
-    for batch in batches:
+    rank = int(os.environ.get("RANK", 0))
+    for n_batch, batch in enumerate(batches, 1):
+        fault_point("eval.batch", None, n_batch, rank)
         if limit and len(records) >= limit:
             break
         for reason, n in (batch.get("skipped") or {}).items():
@@ -118,6 +123,11 @@ def generate_records(model, batches, gen_kwargs: dict, limit: int = 0, thumbnail
 
 
 # --------------------------------------------------------------------------- the job
+# What one evaluation writes (rank 0); removed when a new evaluation starts in the same directory,
+# so a failed one leaves none of them. scores.json is written after every other output.
+OUTPUTS = ("scores.json", "predictions.jsonl", "gallery.html")
+
+
 def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Optional[Sequence[str]] = None,
              checkpoint: Optional[str] = None) -> Optional[dict]:
     """Caption the eval shards on every rank, gather on rank 0, score, write, print.
@@ -147,6 +157,11 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
 
     model = getattr(model, "module", model)  # DeepSpeed engine -> the model
     specs = list(specs or cfg.data.eval)
+    out = Path(out_dir)
+    if rank == 0:  # an earlier evaluation's results must not pass for this one's if this one fails
+        for name in OUTPUTS:
+            if (out / name).exists():
+                (out / name).unlink()
     was_training = model.training
     model.eval()
     start = time.time()
@@ -192,14 +207,13 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
         world_size=world_size,
         config=cfg.to_dict(),
     )
-    out = Path(out_dir)
     write_jsonl(out / "predictions.jsonl", ({k: v for k, v in r.items() if k != "thumbnail"} for r in everything))
-    write_json(out / "scores.json", scores)
     if cfg.eval.gallery:
         o = scores["overall"]
         write_gallery(out / "gallery.html", everything, title=f"msmedcap {cfg.model.variant}: {out}",
                       summary=f"{len(everything)} samples · checkpoint {checkpoint} · CIDEr {o['CIDEr']:.4f} · "
                               f"BLEU-4 {o['Bleu_4']:.4f}", scores=scores)
+    write_json(out / "scores.json", scores)  # last: its presence means the evaluation finished
     print_scores(scores, title=f"{cfg.model.variant} · {len(everything)} samples · {out}")
     return scores
 

@@ -15,6 +15,10 @@ class CoverageError(RuntimeError):
     """Some sample was evaluated twice, or records went missing between the ranks and rank 0."""
 
 
+class RankLost(RuntimeError):
+    """A rank died or went silent before its records reached rank 0: nothing is scored or written."""
+
+
 def gather_to_rank0(obj: Any, rank: int = 0, world_size: int = 1, group=None) -> Optional[list]:
     """Every rank's ``obj`` (picklable), index = rank, on rank 0; None on the other ranks.
 
@@ -27,7 +31,12 @@ def gather_to_rank0(obj: Any, rank: int = 0, world_size: int = 1, group=None) ->
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
     parts = [None] * world_size if rank == 0 else None
-    dist.gather_object(obj, parts, group=group, group_dst=0)
+    try:
+        dist.gather_object(obj, parts, group=group, group_dst=0)
+    except (RuntimeError, ConnectionError) as e:  # gloo: a peer's connection closed; NCCL/gloo: timeout
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise RankLost(f"rank {rank}: another rank died or went silent before the evaluation's records were "
+                       f"gathered ({detail}); no scores or predictions were written. Run the evaluation again") from e
     return parts
 
 

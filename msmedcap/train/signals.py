@@ -10,9 +10,11 @@ the whole process tree (what the launcher does) does not kill them mid-batch.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -51,3 +53,43 @@ class StopRequest:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.agreed_signum = int(flag.item())
         return bool(self.agreed_signum)
+
+
+# --------------------------------------------------------------------------- fault injection
+FAULT_ENV = "MSMEDCAP_FAULT"
+FAULT_ACTIONS = ("kill", "enospc", "hang")
+
+
+def fault_point(name: str, stage: Optional[int] = None, step: Optional[int] = None, rank: Optional[int] = None,
+                path=None) -> None:
+    """A named moment where the fault tests (tests/test_faults.py) strike, deterministically.
+
+    ``MSMEDCAP_FAULT=ACTION@NAME[@STAGE.STEP][#RANK]`` (several separated by ``,``): when this
+    process reaches point NAME (at that stage and step, on that rank; any when omitted), ``kill``
+    sends itself SIGKILL (no cleanup, as an OOM kill or a lost node), ``enospc`` raises the
+    ``OSError`` a full disk gives, ``hang`` stops itself (SIGSTOP: alive but silent, as a stuck
+    rank). Unset (always, outside tests) this costs one environment lookup."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        action, _, where = item.strip().partition("@")
+        where, _, want_rank = where.partition("#")
+        point, _, at = where.partition("@")
+        if point != name or (want_rank and rank is not None and int(want_rank) != rank):
+            continue
+        if at:
+            want_stage, _, want_step = at.partition(".")
+            if (want_stage and stage is not None and int(want_stage) != stage) or (
+                    want_step and step is not None and int(want_step) != step):
+                continue
+        print(f"{FAULT_ENV}: {action} at {name} (stage {stage}, step {step}, rank {rank})", file=sys.stderr, flush=True)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)  # never reached: SIGKILL is delivered at once
+        elif action == "enospc":
+            raise OSError(errno.ENOSPC, f"No space left on device (simulated by {FAULT_ENV})", str(path or name))
+        elif action == "hang":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: unknown action {action!r} (one of {FAULT_ACTIONS})")

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from msmedcap.config import Config, ConfigError
-from msmedcap.train.checkpoint import CheckpointManager, latest_checkpoint, set_rng_states
+from msmedcap.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError, check_checkpoint,
+                                       set_rng_states, usable_checkpoint)
 from msmedcap.train.ds_config import bf16_supported, fill_ds_config
 from msmedcap.train.metrics import MetricsLog, count_flops, peak_memory_mb
 from msmedcap.train.schedule import warmup_cosine
-from msmedcap.train.signals import StopRequest
+from msmedcap.train.signals import StopRequest, fault_point
 
 
 def stage_dir(cfg: Config, stage: int) -> Path:
@@ -150,7 +151,12 @@ class Trainer:
 
         self.cfg, self.ds_json, self.ds_source = cfg, ds_json, ds_source
         self.acc = get_accelerator()
-        deepspeed.init_distributed(dist_backend=self.acc.communication_backend_name())
+        from datetime import timedelta
+
+        # A collective waits at most train.dist_timeout_s for a silent peer (torch's default: 30 min);
+        # a peer that died is noticed at once (gloo/NCCL see its connections close).
+        deepspeed.init_distributed(dist_backend=self.acc.communication_backend_name(),
+                                   timeout=timedelta(seconds=cfg.train.dist_timeout_s))
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -190,13 +196,16 @@ class Trainer:
                 if export_dir(self.cfg, s).is_dir():
                     plan[s] = "done"
                 else:
-                    plan[s] = latest_checkpoint(stage_dir(self.cfg, s) / "checkpoints")
+                    plan[s] = self.agreed_checkpoint(stage_dir(self.cfg, s) / "checkpoints")
                     break
         elif resume:
             path = Path(resume)
             state_file = path / "trainer_state.json"
             if not state_file.is_file():
                 raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json)")
+            problem = check_checkpoint(path) if self.rank == 0 else None
+            if problem:
+                raise ConfigError(f"--resume {resume}: damaged checkpoint: {problem}")
             stage = json.loads(state_file.read_text())["stage"]
             if stage not in stages:
                 raise ConfigError(f"--resume {resume}: a stage-{stage} checkpoint, but train.stage={self.cfg.train.stage}")
@@ -212,6 +221,21 @@ class Trainer:
                 for d in earlier:
                     shutil.rmtree(d)
         return plan
+
+    def agreed_checkpoint(self, root: Path) -> Optional[Path]:
+        """Rank 0 picks the newest checkpoint whose files match their manifest (naming each damaged
+        one it passes over); every rank gets its choice, or the same CheckpointError."""
+        choice: list = [None]
+        if self.rank == 0:
+            try:
+                choice = [usable_checkpoint(root, log=lambda msg: print(f"resume: {msg}", flush=True))]
+            except CheckpointError as e:
+                choice = [e]
+        if self.world > 1:
+            self.dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], CheckpointError):
+            raise ConfigError(f"--resume auto: {choice[0]}")
+        return Path(choice[0]) if choice[0] is not None else None
 
     # ------------------------------------------------------------------ one stage
     def build(self, stage: int) -> nn.Module:
@@ -278,6 +302,7 @@ class Trainer:
                 def fwd_bwd():
                     out = engine(inputs)
                     engine.backward(out["loss"])
+                    fault_point("step.after_backward", stage, step + 1, self.rank)
                     return out
 
                 if flops_per_micro is None:
@@ -310,6 +335,7 @@ class Trainer:
                         "truncated_captions": {**stats["truncated"], "of": stats["samples"]},
                         "peak_memory_mb": peak_memory_mb(self.device_type), "elapsed_s": time.time() - t_start})
                 window, t_window = Window(), time.time()
+            fault_point("step.end", stage, step, self.rank)
             stopping = self.stop.agreed(self.device)
             if step % cfg.train.ckpt_every == 0 or step == st.steps or stopping:
                 result.checkpoint = str(ckpts.save(engine, step, client_state(), export))
@@ -326,7 +352,9 @@ class Trainer:
             save_trainable(model, tmp, cfg)
             if final.exists():
                 shutil.rmtree(final)
+            fault_point("stage.before_export_rename", stage, step, self.rank)
             os.rename(tmp, final)  # the export's existence marks the stage as finished
+            fault_point("stage.after_export", stage, step, self.rank)
         if not result.stopped_by:
             result.export = str(export_dir(cfg, stage))
         self.barrier()
@@ -390,7 +418,8 @@ class Trainer:
         plot = self.log.close() if self.log else None
         if self.rank == 0:
             self.summarize(results, evaluation, plot, time.time() - t0)
-        self.barrier()
+        # No closing barrier: the other ranks would wait in it for rank 0's scoring, which may take
+        # longer than train.dist_timeout_s on a large eval set; nothing after this needs them.
         return 0
 
     def evaluate(self, stage: int) -> Optional[dict]:
@@ -550,11 +579,70 @@ def most_frequent_caption_baseline(cfg: Config, predictions_path: Path) -> dict:
 
 def train(cfg: Config, ds_json: dict, ds_source: str = "DeepSpeed config", resume: Optional[str] = None,
           overwrite: bool = False) -> int:
+    import sys
+
+    trainer = None
     try:
         trainer = Trainer(cfg, ds_json, ds_source)
         return trainer.run(resume, overwrite)
     except ConfigError as e:
-        import sys
-
         print(f"pretrain: config error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # damaged, or holding pickles: named, never loaded
+        print(f"pretrain: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointWriteError as e:
+        print(f"pretrain: {e}", file=sys.stderr, flush=True)
+        _leave(1)
+    except Exception as e:  # noqa: BLE001 - a lost peer or a full disk: say so, then leave without hanging
+        rank = trainer.rank if trainer is not None else os.environ.get("RANK", "?")
+        if is_collective_failure(e):
+            print(f"pretrain: rank {rank}: lost contact with another rank ({type(e).__name__}: "
+                  f"{first_line(e)}). A rank died, was killed or hangs (a silent rank is given up on after "
+                  f"train.dist_timeout_s={cfg.train.dist_timeout_s} s). Every rank stops; restart the job with "
+                  "--resume auto to continue from the newest complete checkpoint.", file=sys.stderr, flush=True)
+            _leave(3)
+        if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT outside a checkpoint write
+            print(f"pretrain: rank {rank}: no space left on device: {e}. Checkpoints already written are "
+                  "complete; free space, then restart with --resume auto.", file=sys.stderr, flush=True)
+            _leave(1)
+        import traceback
+
+        traceback.print_exc()
+        print(f"pretrain: rank {rank}: failed ({type(e).__name__}: {first_line(e)}); checkpoints already written "
+              "are complete: --resume auto continues from the newest one.", file=sys.stderr, flush=True)
+        _leave(1)
+
+
+def _leave(code: int) -> None:
+    """Exit now, without interpreter teardown: at exit multiprocessing terminates (SIGTERM) and joins
+    the data loader's workers, which ignore SIGTERM (signals.py), so a normal exit after a failure
+    mid-stage would wait forever; and destroying a process group whose peer is gone can block."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:600] if text else ""
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """An error from torch.distributed because a peer is gone or silent (gloo, NCCL, the store)."""
+    import torch.distributed as dist
+
+    from msmedcap.eval.gather import RankLost
+
+    if isinstance(e, RankLost):
+        return True
+    kinds = tuple(k for k in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None),
+                              getattr(dist, "DistNetworkError", None)) if k is not None)
+    if kinds and isinstance(e, kinds):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Gloo", "gloo", "NCCL", "timed out",
+        "Timed out", "Broken pipe", "Socket Timeout"))
