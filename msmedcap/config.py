@@ -122,6 +122,13 @@ class DataConfig:
     # The train stream redraws its shards every segment_batches batches per worker (seeded by the
     # segment's index): a resumed run re-reads at most this many batches to reach its position.
     segment_batches: int = 50
+    # JPEG decode at a reduced DCT scale (PIL draft: 1/2, 1/4, 1/8) when every encoder's image stays at
+    # least jpeg_draft x its own size; 0 = off (exact: the pixels of a full decode). Opt-in: the
+    # result differs from a full decode by a few grey levels (docs/benchmarks.md).
+    jpeg_draft: float = 0.0
+    # Decode JPEGs on the GPU (torchvision.io.decode_jpeg, nvJPEG) and resize them there; workers then
+    # only parse headers. Needs CUDA; outputs within a few grey levels of the CPU path (docs/benchmarks.md).
+    gpu_decode: bool = False
 
 
 # --------------------------------------------------------------------------- training
@@ -397,6 +404,7 @@ BOUNDS = [
         ("steps", _AT_LEAST_1), ("micro_batch_size", _AT_LEAST_1), ("grad_accum", _AT_LEAST_1))],
     *[(f"data.{k}", *_AT_LEAST_1) for k in ("shuffle_buffer", "segment_batches", "max_image_pixels")],
     ("data.num_workers", *_AT_LEAST_0),
+    ("data.jpeg_draft", (lambda v: v == 0 or 1 <= v < float("inf")), "0 (off) or >= 1"),
     ("train.log_every", *_AT_LEAST_1), ("train.ckpt_every", *_AT_LEAST_1), ("train.keep_last", *_AT_LEAST_1),
     ("eval.batch_size", *_AT_LEAST_1), ("eval.num_beams", *_AT_LEAST_1), ("eval.max_len", *_AT_LEAST_1),
     ("eval.min_len", *_AT_LEAST_0), ("eval.repetition_penalty", *_POSITIVE), ("eval.max_samples", *_AT_LEAST_0),

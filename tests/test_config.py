@@ -153,6 +153,8 @@ FIELD_CASES = {
     "data.shuffle_buffer": ("1", ["0"]),
     "data.max_image_pixels": ("1000000", ["0"]),
     "data.segment_batches": ("10", ["0"]),
+    "data.jpeg_draft": ("2", ["0.5", "-1", ".inf", "x"]),
+    "data.gpu_decode": ("false", ["maybe"]),
     "train.stage": ("2", ["3", "both"]),
     "train.output_dir": ("runs/x", ["''", "[a]"]),
     "train.seed": ("0", ["-1", "4294967296", "x"]),

@@ -17,6 +17,7 @@ from msmedcap.data import loader as loader_mod
 from msmedcap.data.loader import EvalStream, make_eval_loader, make_train_loader
 from msmedcap.data.shards import write_shards
 from msmedcap.data.transforms import ClipTransform, SamTransform
+from msmedcap.models.encoders import encoder_input
 from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
 
 
@@ -39,8 +40,12 @@ def test_round_trip_exact_identity(tmp_path):
         for j, key in enumerate(b["key"]):
             original = Image.open(io.BytesIO(png_bytes(i))).convert("RGB")
             assert b["caption"][j] == f"caption number {i} of {key}"
-            assert torch.equal(b["clip_image"][j], clip(original))
-            assert torch.equal(b["sam_image"][j], sam(original))
+            # uint8 across the worker boundary; the encoders' input path gives today's float tensors exactly
+            assert b["clip_image"].dtype == torch.uint8 and b["clip_image"].shape[1:] == (16, 16, 3)
+            assert torch.equal(encoder_input(b["clip_image"], CLIP_MEAN, CLIP_STD, torch.float32, 0,
+                                             b["clip_image_size"])[j], clip(original))
+            assert torch.equal(encoder_input(b["sam_image"], SAM_MEAN, SAM_STD, torch.float32, 24,
+                                             b["sam_image_size"])[j], sam(original))
             ids = qtok(b["caption"][j], padding="max_length", max_length=cfg.model.qformer.max_text_len).input_ids
             assert b["text_input_ids"][j].tolist() == ids
             lm = ltok(b["caption"][j] + "\n", add_special_tokens=False).input_ids

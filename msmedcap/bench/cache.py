@@ -35,7 +35,7 @@ def bench_feature_cache(cfg, batch: dict, dev, iters: int, warmup: int, peak: di
     def encoders():
         with torch.no_grad():
             for b in model.branches:
-                model.encoders[b](inputs[f"{b}_image"])
+                model.encoders[b](inputs[f"{b}_image"], inputs.get(f"{b}_image_size"))
 
     sync(dev)
     t = now()

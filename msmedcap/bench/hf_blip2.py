@@ -54,7 +54,13 @@ class HFStage2(nn.Module):
         mask = torch.cat([torch.ones_like(image), torch.ones_like(prompt), caption_mask], dim=1)
         labels = torch.cat([torch.full_like(image, -100), torch.full_like(prompt, -100),
                             caption.masked_fill(caption_mask == 0, -100)], dim=1)
-        pixels = batch["clip_image"].to(self.hf.vision_model.dtype)
+        pixels = batch["clip_image"]
+        if pixels.dtype == torch.uint8:  # a loader batch: normalised as our CLIP encoder's input path does
+            from msmedcap.batch import CLIP_MEAN, CLIP_STD
+            from msmedcap.models.encoders import encoder_input
+
+            pixels = encoder_input(pixels, CLIP_MEAN, CLIP_STD, self.hf.vision_model.dtype)
+        pixels = pixels.to(self.hf.vision_model.dtype)
         return {"loss": self.hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels).loss}
 
 

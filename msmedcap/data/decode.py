@@ -119,8 +119,11 @@ def parse_caption(raw: dict) -> str:
     return caption
 
 
-def decode_image(data: bytes, max_pixels: int, where: str = "") -> Image.Image:
-    """Bytes -> RGB PIL image, refusing images over ``max_pixels`` before decoding the pixels."""
+def open_image(data: bytes, max_pixels: int, where: str = "", draft=None) -> tuple:
+    """Bytes -> (decoded PIL image in RGB or L, (w, h) as stored). Greyscale stays one channel; any
+    other mode becomes RGB. Images over ``max_pixels`` are refused from the header, before decoding
+    the pixels. ``draft``: a function of the stored (w, h) giving the smallest (w, h) a JPEG may be
+    decoded at (PIL's ``draft``: DCT scaling by 1/2..1/8), or None; the pixels are decoded once."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -129,23 +132,43 @@ def decode_image(data: bytes, max_pixels: int, where: str = "") -> Image.Image:
                 raise SkipSample("bad_image", f"{where}: format {img.format} is not jpg/png/webp")
             if img.width * img.height > max_pixels:
                 raise SkipSample("too_large", f"{where}: {img.width}x{img.height} over {max_pixels} pixels")
+            source = img.size
+            if draft is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
+                size = draft(img.size)
+                if size is not None:
+                    img.draft(img.mode, size)
             img.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+            if img.mode not in ("RGB", "L"):
+                img = img.convert("RGB")
     except SkipSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SkipSample("too_large", f"{where}: {e}") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on corrupt data
         raise SkipSample("bad_image", f"{where}: {type(e).__name__}: {e}") from None
-    return img.convert("RGB")
+    return img, source
 
 
-def decode_sample(raw: dict, max_pixels: int) -> dict:
-    """Raw tar sample -> {key, image (PIL RGB), caption, domain, source, meta}; SkipSample if bad."""
-    meta = parse_meta(raw)
-    caption = parse_caption(raw)
+def decode_image(data: bytes, max_pixels: int, where: str = "") -> Image.Image:
+    """Bytes -> RGB PIL image, refusing images over ``max_pixels`` before decoding the pixels."""
+    img = open_image(data, max_pixels, where)[0]
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def image_member(raw: dict) -> str:
     ext = next((k for k in IMAGE_KEYS if k in raw), None)
     if ext is None:
         raise SkipSample("bad_image", f"{_where(raw)} has no jpg/png/webp member")
-    image = decode_image(raw[ext], max_pixels, _where(raw))
-    return {"key": raw["__key__"], "image": image, "caption": caption, "domain": meta["domain"],
-            "source": str(meta["source"]), "meta": meta}
+    return ext
+
+
+def decode_sample(raw: dict, max_pixels: int, draft=None) -> dict:
+    """Raw tar sample -> {key, image (PIL RGB or L, see ``open_image``), source_size (w, h before any
+    JPEG draft), caption, domain, source, meta}; SkipSample if bad."""
+    meta = parse_meta(raw)
+    caption = parse_caption(raw)
+    data = raw[image_member(raw)]
+    image, size = open_image(data, max_pixels, _where(raw), draft)
+    return {"key": raw["__key__"], "image": image, "source_size": size, "caption": caption,
+            "domain": meta["domain"], "source": str(meta["source"]), "meta": meta}
+

@@ -34,13 +34,14 @@ import random
 from functools import partial
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from msmedcap.batch import DOMAIN_INDEX
 from msmedcap.config import Config, ConfigError, expand_braces, parse_shard_spec
 from msmedcap.data.decode import IMAGE_KEYS, SkipCounter, decode_sample
+from msmedcap.data.transforms import stack_pixels
+from msmedcap.data.gpu_decode import gpu_decode_available
 from msmedcap.data.shards import check_spec_has_domain, check_tar_ends, iter_raw_samples, label_sample
 from msmedcap.tokenization import encode_lm_captions
 
@@ -91,15 +92,19 @@ def _no_worker_seed() -> int:  # our seeds already name the worker's role
 
 
 class SampleProcessor:
-    """Raw tar sample -> decoded, transformed sample; samples -> batch dict (tokenised)."""
+    """Raw tar sample -> decoded sample with each encoder's uint8 pixels at their resized size;
+    samples -> batch dict (tokenised; images stacked by ``transforms.stack_pixels``)."""
 
     def __init__(self, cfg: Config):
-        from msmedcap.data.transforms import encoder_transforms
+        from msmedcap.data.transforms import draft_size, encoder_transforms
         from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run in DataLoader workers
         self.max_pixels = cfg.data.max_image_pixels
         self.transforms = encoder_transforms(cfg)
+        margin = cfg.data.jpeg_draft
+        self.draft = partial(draft_size, list(self.transforms.values()), margin=margin) if margin else None
+        self.gpu_decode = bool(cfg.data.gpu_decode) and gpu_decode_available()
         self.qformer_tok = load_qformer_tokenizer(cfg.model.qformer.tokenizer)
         self.lm_tok = load_lm_tokenizer(cfg.model.lm.tokenizer)
         self.max_text_len = cfg.model.qformer.max_text_len
@@ -107,12 +112,21 @@ class SampleProcessor:
         self.hash_images = bool(cfg.model.feature_cache)  # the feature cache's key (models/feature_cache.py)
 
     def prepare(self, raw: dict) -> dict:
-        sample = decode_sample(raw, self.max_pixels)
-        image = sample.pop("image")
+        if self.gpu_decode:
+            from msmedcap.data.gpu_decode import prepare_jpeg
+
+            sample = prepare_jpeg(raw, self.max_pixels, self.transforms)
+            if sample is not None:  # a JPEG: decoded on the device (msmedcap.data.gpu_decode)
+                return self._hashed(sample, raw)
+        sample = decode_sample(raw, self.max_pixels, self.draft)
+        image, source = sample.pop("image"), sample.pop("source_size")
+        for name, transform in self.transforms.items():
+            sample[name] = transform.pixels(image, source)
+        return self._hashed(sample, raw)
+
+    def _hashed(self, sample: dict, raw: dict) -> dict:
         if self.hash_images:
             sample["image_sha256"] = hashlib.sha256(raw[next(k for k in IMAGE_KEYS if k in raw)]).hexdigest()
-        for name, transform in self.transforms.items():
-            sample[name] = transform(image)
         return sample
 
     def _qformer_lengths(self, captions: list) -> list:
@@ -135,8 +149,10 @@ class SampleProcessor:
             "truncated": {"qformer_text": int(q_truncated), "lm_caption": int(lm["truncated"].sum())},
             "skipped": counter.pop(),
         }
-        for name in self.transforms:  # numpy stack: no torch thread pool (see transforms._normalised)
-            batch[name] = torch.from_numpy(np.stack([s[name].numpy() for s in samples]))
+        for name in self.transforms:  # uint8, straight into shared memory (no torch thread pool)
+            batch[name], batch[f"{name}_size"] = stack_pixels([s[name] for s in samples])
+        if self.gpu_decode:
+            batch["jpeg_bytes"] = [s.get("jpeg_bytes") for s in samples]
         if self.hash_images:
             batch["image_sha256"] = [s["image_sha256"] for s in samples]
         return batch

@@ -1,12 +1,17 @@
-"""Per-encoder image transforms, each from the ORIGINAL decoded image (never one re-normalised
-from the other), with the encoders' own preprocessing:
+"""Per-encoder image geometry, each from the ORIGINAL decoded image (never one resized from the
+other), with the encoders' own preprocessing:
 
-- CLIP: open_clip's eval transform (bicubic resize of the shorter side, center crop, CLIP mean/std).
-- SAM: segment-anything's ResizeLongestSide, then ``Sam.preprocess``'s normalisation (SAM mean/std)
-  and zero padding to a square at the bottom/right.
+- CLIP: open_clip's eval transform: bicubic resize of the shorter side, center crop (then CLIP mean/std).
+- SAM: segment-anything's ResizeLongestSide (bilinear), then ``Sam.preprocess``'s normalisation (SAM
+  mean/std) and zero padding to a square at the bottom/right.
 
-Both are computed with PIL + numpy rather than by calling the libraries' torchvision pipelines: the
-same numbers (tests compare them with open_clip's and segment-anything's own), several times faster.
+The loader's workers do only the PIL part (:meth:`ClipTransform.pixels`, :meth:`SamTransform.pixels`:
+uint8 at the resized size, greyscale kept as one channel until :func:`stack_pixels` broadcasts it),
+and :func:`stack_pixels` builds the batch's uint8 tensors. Normalisation and SAM's padding run on the
+device, in the frozen encoder's input path (``msmedcap.models.encoders.encoder_input``). Calling a
+transform (``ClipTransform(s)(image)``) still gives the normalised float tensor of the same numbers,
+for code that trains on it directly (the demo encoders) and for the tests that compare it with
+open_clip's and segment-anything's own preprocessing.
 """
 from __future__ import annotations
 
@@ -21,15 +26,19 @@ from msmedcap.batch import CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD
 
 @lru_cache(maxsize=4)
 def _lookup(mean: tuple, std: tuple) -> np.ndarray:
-    """[3, 256] float32: ((v / 255) - mean[c]) / std[c] for every uint8 value v."""
+    """[3, 256] float32: ((v / 255) - mean[c]) / std[c] for every uint8 value v (the same float32
+    operations, in the same order, as ``encoder_input`` on the device: bit-identical)."""
     values = np.arange(256, dtype=np.float32)[None, :] / np.float32(255)
     return (values - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
 
 
+def _rgb(pixels: np.ndarray) -> np.ndarray:
+    return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
+
+
 def _normalised(pixels: np.ndarray, mean: tuple, std: tuple, pad_to: int = 0) -> torch.Tensor:
-    """uint8 HxWx3 -> float CxHxW, ((x / 255) - mean) / std, zero-padded bottom/right to ``pad_to``.
-    One table lookup per channel in numpy: on small images torch's per-op and thread-pool overheads
-    dominate (tens of ms per op on a busy machine), and a lookup beats the arithmetic."""
+    """uint8 HxWx3 (or HxW) -> float CxHxW, ((x / 255) - mean) / std, zero-padded bottom/right to ``pad_to``."""
+    pixels = _rgb(pixels)
     h, w = pixels.shape[:2]
     table = _lookup(mean, std)
     out = np.zeros((3, max(h, pad_to), max(w, pad_to)), np.float32)
@@ -38,29 +47,65 @@ def _normalised(pixels: np.ndarray, mean: tuple, std: tuple, pad_to: int = 0) ->
     return torch.from_numpy(out)
 
 
+def _pil(image: Image.Image) -> Image.Image:
+    """RGB and greyscale stay as they are (a grey image is resized once, not three times); any other
+    mode becomes RGB first, as ``decode_image`` does."""
+    return image if image.mode in ("RGB", "L") else image.convert("RGB")
+
+
 class ClipTransform:
     """open_clip's eval transform (``image_transform(size, is_train=False)``: bicubic Resize of the
-    shorter side, CenterCrop, ToTensor, Normalize), computed with PIL + numpy; equal to it to float
-    rounding (tested)."""
+    shorter side, CenterCrop, ToTensor, Normalize); equal to it to float rounding (tested)."""
+
+    mean, std = CLIP_MEAN, CLIP_STD
 
     def __init__(self, size: int):
         self.size = size
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        w, h = image.size
+    def target(self, source: tuple) -> tuple:
+        """(w, h) of the resize for a source of ``source`` = (w, h) (before any JPEG draft)."""
+        w, h = source
         s = self.size
         # torchvision's Resize(int): the shorter side becomes s, the longer int(s * long / short)
-        new = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-        if new != (w, h):
+        return (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+
+    def pixels(self, image: Image.Image, source: tuple | None = None) -> np.ndarray:
+        """uint8 s x s x 3 (s x s for a greyscale image). ``source``: the (w, h) the geometry follows
+        when ``image`` was decoded at a reduced JPEG scale (``draft``)."""
+        image = _pil(image)
+        new = self.target(source or image.size)
+        if new != image.size:
             image = image.resize(new, Image.BICUBIC)
+        s = self.size
         left, top = int(round((new[0] - s) / 2.0)), int(round((new[1] - s) / 2.0))
-        image = image.crop((left, top, left + s, top + s))
-        return _normalised(np.asarray(image.convert("RGB")), CLIP_MEAN, CLIP_STD)
+        return np.asarray(image.crop((left, top, left + s, top + s)))
+
+    def out_shape(self, source: tuple) -> tuple:
+        return (self.size, self.size)
+
+    def tensor_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        """The same geometry on a decoded uint8 ``[3, h, w]`` tensor on any device (data.gpu_decode):
+        torchvision's antialiased bicubic resize (PIL's filter, a = -0.5), the same crop; ``[s, s, 3]``."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2.functional import resize
+
+        h, w = image.shape[-2:]
+        new = self.target((w, h))
+        if new != (w, h):
+            image = resize(image, [new[1], new[0]], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        s = self.size
+        left, top = int(round((new[0] - s) / 2.0)), int(round((new[1] - s) / 2.0))
+        return image[:, top:top + s, left:left + s].permute(1, 2, 0)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return _normalised(self.pixels(image), self.mean, self.std)
 
 
 class SamTransform:
     """segment-anything's ResizeLongestSide (bilinear PIL resize of the longer side to ``size``) and
     ``Sam.preprocess`` (normalise with SAM mean/std, zero-pad bottom/right to size x size)."""
+
+    mean, std = SAM_MEAN, SAM_STD
 
     def __init__(self, size: int):
         from segment_anything.utils.transforms import ResizeLongestSide
@@ -68,11 +113,36 @@ class SamTransform:
         self.size = size
         self.shape = ResizeLongestSide.get_preprocess_shape
 
+    def target(self, source: tuple) -> tuple:
+        h, w = self.shape(source[1], source[0], self.size)
+        return (w, h)
+
+    def pixels(self, image: Image.Image, source: tuple | None = None) -> np.ndarray:
+        """uint8 h x w x 3 (h x w for greyscale) at the resized size, no padding."""
+        image = _pil(image)
+        new = self.target(source or image.size)
+        if new != image.size:
+            image = image.resize(new, Image.BILINEAR)
+        return np.asarray(image)
+
+    def out_shape(self, source: tuple) -> tuple:
+        w, h = self.target(source)
+        return (h, w)
+
+    def tensor_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        """The same geometry on a decoded uint8 ``[3, h, w]`` tensor (data.gpu_decode): antialiased
+        bilinear resize; ``[h', w', 3]``."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2.functional import resize
+
+        h, w = image.shape[-2:]
+        new = self.target((w, h))
+        if new != (w, h):
+            image = resize(image, [new[1], new[0]], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return image.permute(1, 2, 0)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        h, w = self.shape(image.height, image.width, self.size)
-        if (w, h) != image.size:
-            image = image.resize((w, h), Image.BILINEAR)
-        return _normalised(np.asarray(image.convert("RGB")), SAM_MEAN, SAM_STD, pad_to=self.size)
+        return _normalised(self.pixels(image), self.mean, self.std, pad_to=self.size)
 
 
 def encoder_transforms(cfg) -> dict:
@@ -82,4 +152,55 @@ def encoder_transforms(cfg) -> dict:
         out["clip_image"] = ClipTransform(cfg.model.clip.image_size)
     if "sam" in cfg.model.branches:
         out["sam_image"] = SamTransform(cfg.model.sam.image_size)
+    return out
+
+
+def draft_size(transforms, source: tuple, margin: float) -> tuple | None:
+    """The smallest (w, h) a JPEG may be decoded at (PIL ``draft``: DCT scaling by 1/2, 1/4, 1/8) so
+    that every transform still resizes down from at least ``margin`` x its own size; None when no
+    reduction is possible."""
+    w, h = source
+    scale = 0.0  # the decoded image may shrink until the most demanding transform would upscale from it
+    for t in transforms:
+        tw, th = t.target(source)
+        scale = max(scale, margin * tw / w, margin * th / h)
+    if scale > 0.5:  # the first DCT step halves: nothing to gain
+        return None
+    return (max(1, int(np.ceil(w * scale))), max(1, int(np.ceil(h * scale))))
+
+
+def _shared_uint8(shape: tuple) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a DataLoader worker, allocated in shared memory right away
+    (as torch's default_collate does), so handing it to the trainer copies nothing."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def stack_pixels(arrays: list) -> tuple:
+    """uint8 images (h x w x 3 or h x w) -> (ByteTensor [B, H, W, 3], each image top-left and zeros
+    to the largest H and W of the batch; LongTensor [B, 2] of each (h, w))."""
+    sizes = [a.shape[:2] for a in arrays]
+    H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    out = _shared_uint8((len(arrays), H, W, 3))
+    buf = out.numpy()
+    for i, (a, (h, w)) in enumerate(zip(arrays, sizes)):
+        buf[i, :h, :w] = a[:, :, None] if a.ndim == 2 else a
+        if h < H:
+            buf[i, h:] = 0
+        if w < W:
+            buf[i, :h, w:] = 0
+    return out, torch.tensor(sizes, dtype=torch.long).reshape(len(arrays), 2)
+
+
+def images_batch(images: list, transforms: dict, sources: list | None = None) -> dict:
+    """The batch's image entries for PIL ``images``: ``name`` (uint8 [B, H, W, 3]) and ``name + "_size"``
+    per transform."""
+    out = {}
+    for name, t in transforms.items():
+        arrays = [t.pixels(im, sources[i] if sources else None) for i, im in enumerate(images)]
+        out[name], out[f"{name}_size"] = stack_pixels(arrays)
     return out

@@ -37,8 +37,9 @@ def images_to_batch(images: Sequence, keys: Sequence[str], transforms: dict) -> 
     Files carry no domain; "medical" only matters for stage-1 routing, not for generation."""
     batch = {"key": list(keys), "source": ["user"] * len(keys), "caption": [""] * len(keys),
              "domain": torch.full((len(keys),), DOMAIN_INDEX["medical"], dtype=torch.long)}
-    for name, transform in transforms.items():
-        batch[name] = torch.stack([transform(im) for im in images])
+    from msmedcap.data.transforms import images_batch
+
+    batch.update(images_batch(images, transforms))  # uint8, as the loader's; normalised in the encoders
     return batch
 
 

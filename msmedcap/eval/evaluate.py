@@ -38,17 +38,33 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 # --------------------------------------------------------------------------- thumbnails
 def batch_thumbnails(batch: dict) -> list:
-    """Base64 JPEG thumbnails from the batch's own image tensors (no second read of the shards):
-    the highest-resolution one, un-normalised; SAM's zero padding (after normalisation) cropped."""
+    """Base64 JPEG thumbnails from the batch's own images (no second read of the shards): the
+    highest-resolution one; uint8 pixels ``[B, H, W, 3]`` cropped to each image's size (SAM's batch
+    padding), or normalised float ``[B, 3, H, W]`` un-normalised with SAM's zero padding cropped."""
     from PIL import Image
 
     from msmedcap.eval.gallery import thumbnail_b64
 
-    candidates = [(k, mean, std) for k, mean, std in (("sam_image", SAM_MEAN, SAM_STD), ("clip_image", CLIP_MEAN, CLIP_STD))
-                  if torch.is_tensor(batch.get(k))]
+    stats = {"sam_image": (SAM_MEAN, SAM_STD), "clip_image": (CLIP_MEAN, CLIP_STD)}
+    candidates = [k for k in stats if torch.is_tensor(batch.get(k))]
     if not candidates:
         return [None] * len(batch["key"])
-    key, mean, std = max(candidates, key=lambda c: batch[c[0]].shape[-1])
+
+    def side(k):
+        t = batch[k]
+        return max(t.shape[1:3]) if t.dtype == torch.uint8 else max(t.shape[-2:])
+
+    key = max(candidates, key=side)
+    if batch[key].dtype == torch.uint8:
+        images, sizes = batch[key].detach().cpu(), batch.get(f"{key}_size")
+        out = []
+        for i, img in enumerate(images):
+            if sizes is not None:
+                h, w = (int(v) for v in sizes[i])
+                img = img[:h, :w]
+            out.append(thumbnail_b64(Image.fromarray(img.numpy(), "RGB")))
+        return out
+    mean, std = stats[key]
     images = batch[key].detach().float().cpu()
     out = []
     for img in images:
@@ -107,10 +123,11 @@ def generate_records(model, batches, gen_kwargs: dict, limit: int = 0, thumbnail
         for reason, n in (batch.get("skipped") or {}).items():
             if skipped is not None:
                 skipped[reason] = skipped.get(reason, 0) + int(n)
-        captions = model.generate(to_device(batch, device), **gen_kwargs)
+        inputs = to_device(batch, device)
+        captions = model.generate(inputs, **gen_kwargs)
         if len(captions) != len(batch["key"]):
             raise RuntimeError(f"model.generate returned {len(captions)} captions for {len(batch['key'])} samples")
-        thumbs = batch_thumbnails(batch) if thumbnails else [None] * len(captions)
+        thumbs = batch_thumbnails(inputs) if thumbnails else [None] * len(captions)  # inputs: decoded on the device (data.gpu_decode)
         domains = batch["domain"].tolist() if torch.is_tensor(batch["domain"]) else list(batch["domain"])
         for i, caption in enumerate(captions):
             rec = {"key": str(batch["key"][i]), "source": str(batch["source"][i]),

@@ -277,7 +277,7 @@ def collect(model, cfg, specs: Sequence[str], limit: int = 0, batch_size: int = 
         for reason, n in (batch.get("skipped") or {}).items():
             store["skipped"][reason] = store["skipped"].get(reason, 0) + int(n)
         for b in model.branches:
-            tokens = model.encoders[b](batch[f"{b}_image"].to(device))
+            tokens = model.encode(batch, b)  # the model's own input path (uint8 pixels normalised there)
             qf = model.qformers[b]
             q = qf.queries(qf.image_embeds(tokens))
             proj = model.captioner.projections[b]

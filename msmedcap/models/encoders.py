@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from msmedcap.config import ClipConfig, ConfigError, SamConfig, resolve_asset
+from msmedcap.data.transforms import ClipTransform, SamTransform
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,44 @@ def _conv_forward_fp32_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return conv._conv_forward(x, conv.weight, conv.bias)
 
 
+def encoder_input(pixels: torch.Tensor, mean: tuple, std: tuple, dtype: torch.dtype, pad_to: int = 0,
+                  sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """The encoder's input from the batch's uint8 pixels, on their device: ``[B, H, W, 3]`` (channels
+    last, as the loader stacks them) -> ``[B, 3, P, P]`` in ``dtype``, ``((x / 255) - mean) / std``,
+    then zero beyond each image's ``sizes[i] = (h, w)`` (the batch's padding) and zero-padded
+    bottom/right to ``pad_to`` (SAM's ``Sam.preprocess``). Computed in float32 and rounded once to
+    ``dtype``: the same float32 operations as ``msmedcap.data.transforms._lookup``, so equal to the
+    float32 tensors the workers used to build (then cast to the encoder's dtype), bit for bit on CPU."""
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"encoder_input: expected uint8 [B, H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}")
+    b, h, w, _ = pixels.shape
+    dev = pixels.device
+    m = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    x = (pixels.permute(0, 3, 1, 2).float() / 255 - m) / s
+    if sizes is not None:
+        sizes = sizes.to(dev)
+        rows = torch.arange(h, device=dev).view(1, h, 1) < sizes[:, 0].view(b, 1, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, w) < sizes[:, 1].view(b, 1, 1)
+        x = x.masked_fill(~(rows & cols).unsqueeze(1), 0.0)
+    if pad_to and (h < pad_to or w < pad_to):
+        x = nn.functional.pad(x, (0, max(pad_to - w, 0), 0, max(pad_to - h, 0)))
+    return x.to(dtype, memory_format=torch.contiguous_format)
+
+
 class FrozenEncoder(nn.Module):
-    """Base of the frozen parts: parameters without grad and eval mode that ``train()`` cannot undo."""
+    """Base of the frozen parts: parameters without grad and eval mode that ``train()`` cannot undo.
+
+    Input (the one place where images become encoder inputs, :meth:`prepare`): the batch's uint8
+    pixels ``[B, H, W, 3]`` with their sizes ``[B, 2]`` (normalised with the encoder's mean/std and
+    zero-padded to its input size, on the pixels' device, in the encoder's dtype), or a floating
+    ``[B, 3, H, W]`` tensor taken as already normalised (synthetic benchmark batches, the demo
+    encoders' own training)."""
 
     width: int  # channels of each output token
     num_tokens: int
+    transform = None  # the msmedcap.data.transforms object of this encoder's geometry and statistics
+    pad_to = 0  # SAM: inputs are zero-padded to a square of this side
 
     def freeze(self, dtype: torch.dtype) -> "FrozenEncoder":
         self.requires_grad_(False)
@@ -77,9 +111,15 @@ class FrozenEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def prepare(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            t = self.transform
+            return encoder_input(images, t.mean, t.std, self.dtype, self.pad_to, sizes)
+        return images.to(self.dtype)
+
+    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
-            return self.tokens(images.to(self.dtype))
+            return self.tokens(self.prepare(images, sizes))
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -132,6 +172,7 @@ class ClipEncoder(FrozenEncoder):
         size = visual.image_size if trunk is None else trunk.patch_embed.img_size
         patch = visual.patch_size if trunk is None else trunk.patch_embed.patch_size
         self.num_tokens = 1 + (size[0] // patch[0]) * (size[1] // patch[1])
+        self.transform = ClipTransform(cfg.image_size)
         del clip  # the text tower is never used
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -219,6 +260,7 @@ class SamEncoder(FrozenEncoder):
         grid = self.encoder.img_size // self.encoder.patch_embed.proj.kernel_size[0]
         chans = self.encoder.neck[0].out_channels
         self.layout = cfg.token_layout
+        self.transform, self.pad_to = SamTransform(self.encoder.img_size), self.encoder.img_size
         self.width, self.num_tokens = (grid * grid, chans) if self.layout == "channels" else (chans, grid * grid)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:

@@ -168,9 +168,10 @@ class FeatureCache:
         self.hits = {b: 0 for b in encoders}
         self.misses = {b: 0 for b in encoders}
 
-    def encode(self, encoder: nn.Module, branch: str, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
-        """Encoder tokens ``[n, N, C]`` of ``images`` (``[n, 3, H, W]``, on the model's device) whose
-        encoded bytes hash to ``keys``."""
+    def encode(self, encoder: nn.Module, branch: str, images: torch.Tensor, keys: Sequence[str],
+               sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encoder tokens ``[n, N, C]`` of ``images`` (the batch's uint8 ``[n, H, W, 3]`` with their
+        ``sizes``, or normalised floats; on the model's device) whose encoded bytes hash to ``keys``."""
         if len(keys) != len(images):
             raise ValueError(f"feature cache: {len(keys)} keys for {len(images)} images")
         store = self.stores[branch]
@@ -181,7 +182,7 @@ class FeatureCache:
         if n_hit == len(keys):
             return cached.to(images.device, non_blocking=True)
         miss = (~hit).nonzero().squeeze(1)
-        fresh = encoder(images[miss.to(images.device)])
+        fresh = encoder(images[miss.to(images.device)], None if sizes is None else sizes[miss.to(sizes.device)])
         if self.write:
             store.put([keys[i] for i in miss.tolist()], fresh)
         if cached is None:

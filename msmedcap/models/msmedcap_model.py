@@ -153,13 +153,19 @@ class MSMedCap(nn.Module):
         key = f"{branch}_image"
         if key not in batch:
             raise KeyError(f"batch has no {key!r}: variant {self.cfg.variant} needs it")
+        if batch.get("jpeg_bytes"):  # data.gpu_decode: JPEGs decoded and resized on this device, once
+            from msmedcap.data.gpu_decode import decode_pending
+
+            decode_pending(batch, {f"{b}_image": self.encoders[b].transform for b in self.branches}, self.device)
         images = batch[key].to(self.device, non_blocking=True)
+        sizes = batch.get(f"{key}_size")  # uint8 pixels: each image's (h, w); the encoder normalises and pads
         if index is not None:
             images = images[index]
+            sizes = None if sizes is None else sizes[index.to(sizes.device)]
         if self.feature_cache is not None and CACHE_KEY in batch:
             keys = batch[CACHE_KEY] if index is None else [batch[CACHE_KEY][i] for i in index.tolist()]
-            return self.feature_cache.encode(self.encoders[branch], branch, images, keys)
-        return self.encoders[branch](images)
+            return self.feature_cache.encode(self.encoders[branch], branch, images, keys, sizes)
+        return self.encoders[branch](images, sizes)
 
     def query_outputs(self, batch: dict = None, image_features: dict = None) -> dict:
         """Each branch's Q-Former query outputs; ``image_features`` (branch -> frozen encoder tokens)
