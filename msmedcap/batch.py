@@ -6,8 +6,15 @@ A batch is a plain dict. Tensors are on CPU when the loader yields them; the tra
     source               list[str]          source dataset (json ``source``), e.g. "roco", "demo-general"
     domain               LongTensor [B]     DOMAINS index: 0 = general, 1 = medical
     caption              list[str]          raw caption (the reference at evaluation)
-    clip_image           FloatTensor [B,3,Hc,Wc]   CLIP-normalised, resized from the original image
-    sam_image            FloatTensor [B,3,Hs,Ws]   SAM-normalised (longest side resized, zero-padded)
+    clip_image           ByteTensor [B,Hc,Wc,3] uint8 RGB, channels last: CLIP's resize + center crop of the
+                                            original image (Hc = Wc = model.clip.image_size)
+    clip_image_size      LongTensor [B,2]   (h, w) of each image in clip_image (always Hc, Wc)
+    sam_image            ByteTensor [B,Hs,Ws,3] uint8 RGB: SAM's longest-side resize of the original image, each
+                                            top-left, zeros up to the batch's largest Hs, Ws (<= image_size)
+    sam_image_size       LongTensor [B,2]   (h, w) of each resized image in sam_image
+    jpeg_bytes           list[ByteTensor|None]  only with data.gpu_decode: encoded JPEGs whose rows in the
+                                            image tensors are zero placeholders until the model's input
+                                            path decodes them on its device (msmedcap.data.gpu_decode)
     text_input_ids       LongTensor [B,T]   Q-Former tokenizer ([CLS] caption [SEP]), padded to max_text_len
     text_attention_mask  LongTensor [B,T]
     lm_input_ids         LongTensor [B,L]   LM tokenizer of caption + "\\n" (no special tokens), right-padded
@@ -22,7 +29,11 @@ A batch is a plain dict. Tensors are on CPU when the loader yields them; the tra
                                             "no_domain", "too_large", "bad_tar", "bad_sample"): sum them for metrics
 
 ``clip_image``/``sam_image`` are present only for the branches the model variant uses. Each comes
-from the original decoded image with its own encoder's resize and normalisation.
+from the original decoded image with its own encoder's resize. They cross the DataLoader's worker
+boundary as uint8 (a 1024-px SAM image is 2-3 MB instead of 12.6 MB of float32 with its padding);
+each encoder's normalisation and SAM's zero padding to image_size run on the device, in the frozen
+encoder's dtype, in one place: ``msmedcap.models.encoders.FrozenEncoder.prepare`` (``encoder_input``).
+A floating ``*_image`` tensor ``[B,3,H,W]`` is taken as already normalised (synthetic benchmark batches).
 """
 
 DOMAINS = ("general", "medical")

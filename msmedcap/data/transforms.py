@@ -6,7 +6,7 @@ other), with the encoders' own preprocessing:
   mean/std) and zero padding to a square at the bottom/right.
 
 The loader's workers do only the PIL part (:meth:`ClipTransform.pixels`, :meth:`SamTransform.pixels`:
-uint8 at the resized size, greyscale kept as one channel until :func:`stack_pixels` broadcasts it),
+uint8 RGB at the resized size; a greyscale image is resized as one channel and made RGB after),
 and :func:`stack_pixels` builds the batch's uint8 tensors. Normalisation and SAM's padding run on the
 device, in the frozen encoder's input path (``msmedcap.models.encoders.encoder_input``). Calling a
 transform (``ClipTransform(s)(image)``) still gives the normalised float tensor of the same numbers,
@@ -70,7 +70,7 @@ class ClipTransform:
         return (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
 
     def pixels(self, image: Image.Image, source: tuple | None = None) -> np.ndarray:
-        """uint8 s x s x 3 (s x s for a greyscale image). ``source``: the (w, h) the geometry follows
+        """uint8 s x s x 3 (a greyscale image is resized as one channel, then made RGB). ``source``: the (w, h) the geometry follows
         when ``image`` was decoded at a reduced JPEG scale (``draft``)."""
         image = _pil(image)
         new = self.target(source or image.size)
@@ -78,7 +78,7 @@ class ClipTransform:
             image = image.resize(new, Image.BICUBIC)
         s = self.size
         left, top = int(round((new[0] - s) / 2.0)), int(round((new[1] - s) / 2.0))
-        return np.asarray(image.crop((left, top, left + s, top + s)))
+        return np.asarray(image.crop((left, top, left + s, top + s)).convert("RGB"))
 
     def out_shape(self, source: tuple) -> tuple:
         return (self.size, self.size)
@@ -118,12 +118,12 @@ class SamTransform:
         return (w, h)
 
     def pixels(self, image: Image.Image, source: tuple | None = None) -> np.ndarray:
-        """uint8 h x w x 3 (h x w for greyscale) at the resized size, no padding."""
+        """uint8 h x w x 3 at the resized size, no padding."""
         image = _pil(image)
         new = self.target(source or image.size)
         if new != image.size:
             image = image.resize(new, Image.BILINEAR)
-        return np.asarray(image)
+        return np.asarray(image.convert("RGB"))  # grey: resized as one channel, RGB here (a contiguous stack)
 
     def out_shape(self, source: tuple) -> tuple:
         w, h = self.target(source)
