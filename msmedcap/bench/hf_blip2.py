@@ -128,4 +128,4 @@ def _bench_hf(module: HFStage2, cfg, batch, dev, iters, warmup, peak) -> dict:
     return {"variant": "blip2 (transformers)", "stage": 2, "micro_batch": n, "step_s": seconds,
             "samples_per_s": n / seconds, "flops_per_sample": flops / n, "achieved_tflops": flops / seconds / 1e12,
             "mfu": flops / seconds / (peak["tflops"] * 1e12) if peak.get("tflops") else None,
-            "params": {"trainable": trainable, "frozen": frozen}}
+            "params": {"trainable": trainable, "frozen": frozen, "in_optimizer": trainable}}

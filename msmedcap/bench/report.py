@@ -65,10 +65,11 @@ def tables(results: dict) -> list:
     h = results.get("hf")
     if isinstance(h, dict) and "error" not in h:
         rows = [[r["variant"], _f(r["samples_per_s"]), _ms(r["step_s"]), _f(r["flops_per_sample"] / 1e9),
-                 f"{r['params']['trainable'] / 1e6:.2f}M", f"{r['params']['frozen'] / 1e6:.2f}M"]
+                 f"{r['params']['trainable'] / 1e6:.2f}M",
+                 f"{r['params'].get('in_optimizer', r['params']['trainable']) / 1e6:.2f}M", f"{r['params']['frozen'] / 1e6:.2f}M"]
                 for r in (h["ours"], h["transformers"])]
         out.append((f"Stage-2 step, blip2 variant vs transformers Blip2ForConditionalGeneration: ratio {h['ratio']:.2f}",
-                    ["model", "samples/s", "step ms", "GFLOP/sample", "trainable", "frozen"], rows))
+                    ["model", "samples/s", "step ms", "GFLOP/sample", "trainable", "in optimizer", "frozen"], rows))
     lo = results.get("loader")
     if isinstance(lo, dict) and "error" not in lo:
         out.append((f"Loader, {lo['workers']} workers, batch {lo['batch_size']}",

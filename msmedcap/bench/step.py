@@ -103,7 +103,8 @@ def bench_step(model, cfg, stage: int, batch: dict, dev, iters: int, warmup: int
            "zero_stage": zero_stage, "step_s": seconds, "samples_per_s": n / seconds,
            "split_s": split, "flops_per_sample": flops / n, "achieved_tflops": achieved / 1e12,
            "mfu": achieved / (peak["tflops"] * 1e12) if peak.get("tflops") else None,
-           "params": {"trainable": counts["trainable"], "frozen": counts["frozen"]},
+           "params": {"trainable": counts["trainable"], "frozen": counts["frozen"],
+                      "in_optimizer": sum(p.numel() for _, p in model.stage_named_parameters(stage))},
            "peak_memory_mib": torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else None}
     engine.destroy()
     return row

@@ -74,7 +74,13 @@ def hint_prefix(lm, hints: list, noise: float, placed=True, generator: torch.Gen
 
 
 def _encode(tok, captions: Sequence[str], max_len: int) -> list:
-    return [tok(c + CAPTION_EOS, add_special_tokens=False).input_ids[:max_len] for c in captions]
+    """Each caption's ids + the end token, as training's LM targets (``encode_lm_captions``: a long
+    caption is cut before the end token, which stays). The demo captions all fit, so the shipped
+    asset's rebuild is unchanged."""
+    from msmedcap.tokenization import encode_lm_captions
+
+    enc = encode_lm_captions(tok, list(captions), max_len)
+    return [row[: int(n)].tolist() for row, n in zip(enc["input_ids"], enc["attention_mask"].sum(1))]
 
 
 def pretrain_demo_lm(out_dir: str | Path = OUT, steps: int = 2000, batch_size: int = 64, lr: float = 3e-3,
