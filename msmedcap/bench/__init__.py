@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="device peak for MFU (known for H100/H200/A100; on CPU a measured GEMM rate otherwise)")
     p.add_argument("--loader-batches", type=int, default=20, help="timed batches per loader")
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers (both loaders)")
+    p.add_argument("--loader-paper-sizes", action="store_true",
+                   help="loader part at the paper's sizes (CLIP 224, SAM 1024) on generated ~700x500 and "
+                        "~2000x1500 JPEG/PNG figures (launch/bench_loader.py --paper-sizes)")
     p.add_argument("--gen-samples", type=int, default=32)
     p.add_argument("--max-batch", action="store_true",
                    help="GPU: also find the largest micro batch that fits per variant and stage (doubling from --batch)")
@@ -135,7 +138,8 @@ def run(args) -> int:
         from msmedcap.bench.scripts import bench_loader
 
         _part(results, "loader", lambda: bench_loader(args.preset, args.overrides, args.loader_batches,
-                                                      args.loader_workers, args.threads), console)
+                                                      args.loader_workers, args.threads,
+                                                      paper_sizes=args.loader_paper_sizes), console)
     if "step" in parts:
         def steps():
             from msmedcap.bench.step import bench_step, largest_micro_batch

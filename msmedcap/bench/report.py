@@ -72,8 +72,13 @@ def tables(results: dict) -> list:
                     ["model", "samples/s", "step ms", "GFLOP/sample", "trainable", "in optimizer", "frozen"], rows))
     lo = results.get("loader")
     if isinstance(lo, dict) and "error" not in lo:
-        out.append((f"Loader, {lo['workers']} workers, batch {lo['batch_size']}",
-                    ["loader", "samples/s"], [[k, _f(v)] for k, v in lo["samples_per_s"].items()]))
+        per_worker, nbytes = lo.get("samples_per_s_per_worker", {}), lo.get("bytes_per_sample", {})
+        out.append((f"Loader, {lo['workers']} workers, batch {lo['batch_size']}"
+                    + (" (paper sizes)" if lo.get("paper_sizes") else "")
+                    + f": {lo['ratio_vs_plain_decode']:.2f} of plain decode",
+                    ["loader", "samples/s", "per worker", "MB/sample across workers"],
+                    [[k, _f(v), _f(per_worker.get(k)) if k in per_worker else "",
+                      _f(nbytes[k] / 1e6, 2) if k in nbytes else ""] for k, v in lo["samples_per_s"].items()]))
     g = results.get("generate")
     if isinstance(g, dict) and "error" not in g:
         out.append((f"Generation, {g['samples']} samples, beams {g['generation'].get('num_beams')}",

@@ -41,9 +41,11 @@ def run_script(name: str, args: list, threads: int, timeout: int = 900) -> dict:
     return result
 
 
-def bench_loader(preset: str, overrides: list, batches: int, workers: int, threads: int) -> dict:
+def bench_loader(preset: str, overrides: list, batches: int, workers: int, threads: int,
+                 paper_sizes: bool = False) -> dict:
+    extra = ["--paper-sizes"] if paper_sizes else []
     return run_script("bench_loader.py", ["--preset", preset, "--workers", str(workers), "--batches", str(batches),
-                                          *overrides], threads)
+                                          *extra, *overrides], threads)
 
 
 def bench_generate(preset: str, overrides: list, samples: int, batch_size: int, threads: int) -> dict:
