@@ -237,6 +237,14 @@ def _remove_dir(path: Path, fault: Optional[dict] = None) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def remove_leftovers(root) -> None:
+    """Delete what a killed save (``.tmp-stepN``) or prune (``.trash-stepN-PID``) left under ``root``."""
+    root = Path(root)
+    if root.is_dir():
+        for stale in root.glob(".t*-step*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _disk_full(e: BaseException, where: Path) -> bool:
     """ENOSPC/EDQUOT, or torch's zip writer's RuntimeError ("file write failed") on a full disk."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -281,8 +289,7 @@ class CheckpointManager:
         at = {"stage": client_state.get("stage"), "step": step, "rank": self.rank}
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".t*-step*"):  # leftovers of a killed save or prune
-                shutil.rmtree(stale, ignore_errors=True)
+            remove_leftovers(self.root)
         self.barrier()
         try:
             fault_point("checkpoint.begin", **at, path=tmp)

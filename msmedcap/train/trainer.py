@@ -28,7 +28,7 @@ from torch import nn
 
 from msmedcap.config import Config, ConfigError
 from msmedcap.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError, check_checkpoint,
-                                       set_rng_states, usable_checkpoint)
+                                       remove_leftovers, set_rng_states, usable_checkpoint)
 from msmedcap.train.ds_config import bf16_supported, fill_ds_config
 from msmedcap.train.metrics import MetricsLog, count_flops, peak_memory_mb
 from msmedcap.train.schedule import warmup_cosine
@@ -203,9 +203,11 @@ class Trainer:
             state_file = path / "trainer_state.json"
             if not state_file.is_file():
                 raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json)")
-            problem = check_checkpoint(path) if self.rank == 0 else None
-            if problem:
-                raise ConfigError(f"--resume {resume}: damaged checkpoint: {problem}")
+            problem = [check_checkpoint(path) if self.rank == 0 else None]  # rank 0 reads, all ranks agree
+            if self.world > 1:
+                self.dist.broadcast_object_list(problem, src=0)
+            if problem[0]:
+                raise ConfigError(f"--resume {resume}: damaged checkpoint: {problem[0]}")
             stage = json.loads(state_file.read_text())["stage"]
             if stage not in stages:
                 raise ConfigError(f"--resume {resume}: a stage-{stage} checkpoint, but train.stage={self.cfg.train.stage}")
@@ -227,6 +229,7 @@ class Trainer:
         one it passes over); every rank gets its choice, or the same CheckpointError."""
         choice: list = [None]
         if self.rank == 0:
+            remove_leftovers(root)  # half-written saves and half-deleted prunes of a killed run
             try:
                 choice = [usable_checkpoint(root, log=lambda msg: print(f"resume: {msg}", flush=True))]
             except CheckpointError as e:
