@@ -500,6 +500,72 @@ def run_probes(n_fit: int = 900, n_test: int = 450, seed: int = 0, model_cfg=Non
     return result
 
 
+def conv_probe(x_fit: torch.Tensor, y_fit: list, x_test: torch.Tensor, y_test: list, steps: int = 1500,
+               seed: int = 0) -> tuple:
+    """A small supervised conv head on SAM embeddings ``[N, C, g, g]`` (two 3 x 3 convolutions, a
+    max over positions, a linear layer; AdamW, batch 64): what a *non-linear* reader with a local,
+    translation-invariant view gets from the tokens -> (fit accuracy on 500, test predictions right
+    [bool per sample])."""
+    classes = sorted(set(y_fit), key=str)
+    yf = torch.tensor([classes.index(y) for y in y_fit])
+    yt = torch.tensor([classes.index(y) if y in classes else -1 for y in y_test])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        c = x_fit.shape[1]
+        head = torch.nn.Sequential(torch.nn.Conv2d(c, 64, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, len(classes)))
+    opt = torch.optim.AdamW(head.parameters(), 2e-3, weight_decay=0.01)
+    for _ in range(steps):
+        idx = torch.randint(0, len(yf), (64,), generator=gen)
+        loss = F.cross_entropy(head(x_fit[idx]), yf[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        fit_acc = (head(x_fit[:500]).argmax(1) == yf[:500]).float().mean().item()
+        return fit_acc, (head(x_test).argmax(1) == yt)
+
+
+def margin_conv_probes(n_fit: int = 2000, n_test: int = 400, seed: int = 0, model_cfg=None) -> dict:
+    """Margin (smooth / irregular) read by :func:`conv_probe` from the frozen SAM image embedding
+    ``[C, 16, 16]`` (random and pre-trained), fit on ``n_fit`` lesion scans of the train split, tested on
+    ``n_test`` of the eval split: {column: {"fit", "all", "small", "large"}} plus "n"."""
+    from msmedcap.models.encoders import SamEncoder, fixed_seed
+    import dataclasses
+
+    m = model_cfg or demo_model_config()
+    transform = SamTransform(m.sam.image_size)
+
+    def lesion_scans(split, n):
+        out, i = [], 0
+        while len(out) < n:
+            s = demo_sample(seed, split, "medical", i)
+            i += 1
+            if s["json"]["lesions"]:
+                out.append(s)
+        return out
+    data = {"fit": lesion_scans("train", n_fit), "test": lesion_scans("eval", n_test)}
+    with fixed_seed():
+        random_sam = SamEncoder(dataclasses.replace(m.sam, checkpoint=None)).freeze(torch.float32)
+    result = {"n": {"fit": n_fit, "test": n_test}}
+    for name, enc in (("SAM random", random_sam), ("SAM pre-trained", SamEncoder(m.sam).freeze(torch.float32))):
+        emb = {}
+        for split, samples in data.items():
+            with torch.no_grad():
+                images = [transform(decode_image(s.get("png") or s["jpg"], SIZE * SIZE)) for s in samples]
+                # the image encoder's own output [N, C, g, g] (before msmedcap's token layout)
+                emb[split] = torch.cat([enc.encoder(torch.stack(images[i:i + 100]))
+                                        for i in range(0, len(images), 100)]).float()
+        fit_acc, right = conv_probe(emb["fit"], [s["json"]["margin"] for s in data["fit"]], emb["test"],
+                                    [s["json"]["margin"] for s in data["test"]], seed=seed)
+        small = torch.tensor([s["json"]["size"] == "small" for s in data["test"]])
+        result[name] = {"fit": fit_acc, "all": right.float().mean().item(),
+                        "small": right[small].float().mean().item(), "large": right[~small].float().mean().item()}
+    return result
+
+
 def probe_table(result: dict, pooling: str) -> str:
     columns = list(next(iter(result[pooling].values())))
     lines = ["| field | n | chance | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
@@ -512,7 +578,7 @@ def probe_table(result: dict, pooling: str) -> str:
 # --------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("clip", "sam", "probe"))
+    parser.add_argument("what", choices=("clip", "sam", "probe", "margin-probe"))
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo preset")
     parser.add_argument("--out", help="weights file (default: the shipped asset); probe: a JSON of the results")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: clip 1000, sam 2400)")
@@ -527,6 +593,14 @@ def main(argv=None) -> int:
         path = save_clip(train_clip(seed=args.seed, model_cfg=cfg, **steps), args.out or CLIP_OUT)
     elif args.what == "sam":
         path = save_sam(train_sam(seed=args.seed, model_cfg=cfg, **steps), args.out or SAM_OUT)
+    elif args.what == "margin-probe":
+        result = margin_conv_probes(seed=args.seed, model_cfg=cfg)
+        print("| SAM embedding, conv probe of margin | fit | test | small | large |\n|---|---|---|---|---|")
+        for name in ("SAM random", "SAM pre-trained"):
+            r = result[name]
+            print(f"| {name} | {r['fit']:.2f} | {r['all']:.2f} | {r['small']:.2f} | {r['large']:.2f} |")
+        print(f"\n{time.perf_counter() - start:.0f} s")
+        return 0
     else:
         result = run_probes(seed=args.seed, model_cfg=cfg)
         for pooling, what in (("flat", "flattened tokens"), ("mean", "mean-pooled tokens")):
