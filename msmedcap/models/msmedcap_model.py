@@ -88,7 +88,8 @@ class MSMedCap(nn.Module):
         params = dict(self.named_parameters())
         return [(n, params[n]) for n in self._trainable_names]
 
-    def stage_trains(self, name: str, stage: int) -> bool:
+    @staticmethod
+    def stage_trains(name: str, stage: int) -> bool:
         """Whether stage ``stage`` trains trainable ``name``: stage 1 the Q-Formers (every part, heads
         included); stage 2 what the captioning loss reaches: each Q-Former's query path
         (:data:`STAGE2_QFORMER`), the projections and the soft prompts."""
