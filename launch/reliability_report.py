@@ -17,8 +17,8 @@ from pathlib import Path
 
 # test record name -> (fault, what must hold afterwards)
 FAULTS = {
-    "sigkill": ("SIGKILL at a named moment (inside checkpoint writes, mid-step, around exports), then "
-                "`--resume auto`", "losses of every step and final weights bit-identical to an uninterrupted run"),
+    "sigkill": ("SIGKILL at a named moment (inside checkpoint writes, mid-step, around exports) or at a "
+                "random one, then `--resume auto`", "losses of every step and final weights bit-identical to an uninterrupted run"),
     "truncated_checkpoint": ("newest checkpoint's ZeRO partition truncated to half",
                              "file named; resumed from the previous checkpoint; losses identical"),
     "deleted_or_corrupted_checkpoint": ("a file deleted in the newest checkpoint, 16 bytes overwritten in the other",
@@ -48,7 +48,11 @@ def rows(records: list) -> list:
                 tried += r["random_kills_tried"]
                 survived += r["random_kills_survived"]
                 measured.append(f"incl. {r['random_kills_tried']} SIGKILLs of the process group at random moments "
-                                f"({r.get('random_attempts', '?')} attempts; the others came after the run had ended)")
+                                f"({r.get('random_attempts', '?')} attempts, {r['random_kills_tried']} struck before "
+                                "the run ended)")
+            if r.get("random_kills_landed"):
+                at = [sum(int(x) for x in re.findall(r"\d+", w)) for w in r["random_kills_landed"]]
+                measured.append(f"random kills landed after logged step {', '.join(map(str, at))} of 10")
             points = ", ".join(k["fault"].split("@")[1] + "@" + k["fault"].split("@")[2] for k in r.get("kills", []))
             measured.append(f"points: {points}")
         for key, label in (("noticed_s", "noticed after {} s"), ("gave_up_s", "gave up after {} s"),

@@ -32,6 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from msmedcap.train.metrics import read_records
 from test_train_launcher import free_port, losses, records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,26 +155,32 @@ def test_sigkill_at_named_moments_then_resume_auto_is_exact(reference, tmp_path)
         attempts = int(os.environ.get("MSMEDCAP_FAULTS_RANDOM_KILLS", "10"))
         random_tried, random_survived = random_kills(reference, tmp_path / "random")
     record("sigkill", tried=tried, survived=survived, steps_compared=n, kills=details, random_attempts=attempts,
+           random_kills_landed=RANDOM_LANDED,
            random_kills_tried=random_tried, random_kills_survived=random_survived)
+
+
+RANDOM_LANDED: list = []
 
 
 def random_kills(reference: Path, root: Path) -> tuple:
     """N times: a fresh run, SIGKILL of its whole process group at a random moment of its training
-    (0-7 s after training started: both stages and their checkpoints take ~8 s here), then
+    (0-0.6 s after a randomly chosen one of its 10 logged steps: steps, checkpoint writes, exports), then
     --resume auto to the end; each finished run must equal the reference. Manual run only
     (MSMEDCAP_FAULTS_HEAVY=1). Returns (kills that struck, runs that then matched the reference)."""
     n = int(os.environ.get("MSMEDCAP_FAULTS_RANDOM_KILLS", "10"))
     rng = random.Random(int(os.environ.get("MSMEDCAP_FAULTS_SEED", "14")))
     kills = matched = 0
+    landed = RANDOM_LANDED
     for i in range(n):
         out = root / f"run{i}"
         out.mkdir(parents=True)
         with open(root / f"r{i}.log", "w") as f:
             proc = subprocess.Popen(pretrain(out, "--resume", "auto"), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                                     env=env(), start_new_session=True)
-            while not (out / "metrics.jsonl").is_file() and proc.poll() is None:
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 7.0))
+            target = rng.randint(1, 10)  # after the target-th of the 10 logged steps (4 + 6), plus 0-0.6 s
+            while proc.poll() is None and len(read_records(out / "metrics.jsonl")) < target:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.6))
             struck = proc.poll() is None
             if struck:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -181,6 +188,8 @@ def random_kills(reference: Path, root: Path) -> tuple:
         if not struck:
             continue
         kills += 1
+        landed.append(f"after step {target}" + (f" +{len(read_records(out / 'metrics.jsonl')) - target}"
+                                                 if len(read_records(out / "metrics.jsonl")) > target else ""))
         rc, log, _ = launch(pretrain(out, "--resume", "auto"), root / f"r{i}-resumed.log")
         assert rc == 0, log[-3000:]
         assert_same_losses(out, reference)
