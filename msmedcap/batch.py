@@ -28,7 +28,9 @@ A batch is a plain dict. Tensors are on CPU when the loader yields them; the tra
                                             previous batch ("bad_image", "missing_caption", "bad_json",
                                             "no_domain", "too_large", "bad_tar", "bad_sample"): sum them for metrics
 
-``clip_image``/``sam_image`` are present only for the branches the model variant uses. Each comes
+``clip_image``/``sam_image`` are present only for the branches the model variant uses: one
+``<branch>_image`` and ``<branch>_image_size`` per registered encoder (``EncoderSpec.image_key`` /
+``size_key`` in msmedcap.registry; its transform makes the pixels). Each comes
 from the original decoded image with its own encoder's resize. They cross the DataLoader's worker
 boundary as uint8 (a 1024-px SAM image is 2-3 MB instead of 12.6 MB of float32 with its padding);
 each encoder's normalisation and SAM's zero padding to image_size run on the device, in the frozen

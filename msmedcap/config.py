@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
+# The encoder branches: each has a config section model.<branch> (a field of ModelConfig below) and an
+# EncoderSpec in msmedcap.registry (its encoder, transform, batch keys, cache identity).
 BRANCHES = ("clip", "sam")
 VARIANT_BRANCHES = {"blip2": ("clip",), "sam-blip2": ("sam",), "msmedcap": ("clip", "sam")}
 

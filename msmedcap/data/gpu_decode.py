@@ -4,11 +4,11 @@ tested default).
 Workers then only parse a JPEG's header (format, mode, size: the pixel cap still applies before any
 decoding) and hand over its encoded bytes (``batch["jpeg_bytes"]``: one uint8 tensor per sample, None
 for samples they decoded themselves: PNG, WebP, CMYK JPEGs), with all-zero placeholder rows of the
-right sizes in ``clip_image``/``sam_image``. The model's input path (``MSMedCap.encode``) calls
-:func:`decode_pending` once per batch: ``torchvision.io.decode_jpeg(..., device=<the model's
-device>)`` (nvJPEG on CUDA), each encoder's resize on that device (torchvision's antialiased
-bicubic/bilinear, the filters PIL uses) written into the placeholder rows; normalisation follows as
-for every batch. Outputs differ from PIL's by a few grey levels (another IDCT and chroma upsampling,
+right sizes in each encoder's image (``clip_image``/``sam_image``). The model's input path
+(``MSMedCap.encode``) calls :func:`decode_pending` once per batch: ``torchvision.io.decode_jpeg(...,
+device=<the model's device>)`` (nvJPEG on CUDA), then each encoder's resize on that device (its
+transform's ``tensor_pixels``: torchvision's antialiased bicubic/bilinear, the filters PIL uses)
+written into the placeholder rows; normalisation follows as for every batch. Outputs differ from PIL's by a few grey levels (another IDCT and chroma upsampling,
 resize rounding); docs/benchmarks.md gives the measured difference. A JPEG that fails to decode on the
 device is decoded with PIL on the host instead; one that fails there too stays black, with a warning
 (workers no longer see its pixels, so it cannot be skipped and counted like a bad CPU-path sample).

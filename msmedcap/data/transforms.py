@@ -12,6 +12,9 @@ device, in the frozen encoder's input path (``msmedcap.models.encoders.encoder_i
 transform (``ClipTransform(s)(image)``) still gives the normalised float tensor of the same numbers,
 for code that trains on it directly (the demo encoders) and for the tests that compare it with
 open_clip's and segment-anything's own preprocessing.
+
+Another encoder's transform (registered with it in msmedcap.registry) has the same interface:
+``mean``/``std``, ``target``, ``pixels``, ``out_shape``, ``tensor_pixels`` (data.gpu_decode), ``__call__``.
 """
 from __future__ import annotations
 
@@ -146,13 +149,11 @@ class SamTransform:
 
 
 def encoder_transforms(cfg) -> dict:
-    """{"clip_image": ClipTransform, "sam_image": SamTransform} for the branches of ``cfg.model``."""
-    out = {}
-    if "clip" in cfg.model.branches:
-        out["clip_image"] = ClipTransform(cfg.model.clip.image_size)
-    if "sam" in cfg.model.branches:
-        out["sam_image"] = SamTransform(cfg.model.sam.image_size)
-    return out
+    """{batch image key: transform} for the branches of ``cfg.model``, from the encoder registry
+    (msmedcap.registry): e.g. {"clip_image": ClipTransform, "sam_image": SamTransform}."""
+    from msmedcap.registry import encoder_specs
+
+    return {s.image_key: s.make_transform(s.section(cfg.model)) for s in encoder_specs(cfg.model.branches)}
 
 
 def draft_size(transforms, source: tuple, margin: float) -> tuple | None:

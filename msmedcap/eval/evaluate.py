@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from msmedcap.batch import CLIP_MEAN, CLIP_STD, DOMAINS, SAM_MEAN, SAM_STD
+from msmedcap.batch import DOMAINS
 
 
 def generation_kwargs(cfg) -> dict:
@@ -39,24 +39,26 @@ def to_device(batch: dict, device: torch.device) -> dict:
 # --------------------------------------------------------------------------- thumbnails
 def batch_thumbnails(batch: dict) -> list:
     """Base64 JPEG thumbnails from the batch's own images (no second read of the shards): the
-    highest-resolution one; uint8 pixels ``[B, H, W, 3]`` cropped to each image's size (SAM's batch
-    padding), or normalised float ``[B, 3, H, W]`` un-normalised with SAM's zero padding cropped."""
+    highest-resolution one of the registered encoders' images (msmedcap.registry; at equal size a
+    ``padded`` one, which holds the whole image: SAM's); uint8 pixels ``[B, H, W, 3]`` cropped to each
+    image's size (the batch padding), or normalised float ``[B, 3, H, W]`` un-normalised with the
+    encoder's mean/std, a ``padded`` encoder's zero padding cropped."""
     from PIL import Image
 
     from msmedcap.eval.gallery import thumbnail_b64
+    from msmedcap.registry import ENCODERS
 
-    stats = {"sam_image": (SAM_MEAN, SAM_STD), "clip_image": (CLIP_MEAN, CLIP_STD)}
-    candidates = [k for k in stats if torch.is_tensor(batch.get(k))]
+    candidates = [s for s in ENCODERS.values() if torch.is_tensor(batch.get(s.image_key))]
     if not candidates:
         return [None] * len(batch["key"])
 
-    def side(k):
-        t = batch[k]
-        return max(t.shape[1:3]) if t.dtype == torch.uint8 else max(t.shape[-2:])
+    def side(spec):
+        t = batch[spec.image_key]
+        return max(t.shape[1:3]) if t.dtype == torch.uint8 else max(t.shape[-2:]), spec.padded
 
-    key = max(candidates, key=side)
-    if batch[key].dtype == torch.uint8:
-        images, sizes = batch[key].detach().cpu(), batch.get(f"{key}_size")
+    spec = max(candidates, key=side)
+    if batch[spec.image_key].dtype == torch.uint8:
+        images, sizes = batch[spec.image_key].detach().cpu(), batch.get(spec.size_key)
         out = []
         for i, img in enumerate(images):
             if sizes is not None:
@@ -64,11 +66,11 @@ def batch_thumbnails(batch: dict) -> list:
                 img = img[:h, :w]
             out.append(thumbnail_b64(Image.fromarray(img.numpy(), "RGB")))
         return out
-    mean, std = stats[key]
-    images = batch[key].detach().float().cpu()
+    mean, std = spec.transform_class.mean, spec.transform_class.std
+    images = batch[spec.image_key].detach().float().cpu()
     out = []
     for img in images:
-        if key == "sam_image":  # padding is exactly 0 after normalisation: keep the used box
+        if spec.padded:  # padding is exactly 0 after normalisation: keep the used box
             used = img.abs().sum(0) > 0
             rows, cols = used.any(1).nonzero(), used.any(0).nonzero()
             if len(rows) and len(cols):

@@ -50,9 +50,11 @@ def weights_fingerprint(module: nn.Module, head: int = 256) -> str:
 
 
 def encoder_identity(branch: str, encoder_cfg, encoder: nn.Module) -> dict:
-    import dataclasses
+    """What a store's features are of: the branch, its config's part (``EncoderSpec.identity``, by
+    default the whole ``model.<branch>`` section), the dtype, the token shape and the weights."""
+    from msmedcap.registry import encoder_spec
 
-    return {"branch": branch, "config": dataclasses.asdict(encoder_cfg), "dtype": str(encoder.dtype),
+    return {"branch": branch, "config": encoder_spec(branch).identity(encoder_cfg), "dtype": str(encoder.dtype),
             "tokens": [encoder.num_tokens, encoder.width], "weights": weights_fingerprint(encoder)}
 
 
@@ -195,6 +197,8 @@ class FeatureCache:
 
 def attach_feature_cache(model, root, write: bool = True) -> FeatureCache:
     """Give ``model`` (an MSMedCap) a cache at ``root``: its ``encode`` then goes through it."""
-    cfgs = {b: getattr(model.cfg, b) for b in model.branches}
+    from msmedcap.registry import encoder_spec
+
+    cfgs = {b: encoder_spec(b).section(model.cfg) for b in model.branches}
     model.feature_cache = FeatureCache(root, model.encoders, cfgs, write=write)
     return model.feature_cache

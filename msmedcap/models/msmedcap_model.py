@@ -18,14 +18,13 @@ from msmedcap.batch import DOMAINS
 from msmedcap.config import ModelConfig
 from msmedcap.models.captioner import Captioner
 from msmedcap.models.feature_cache import KEY as CACHE_KEY
-from msmedcap.models.encoders import ClipEncoder, SamEncoder, fixed_seed, frozen_dtype
+from msmedcap.models.encoders import fixed_seed, frozen_dtype
 from msmedcap.models.qformer import QFormer
 from msmedcap.models.stage1 import stage1_branch_loss
+from msmedcap.registry import encoder_spec
 from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
 
 log = logging.getLogger(__name__)
-
-ENCODERS = {"clip": ClipEncoder, "sam": SamEncoder}
 
 # What the stage-2 captioning loss reaches inside a Q-Former (``qformers.<branch>.`` + this): the query
 # path (learned queries, ln_vision, the embedding LayerNorm, self-attention, cross-attention, query FFN).
@@ -44,7 +43,7 @@ class MSMedCap(nn.Module):
         qtok = load_qformer_tokenizer(cfg.qformer.tokenizer)
         self.dec_token_id = qtok.bos_token_id
         with fixed_seed():
-            self.encoders = nn.ModuleDict({b: ENCODERS[b](getattr(cfg, b)).freeze(dtype) for b in self.branches})
+            self.encoders = nn.ModuleDict({b: encoder_spec(b).build(getattr(cfg, b)).freeze(dtype) for b in self.branches})
         self.qformers = nn.ModuleDict({
             b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id,
                        ln_vision=getattr(cfg, b).ln_vision) for b in self.branches})
@@ -151,15 +150,17 @@ class MSMedCap(nn.Module):
     def encode(self, batch: dict, branch: str, index=None) -> torch.Tensor:
         """Frozen encoder tokens of ``batch[f"{branch}_image"]`` (rows ``index`` only if given), through
         the feature cache when one is attached and the batch carries image hashes."""
-        key = f"{branch}_image"
+        spec = encoder_spec(branch)
+        key = spec.image_key
         if key not in batch:
             raise KeyError(f"batch has no {key!r}: variant {self.cfg.variant} needs it")
         if batch.get("jpeg_bytes"):  # data.gpu_decode: JPEGs decoded and resized on this device, once
             from msmedcap.data.gpu_decode import decode_pending
 
-            decode_pending(batch, {f"{b}_image": self.encoders[b].transform for b in self.branches}, self.device)
+            decode_pending(batch, {encoder_spec(b).image_key: self.encoders[b].transform for b in self.branches},
+                           self.device)
         images = batch[key].to(self.device, non_blocking=True)
-        sizes = batch.get(f"{key}_size")  # uint8 pixels: each image's (h, w); the encoder normalises and pads
+        sizes = batch.get(spec.size_key)  # uint8 pixels: each image's (h, w); the encoder normalises and pads
         if index is not None:
             images = images[index]
             sizes = None if sizes is None else sizes[index.to(sizes.device)]
