@@ -3,6 +3,7 @@ single-process DeepSpeed engine, signals, metrics, launch-script arguments."""
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -155,7 +156,7 @@ def test_checkpoints_atomic_rotating_trainable_only(tmp_path, monkeypatch):
     import deepspeed
     import torch.distributed as dist
 
-    from msmedcap.train.checkpoint import CheckpointManager, latest_checkpoint, set_rng_states
+    from msmedcap.train.checkpoint import CheckpointManager, DataPosition, TrainState, latest_checkpoint, set_rng_states
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,19 +180,23 @@ def test_checkpoints_atomic_rotating_trainable_only(tmp_path, monkeypatch):
 
         e, sched = engine()
         root = tmp_path / "ckpt"
-        mgr = CheckpointManager(root, keep_last=2, rank=0, barrier=dist.barrier)
-        x = torch.randn(4, 8, dtype=torch.bfloat16)
         exported = []
+        mgr = CheckpointManager(root, keep_last=2, rank=0, barrier=dist.barrier, export=exported.append)
+        x = torch.randn(4, 8, dtype=torch.bfloat16)
+        position = DataPosition(seed=42, world_size=1, num_workers=2)
         for step in (1, 2, 3):
             e.backward(e(x))
             e.step()
-            mgr.save(e, step, {"stage": 1, "step": step}, exported.append)
+            position.micro_batches += 2
+            mgr.save(e, TrainState(1, step, position))
         assert sorted(p.name for p in root.iterdir() if p.suffix != ".py") == ["latest", "step00000002", "step00000003"]
         assert (root / "latest").read_text() == "step00000003" and len(exported) == 3
         states = torch.load(root / "step00000003/mp_rank_00_model_states.pt", weights_only=False)
         assert set(states["module"]) == {"head.weight", "head.bias"}  # the frozen layer is not in it
         assert states["stage"] == 1 and states["step"] == 3
-        assert json.loads((root / "step00000003/trainer_state.json").read_text()) == {"stage": 1, "step": 3}
+        assert states["world_size"] == 1 and states["seed"] == 42
+        assert json.loads((root / "step00000003/trainer_state.json").read_text()) == {
+            "stage": 1, "step": 3, "world_size": 1, "seed": 42, "data": {"micro_batches": 6, "num_workers": 2}}
         # A kill mid-save leaves a dot-directory: never the latest, cleaned by the next save.
         (root / ".tmp-step00000004").mkdir()
         assert latest_checkpoint(root).name == "step00000003"
@@ -203,9 +208,18 @@ def test_checkpoints_atomic_rotating_trainable_only(tmp_path, monkeypatch):
         loss_after_4 = e(x).item()
 
         e2, sched2 = engine()  # fresh weights, as after a restart
-        client = CheckpointManager(root, 2, 0, dist.barrier).load(e2, root / "step00000003")
-        assert client["step"] == 3 and client["rng"] is not None
-        set_rng_states(client["rng"])
+        mgr2 = CheckpointManager(root, 2, 0, dist.barrier)
+        # another world size, worker count or seed: refused, naming what differs, before anything is loaded
+        from msmedcap.train.checkpoint import IncompatibleCheckpoint
+
+        for other, what in ((DataPosition(42, 2, 2), "ranks (WORLD_SIZE) 1 then, 2 now"),
+                            (DataPosition(42, 1, 4), "data.num_workers 2 then, 4 now"),
+                            (DataPosition(7, 1, 2), "train.seed 42 then, 7 now")):
+            with pytest.raises(IncompatibleCheckpoint, match=re.escape(what)):
+                mgr2.load(e2, root / "step00000003", expect=other)
+        state = mgr2.load(e2, root / "step00000003", expect=DataPosition(42, 1, 2))
+        assert state.step == 3 and state.data.micro_batches == 6 and state.rng is not None
+        set_rng_states(state.rng)
         assert [e2(x).item() for _ in range(1)] == expected
         assert torch.equal(torch.get_rng_state(), rng_at_3)
         e2.backward(e2(x))
@@ -254,3 +268,76 @@ def test_frozen_parts_keep_their_dtype_under_a_bf16_engine(monkeypatch):
         assert torch.isfinite(out["loss"])
     finally:
         dist.destroy_process_group()
+
+
+def test_checkpoint_interval_and_atomic_dir(tmp_path):
+    """The interval rule (every ckpt_every steps, the last step, a stop) and the one atomic directory
+    writer: the final name is absent until published, an earlier one replaced, a stale temp removed."""
+    from msmedcap.train.checkpoint import AtomicDir, CheckpointManager
+
+    mgr = CheckpointManager(tmp_path, keep_last=2, rank=0, barrier=lambda: None, every=3)
+    assert [s for s in range(1, 9) if mgr.due(s, 8)] == [3, 6, 8] and mgr.due(4, 8, stopping=True)
+    target = AtomicDir(tmp_path / "export")
+    (tmp_path / ".tmp-export").mkdir()
+    (tmp_path / ".tmp-export/stale").write_text("from a killed writer")
+    tmp = target.begin()
+    assert tmp.name == ".tmp-export" and not tmp.exists()
+    tmp.mkdir()
+    (tmp / "a").write_text("1")
+    assert not (tmp_path / "export").exists()
+    target.publish()
+    assert (tmp_path / "export/a").read_text() == "1" and not tmp.exists()
+    AtomicDir(tmp_path / "export").begin().mkdir()
+    (tmp_path / ".tmp-export/b").write_text("2")
+    AtomicDir(tmp_path / "export").publish()
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp or trash left
+
+
+def test_loader_start_order_and_window_keeps_losses_on_device():
+    """start_loader: refuses to fork workers without the stop handler, applies the RNG states after
+    the loader started. Window: loss sums stay tensors until reduced; the reduced means are the
+    float64 means of the micro-batch losses."""
+    from msmedcap.train.checkpoint import rng_states
+    from msmedcap.train.metrics import Window
+    from msmedcap.train.signals import StopRequest
+    from msmedcap.train.trainer import start_loader
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = StopRequest()
+        torch.manual_seed(1)
+        saved = rng_states()
+        expected = torch.rand(1)
+        drawn = []
+        batches = start_loader(lambda: (drawn.append(torch.rand(1)), iter([1, 2]))[1], stop, saved)
+        assert list(batches) == [1, 2] and torch.equal(torch.rand(1), expected)  # restored after the start drew
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with pytest.raises(RuntimeError, match="stop-signal handler"):
+            start_loader(lambda: iter([]), stop, None)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    w = Window()
+    mask = torch.ones(2, 3, dtype=torch.long)
+    values = [1.1, 2.2, 3.3]
+    for v in values:
+        w.add({"loss": torch.tensor(v), "itc": torch.tensor(v / 2), "vector": torch.ones(3)},
+              {"key": ["a", "b"], "text_attention_mask": mask}, stage=1)
+    assert isinstance(w.sums["loss"], torch.Tensor) and set(w.sums) == {"loss", "loss_itc"}
+    host = w.host_sums()
+    assert host["loss"] == sum(float(torch.tensor(v)) for v in values)  # as the per-micro-batch floats summed
+
+    class OneRank:
+        @staticmethod
+        def get_world_size():
+            return 1
+
+        @staticmethod
+        def all_gather_object(parts, obj):
+            parts[0] = obj
+
+    stats = w.reduce(OneRank)
+    assert stats["loss"] == host["loss"] / 3 and stats["samples"] == 6 and stats["tokens"] == 18
+    assert list(stats["losses"]) == ["loss", "loss_itc"]

@@ -1,5 +1,6 @@
 """What every benchmark part shares: the device and its peak, the config (random weights where a run
-would download), batches, timing, and a DeepSpeed engine of one rank as the trainer builds it."""
+would download), batches, timing, and a DeepSpeed engine of one rank as the trainer builds it
+(``to_device`` is msmedcap.train.world's, re-exported)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from msmedcap.train.world import to_device  # noqa: F401  (the bench parts import it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,22 +176,9 @@ CAPTIONS = [
 
 def captions_from_shards(cfg, n: int) -> list:
     """Real captions (their token lengths matter for step time) from the eval shards, when present."""
-    import tarfile
+    from msmedcap.eval.baseline import shard_captions
 
-    from msmedcap.config import expand_braces, split_weighted_spec
-
-    out = []
-    for spec in cfg.data.eval:
-        for path in expand_braces(split_weighted_spec(spec)[0]):
-            if not os.path.isfile(path):
-                continue
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.name.endswith(".txt"):
-                        out.append(tar.extractfile(member).read().decode().strip())
-                        if len(out) >= n:
-                            return out
-    return out
+    return shard_captions(cfg.data.eval, n, missing_ok=True)
 
 
 def synthetic_batch(cfg, size: int, captions: Optional[list] = None, seed: int = 0) -> dict:
@@ -217,10 +207,6 @@ def synthetic_batch(cfg, size: int, captions: Optional[list] = None, seed: int =
     return batch
 
 
-def to_device(batch: dict, dev: torch.device) -> dict:
-    return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 # --------------------------------------------------------------------------- timing and engines
 def timed(fn: Callable, dev: torch.device, iters: int, warmup: int) -> float:
     """Seconds of the fastest of ``iters`` runs of ``fn()`` after ``warmup`` runs: on a shared machine
@@ -237,38 +223,25 @@ def timed(fn: Callable, dev: torch.device, iters: int, warmup: int) -> float:
     return best
 
 
-def single_process_dist() -> None:
-    """A world of one for DeepSpeed when no launcher set one up (as launch/pretrain.py does)."""
-    from msmedcap.train.world import single_process_env
-
-    single_process_env()
-
-
 def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, micro_batch: int):
-    """``deepspeed.initialize`` as the trainer calls it: ds_configs/zero2.json filled from ``cfg``,
-    ZeRO ``zero_stage``, trainable parameters only."""
+    """The trainer's engine (msmedcap.train.engine.build_engine: trainable parameters only, its LR
+    schedule, frozen parts back in their dtype) on ds_configs/zero2.json filled from ``cfg``, with ZeRO
+    ``zero_stage``, micro batch ``micro_batch`` and no accumulation; a world of one unless a launcher
+    set one up."""
     import copy
 
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    from msmedcap.train.ds_config import read_ds_json
+    from msmedcap.train.engine import build_engine, stage_ds_config
+    from msmedcap.train.world import init_world, single_process_env
 
-    from msmedcap.train.ds_config import bf16_supported, fill_ds_config, read_ds_json
-    from msmedcap.train.trainer import param_groups
-
-    single_process_dist()
-    acc = get_accelerator()
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    single_process_env()
+    world = init_world(cpu_threads=False)  # the bench sets its own thread count
     cfg = copy.deepcopy(cfg)
     st = getattr(cfg.train, f"stage{stage}")
     st.micro_batch_size, st.grad_accum = micro_batch, 1
-    world = torch.distributed.get_world_size()
-    ds = fill_ds_config(read_ds_json(REPO / "ds_configs" / "zero2.json"), cfg, stage, world, acc.device_name(),
-                        bf16_supported(acc))
+    ds = stage_ds_config(read_ds_json(REPO / "ds_configs" / "zero2.json"), cfg, stage, world.size)
     ds["zero_optimization"]["stage"] = zero_stage
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(model, st.weight_decay, stage),
-                                      config=ds)
-    if hasattr(model, "restore_frozen_dtype"):  # as the trainer does after the engine's cast
-        model.restore_frozen_dtype()
+    engine, _ = build_engine(model, cfg, stage, ds, module=module)
     return engine, ds
 
 

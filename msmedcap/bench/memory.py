@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from msmedcap.train.metrics import peak_memory_mb
 
 
 def optimizer_state_bytes(engine, model) -> dict:
@@ -30,12 +31,6 @@ def optimizer_state_bytes(engine, model) -> dict:
     master = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"] if id(p) not in own)
     return {"moments": moments, "master_weights": master, "total": moments + master,
             "optimizer_class": f"{type(engine.optimizer).__name__}({type(inner).__name__})"}
-
-
-def peak_memory_mb(dev: torch.device) -> float:
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(argv=None) -> int:
@@ -55,7 +50,7 @@ def worker(argv=None) -> int:
 
     from msmedcap.bench.common import bench_config, device, ds_engine, synthetic_batch, to_device
     from msmedcap.models import build_model
-    from msmedcap.train.trainer import StageLoss
+    from msmedcap.train.engine import StageLoss
 
     dev = device()
     if dev.type == "cuda":

@@ -70,8 +70,8 @@ class PhaseClock:
 def bench_step(model, cfg, stage: int, batch: dict, dev, iters: int, warmup: int, peak: dict,
                zero_stage: int = 2, label: str = None) -> dict:
     """One (variant, stage) row. ``model`` is built and on ``dev``; ``batch`` on the host."""
-    from msmedcap.train.metrics import count_flops
-    from msmedcap.train.trainer import StageLoss
+    from msmedcap.train.engine import StageLoss
+    from msmedcap.train.metrics import count_flops, peak_memory_mb
 
     n = len(batch["key"])
     if dev.type == "cuda":
@@ -105,7 +105,7 @@ def bench_step(model, cfg, stage: int, batch: dict, dev, iters: int, warmup: int
            "mfu": achieved / (peak["tflops"] * 1e12) if peak.get("tflops") else None,
            "params": {"trainable": counts["trainable"], "frozen": counts["frozen"],
                       "in_optimizer": sum(p.numel() for _, p in model.stage_named_parameters(stage))},
-           "peak_memory_mib": torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else None}
+           "peak_memory_mib": peak_memory_mb(dev) if dev.type == "cuda" else None}
     engine.destroy()
     return row
 
@@ -113,7 +113,7 @@ def bench_step(model, cfg, stage: int, batch: dict, dev, iters: int, warmup: int
 def largest_micro_batch(model, cfg, stage: int, make_batch, dev, start: int, limit: int = 4096) -> dict:
     """Double the micro batch from ``start`` until a training step runs out of GPU memory: the largest
     that fit (and the first that did not)."""
-    from msmedcap.train.trainer import StageLoss
+    from msmedcap.train.engine import StageLoss
 
     if dev.type != "cuda":
         return {"largest": None, "note": "searched on GPUs only (CPU memory is not the limit here)"}

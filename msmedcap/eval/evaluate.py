@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from msmedcap.batch import DOMAINS
+from msmedcap.train.world import to_device  # noqa: F401  (one copy: the trainer's, the bench's)
 
 
 def generation_kwargs(cfg) -> dict:
@@ -30,10 +31,6 @@ def sample_batch(batch: dict, i: int) -> dict:
     """Sample ``i`` of a batch as a batch of one (tensors and lists sliced; other entries, such as
     the skip counts, dropped)."""
     return {k: v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v) or isinstance(v, list)}
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------- thumbnails

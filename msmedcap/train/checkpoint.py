@@ -18,6 +18,14 @@ Old checkpoints are renamed away before they are deleted, for the same reason. A
 checkpoint whose files no longer match its manifest (truncated, deleted, changed afterwards) is
 named and passed over by :func:`usable_checkpoint`.
 
+What a checkpoint holds is one :class:`TrainState` (stage, step, the data position with the seed,
+world size and worker count it is a function of, and this rank's RNG states) next to the engine's own
+state; :meth:`CheckpointManager.save` writes them together and :meth:`CheckpointManager.load` reads
+them together, refusing a checkpoint whose data position this run cannot continue (another world size,
+``data.num_workers`` or seed). :meth:`CheckpointManager.due` is the interval rule and
+:meth:`CheckpointManager.export_final` the finished stage's export. Every directory (checkpoint or
+export) is published by one writer, :class:`AtomicDir`.
+
 Nothing is unpickled on resume: every ``.pt`` file is read with ``torch.load(weights_only=True)``
 (DeepSpeed's own loader, ``TorchCheckpointEngine.load``, uses ``weights_only=False``; the engine's
 loader is replaced by :func:`safe_load` in :meth:`CheckpointManager.load`). The few non-tensor
@@ -35,6 +43,7 @@ import random
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -60,6 +69,61 @@ class CheckpointWriteError(RuntimeError):
 
 
 STEP_DIR = re.compile(r"^step(\d{8})$")
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A checkpoint whose data position this run cannot continue (another world size, worker count
+    or seed): refused, never resumed with a different data order."""
+
+
+@dataclass
+class DataPosition:
+    """Where a rank's training stream is. The stream is a function of all four: the same micro-batch
+    count means the same next batch only with the same seed, world size and ``data.num_workers``."""
+    seed: int
+    world_size: int
+    num_workers: int
+    micro_batches: int = 0
+
+
+@dataclass
+class TrainState:
+    """Everything a stage's checkpoint holds besides the engine's own state (weights, optimizer, LR
+    scheduler, written by DeepSpeed). ``rng``: this rank's RNG states, read by :meth:`CheckpointManager.load`
+    and applied by the caller once its data loader has started (starting it draws from torch's generator)."""
+    stage: int
+    step: int
+    data: DataPosition
+    config: Optional[dict] = None
+    rng: Optional[dict] = None
+
+    def client_state(self) -> dict:
+        """What DeepSpeed stores with the engine (``trainer_state.json``: the same without the config)."""
+        return {"stage": self.stage, "step": self.step, "world_size": self.data.world_size, "seed": self.data.seed,
+                "data": {"micro_batches": self.data.micro_batches, "num_workers": self.data.num_workers},
+                "config": self.config}
+
+    @classmethod
+    def from_client_state(cls, state: dict, rng: Optional[dict] = None) -> "TrainState":
+        data = state.get("data") or {}
+        return cls(stage=state.get("stage"), step=int(state.get("step", 0)),
+                   data=DataPosition(seed=state.get("seed"), world_size=state.get("world_size"),
+                                     num_workers=data.get("num_workers"), micro_batches=int(data.get("micro_batches", 0))),
+                   config=state.get("config"), rng=rng)
+
+    def check_continues(self, now: DataPosition, path) -> None:
+        """Raise :class:`IncompatibleCheckpoint` unless this run's data position parameters are the
+        checkpoint's: another world size or worker count splits the stream differently, another seed
+        shuffles it differently, so the resumed run would not see the batches the interrupted one would have."""
+        keys = (("world_size", "ranks (WORLD_SIZE)"), ("num_workers", "data.num_workers"), ("seed", "train.seed"))
+        differ = [(label, getattr(self.data, k), getattr(now, k)) for k, label in keys
+                  if getattr(self.data, k) is not None and getattr(self.data, k) != getattr(now, k)]
+        if differ:
+            what = ", ".join(f"{label} {was} then, {is_} now" for label, was, is_ in differ)
+            raise IncompatibleCheckpoint(
+                f"{path}: written with another data position ({what}); resuming would continue a different "
+                "data order than the interrupted run's. Resume with the same number of ranks, data.num_workers "
+                "and train.seed, or start afresh with --overwrite (or another train.output_dir)")
 
 
 def step_tag(step: int) -> str:
@@ -237,6 +301,32 @@ def _remove_dir(path: Path, fault: Optional[dict] = None) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+class AtomicDir:
+    """A directory that appears complete or not at all: written under ``.tmp-NAME`` beside its final
+    name, then renamed onto it (an earlier directory of that name is renamed away first, then deleted).
+    A kill at any moment leaves the final name absent or complete; dot-names are never read as results.
+    The one writer of checkpoints and exports."""
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final)
+        self.tmp = self.final.with_name(f".tmp-{self.final.name}")
+
+    def begin(self) -> Path:
+        """The empty temporary directory's path (what a killed writer left there is removed)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        return self.tmp
+
+    def publish(self) -> Path:
+        if self.final.exists():  # an earlier run's directory of the same name (--overwrite)
+            _remove_dir(self.final)
+        os.rename(self.tmp, self.final)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def remove_leftovers(root) -> None:
     """Delete what a killed save (``.tmp-stepN``) or prune (``.trash-stepN-PID``) left under ``root``."""
     root = Path(root)
@@ -260,13 +350,24 @@ def _disk_full(e: BaseException, where: Path) -> bool:
 
 
 class CheckpointManager:
-    """Saves and finds one stage's checkpoints. All ranks call :meth:`save` and :meth:`load`."""
+    """Saves, finds and loads one stage's checkpoints and writes its final export. All ranks call
+    :meth:`save`, :meth:`load` and :meth:`export_final` (rank 0 writes what only one rank writes).
+    ``export(dir)`` writes the trainable weights' export (each checkpoint has one, and so has the
+    finished stage, at ``export_dir``); ``every``: ``train.ckpt_every``."""
 
-    def __init__(self, root: str | Path, keep_last: int, rank: int, barrier: Callable[[], None]):
+    def __init__(self, root: str | Path, keep_last: int, rank: int, barrier: Callable[[], None], every: int = 0,
+                 export: Optional[Callable[[Path], None]] = None, export_dir: Optional[Path] = None):
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = rank
         self.barrier = barrier
+        self.every = every
+        self.export = export
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+
+    def due(self, step: int, total_steps: int, stopping: bool = False) -> bool:
+        """Checkpoint after this step? Every ``every`` steps, at the stage's last step, and when stopping."""
+        return stopping or step == total_steps or (self.every > 0 and step % self.every == 0)
 
     def _write_failed(self, e: BaseException, tag: str, tmp: Path) -> CheckpointWriteError:
         shutil.rmtree(tmp, ignore_errors=True)  # give back what the incomplete checkpoint took
@@ -281,28 +382,31 @@ class CheckpointManager:
             f"checkpoint was removed, the previous complete checkpoint ({previous or 'none'}) is untouched. Free space, "
             "then restart with --resume auto")
 
-    def save(self, engine, step: int, client_state: dict, export: Callable[[Path], None]) -> Path:
-        """Checkpoint ``engine`` at ``step``; ``export(dir)`` (rank 0) writes the weights export."""
-        tag = step_tag(step)
-        tmp_tag = f".tmp-{tag}"
-        tmp, final = self.root / tmp_tag, self.root / tag
-        at = {"stage": client_state.get("stage"), "step": step, "rank": self.rank}
+    def save(self, engine, state: TrainState) -> Path:
+        """Checkpoint ``engine`` and ``state`` (at ``state.step``): DeepSpeed's files, each rank's RNG
+        states, and on rank 0 the export, ``trainer_state.json`` and the manifest; published when every
+        rank is done, then the checkpoints beyond ``keep_last`` are pruned."""
+        step, tag = state.step, step_tag(state.step)
+        target = AtomicDir(self.root / tag)
+        tmp = target.tmp
+        at = {"stage": state.stage, "step": step, "rank": self.rank}
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.root)
+            target.begin()
         self.barrier()
         try:
             fault_point("checkpoint.begin", **at, path=tmp)
-            engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False,
+            engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=state.client_state(), save_latest=False,
                                    exclude_frozen_parameters=True)
             fault_point("checkpoint.after_engine_save", **at, path=tmp)
             torch.save(rng_states(), tmp / f"rng_rank{self.rank:04d}.pt")
             fault_point("checkpoint.after_rng", **at, path=tmp)
             if self.rank == 0:
-                export(tmp / "export")
+                if self.export is not None:
+                    self.export(tmp / "export")
                 atomic_write_text(tmp / "trainer_state.json",
-                                  json.dumps({k: v for k, v in client_state.items() if k != "config"}, indent=2,
-                                             default=str))
+                                  json.dumps({k: v for k, v in state.client_state().items() if k != "config"},
+                                             indent=2, default=str))
                 fault_point("checkpoint.after_export", **at, path=tmp)
         except (OSError, RuntimeError) as e:
             if isinstance(e, OSError) or _disk_full(e, self.root):  # not a collective's error: those propagate
@@ -315,9 +419,7 @@ class CheckpointManager:
                 fault_point("checkpoint.before_rename", **at, path=tmp)
             except (OSError, RuntimeError) as e:
                 raise self._write_failed(e, tag, tmp) from e
-            if final.exists():  # an earlier run's checkpoint of the same step (--overwrite)
-                _remove_dir(final)
-            os.rename(tmp, final)
+            target.publish()
             fault_point("checkpoint.after_rename", **at)
             try:
                 atomic_write_text(self.root / "latest", tag)
@@ -327,14 +429,21 @@ class CheckpointManager:
             for old in complete_checkpoints(self.root)[:-self.keep_last] if self.keep_last > 0 else []:
                 _remove_dir(old, fault=at)
         self.barrier()
-        return final
+        return target.final
 
-    def load(self, engine, path: Path) -> dict:
-        """Restore engine (weights, optimizer, scheduler) from checkpoint directory ``path``; return
-        the client state. Every file is read with weights_only=True (:func:`safe_load`). RNG states
-        are returned, not applied: the caller applies them after the data loader has started
-        (starting it draws from torch's generator)."""
+    def load(self, engine, path: Path, expect: Optional[DataPosition] = None) -> TrainState:
+        """Restore engine (weights, optimizer, scheduler) and the :class:`TrainState` from checkpoint
+        directory ``path``. With ``expect`` (this run's seed, world size, workers), a checkpoint written
+        with other ones is refused (:class:`IncompatibleCheckpoint`) before anything is loaded. Every file
+        is read with weights_only=True (:func:`safe_load`). The RNG states are returned in the state, not
+        applied: the caller applies them after its data loader has started."""
         path = Path(path)
+        if expect is not None:
+            try:
+                written = json.loads((path / "trainer_state.json").read_text())
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({e})") from None
+            TrainState.from_client_state(written).check_continues(expect, path)
         if not make_engine_loads_safe(engine):
             print(f"warning: DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} keeps its own "
                   "loader (it may unpickle); only msmedcap's own files are read weights-only", file=sys.stderr)
@@ -344,9 +453,18 @@ class CheckpointManager:
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
         rng_file = path / f"rng_rank{self.rank:04d}.pt"
-        client_state = dict(client_state or {})
         rng = safe_load(rng_file) if rng_file.is_file() else None
         if rng is not None and not (isinstance(rng, dict) and rng.get("format") == 2):
             raise CheckpointError(f"{rng_file}: not an RNG state this version wrote")
-        client_state["rng"] = rng
-        return client_state
+        return TrainState.from_client_state(dict(client_state or {}), rng=rng)
+
+    def export_final(self, stage: int, step: int) -> Path:
+        """Rank 0 writes the finished stage's export to ``export_dir``, atomically: the export's
+        existence marks the stage as finished (``--resume auto`` skips it)."""
+        if self.rank == 0:
+            target = AtomicDir(self.export_dir)
+            self.export(target.begin())
+            fault_point("stage.before_export_rename", stage, step, self.rank)
+            target.publish()
+            fault_point("stage.after_export", stage, step, self.rank)
+        return self.export_dir

@@ -1,4 +1,5 @@
-"""Rank 0's view of training: rich progress, ``metrics.jsonl``, TensorBoard, ``loss.png``.
+"""Rank 0's view of training: rich progress, ``metrics.jsonl``, TensorBoard, ``loss.png``; the log
+window every rank sums its micro-batches into.
 
 One JSON object per log step (``stage``, ``step`` and the keys below); a resumed run first drops
 the records a killed run wrote after its checkpoint, so the file reads as one uninterrupted run.
@@ -21,13 +22,19 @@ RECORD_FIELDS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "fl
                  "skipped_samples", "overflow_skipped_steps", "peak_memory_mb", "elapsed_s")
 
 
-def peak_memory_mb(device_type: str) -> float:
-    """Peak accelerator memory on GPUs; the process's peak resident set on CPU."""
-    if device_type != "cpu":
-        from deepspeed.accelerator import get_accelerator
+def peak_memory_mb(device) -> float:
+    """Peak accelerator memory on GPUs (``max_memory_allocated``); the process's peak resident set
+    (``ru_maxrss``, libraries included) on CPU. ``device``: a torch.device or its type (``"cuda"``)."""
+    kind = device if isinstance(device, str) else device.type
+    if kind == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    if kind == "cuda" and not isinstance(device, str):
+        import torch
 
-        return get_accelerator().max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().max_memory_allocated() / 2**20
 
 
 def count_flops(fn) -> tuple:
@@ -138,3 +145,64 @@ def plot_losses(metrics_path: Path, out: Path) -> Optional[Path]:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+class Window:
+    """Sums over the micro-batches since the last log step, reduced over ranks when logged. Losses stay
+    on the device until then (float64 sums, as the Python floats they were: no host sync per micro-batch)."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.counts: dict = {}
+        self.samples = self.tokens = self.micro_batches = self.steps = 0
+        self.skipped: dict = {}
+        self.truncated: dict = {}  # captions cut by the loader, per side (batch["truncated"])
+
+    def add(self, out: dict, batch: dict, stage: int) -> None:
+        """``out``: the model's losses (scalars); ``batch``: the host batch (counts, masks)."""
+        import torch
+
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.numel() != 1:
+                continue
+            key = "loss" if k == "loss" else (k if k.startswith("loss") else f"loss_{k}")
+            v = v.detach().reshape(()).double() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[key] = self.sums[key] + v if key in self.sums else v
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.samples += len(batch["key"])
+        mask = batch["text_attention_mask" if stage == 1 else "lm_attention_mask"]
+        self.tokens += int(mask.sum())
+        self.micro_batches += 1
+        for reason, n in (batch.get("skipped") or {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+        for side, n in (batch.get("truncated") or {}).items():
+            self.truncated[side] = self.truncated.get(side, 0) + int(n)
+
+    def host_sums(self) -> dict:
+        """The loss sums as Python floats (one device-to-host copy for all of them)."""
+        import torch
+
+        on_device = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        sums = dict(self.sums)
+        if on_device:
+            sums.update(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist()))
+        return sums
+
+    def reduce(self, dist) -> dict:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self.host_sums(), self.counts, self.samples, self.tokens, self.micro_batches,
+                                       self.skipped, self.truncated))
+        sums, counts, skipped, truncated = {}, {}, {}, {}
+        samples = tokens = micro = 0
+        for s, c, n, t, m, sk, tr in parts:
+            for k, v in tr.items():
+                truncated[k] = truncated.get(k, 0) + v
+            for k in s:
+                sums[k] = sums.get(k, 0.0) + s[k]
+                counts[k] = counts.get(k, 0) + c[k]
+            for k, v in sk.items():
+                skipped[k] = skipped.get(k, 0) + v
+            samples, tokens, micro = samples + n, tokens + t, micro + m
+        losses = {k: sums[k] / counts[k] for k in sorted(sums, key=lambda k: (k != "loss", k))}
+        return {"losses": losses, "loss": losses["loss"], "samples": samples, "tokens": tokens,
+                "micro_batches": micro, "skipped": skipped, "truncated": truncated}

@@ -2,11 +2,13 @@
 
 Schedulers (SLURM ``--signal``, preemption, ``deepspeed``'s launcher forwarding SIGTERM) warn a job
 before killing it. The handler only records the signal; the training loop asks
-:meth:`StopRequest.agreed` once per optimizer step, which all-reduces the flag so every rank stops
-at the same step even when the signal reached them at different moments.
+:meth:`StopRequest.agreed` at its log and checkpoint steps (not every step: it is a collective),
+which all-reduces the flag so every rank stops at the same step even when the signal reached them at
+different moments.
 
-Install before any DataLoader worker is forked: workers inherit the handler, so a signal sent to
-the whole process tree (what the launcher does) does not kill them mid-batch.
+Install before any DataLoader worker is forked (the trainer's loader start checks
+:meth:`StopRequest.installed`): workers inherit the handler, so a signal sent to the whole process
+tree (what the launcher does) does not kill them mid-batch.
 """
 from __future__ import annotations
 
@@ -27,8 +29,13 @@ class StopRequest:
         self.signum: Optional[int] = None
         self.agreed_signum = 0
         self.pid = os.getpid()
-        for s in signals:
+        self.signals = tuple(signals)
+        for s in self.signals:
             signal.signal(s, self._handle)
+
+    def installed(self) -> bool:
+        """This process's handler of every stop signal (what forked workers must inherit)."""
+        return os.getpid() == self.pid and all(signal.getsignal(s) == self._handle for s in self.signals)
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:  # a forked data worker: ignore, the rank decides

@@ -1,8 +1,9 @@
-"""The training loop: stage 1 (ITC/ITM/ITG), stage 2 (captioning), then evaluation.
+"""The training job: stage 1 (ITC/ITM/ITG), stage 2 (captioning), then evaluation.
 
-DeepSpeed owns the distributed part (ZeRO-2 over the trainable parameters only, gradient
-accumulation, clipping, bf16/fp16, AdamW + warmup/cosine from the filled JSON); this module owns
-the order of things, the data position, checkpoints, signals and logging. Output layout::
+The engine is built by engine.py (DeepSpeed: ZeRO-2, accumulation, clipping, precision, AdamW + LR
+schedule), checkpoints and the stage's export by checkpoint.py, the report by summary.py; this module
+owns the order of things: which stages run or resume (:meth:`Trainer.plan`), and one stage's
+setup, steps, log steps and finish (:class:`StageRun`). Output layout::
 
     OUTPUT_DIR/config.yaml  metrics.jsonl  loss.png  tensorboard/  summary.json  eval/
     OUTPUT_DIR/stage1/checkpoints/stepNNNNNNNN/ ...   (see checkpoint.py)
@@ -18,21 +19,22 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from msmedcap.config import Config, ConfigError
-from msmedcap.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError, check_checkpoint,
-                                       remove_leftovers, set_rng_states, usable_checkpoint)
-from msmedcap.train.ds_config import bf16_supported, fill_ds_config
-from msmedcap.train.metrics import MetricsLog, count_flops, peak_memory_mb
-from msmedcap.train.schedule import warmup_cosine
+from msmedcap.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError, DataPosition,
+                                       TrainState, check_checkpoint, remove_leftovers, set_rng_states,
+                                       usable_checkpoint)
+from msmedcap.train.engine import StageLoss, build_engine, param_groups, stage_ds_config  # noqa: F401 (re-exported)
+from msmedcap.train.metrics import MetricsLog, Window, count_flops, peak_memory_mb  # noqa: F401 (Window re-exported)
 from msmedcap.train.signals import StopRequest, fault_point
+from msmedcap.train.summary import StageResult, read_stage_record, summarize, write_stage_record
+from msmedcap.train.world import init_world, is_collective_failure, to_device  # noqa: F401 (to_device re-exported)
 
 
 def stage_dir(cfg: Config, stage: int) -> Path:
@@ -43,61 +45,15 @@ def export_dir(cfg: Config, stage: int) -> Path:
     return stage_dir(cfg, stage) / "export"
 
 
+def stage_record(cfg: Config, stage: int) -> Path:
+    """Where a finished stage's StageResult is kept (next to its export)."""
+    return stage_dir(cfg, stage) / "result.json"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class StageLoss(nn.Module):
-    """What DeepSpeed wraps: ``forward(batch)`` is the model's loss for one stage (the engine's
-    forward must run so ZeRO's backward hooks are armed). Wrapping scopes the model to the stage
-    (``set_stage``: the trainables this stage does not train are frozen while it runs)."""
-
-    def __init__(self, model: nn.Module, stage: int):
-        super().__init__()
-        self.model = model
-        self.stage = stage
-        if hasattr(model, "set_stage"):
-            model.set_stage(stage)
-
-    def forward(self, batch: dict) -> dict:
-        return getattr(self.model, f"stage{self.stage}_loss")(batch)
-
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """Trainable tensors only. DeepSpeed's ``exclude_frozen_parameters`` drops frozen parameters by
-        name, which misses a tied alias (OPT's ``lm_head.weight`` is ``embed_tokens.weight``)."""
-        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        keep = {f"{prefix}model.{n}" for n, _ in self.model.trainable_named_parameters()}
-        for k in [k for k in full if k not in keep]:
-            del full[k]
-        return full
-
-
-def param_groups(model: nn.Module, weight_decay: float, stage: Optional[int] = None) -> list:
-    """The parameters ``stage`` trains (``model.stage_named_parameters``; by default the stage that
-    ``StageLoss(model, stage)`` set, which freezes the others; every trainable for a model without
-    stages); no weight decay on biases, norms and other 1-D tensors (BLIP-2)."""
-    stage = stage if stage is not None else getattr(model, "stage", None)  # the stage StageLoss set
-    scoped = stage is not None and hasattr(model, "stage_named_parameters")
-    named = model.stage_named_parameters(stage) if scoped else model.trainable_named_parameters()
-    frozen = [n for n, p in named if not p.requires_grad]
-    if frozen:
-        raise RuntimeError(f"param_groups: {len(frozen)} parameters to train have requires_grad=False "
-                           f"({frozen[0]}, ...): wrap the model in StageLoss(model, {stage}) first")
-    decay, no_decay = [], []
-    for name, p in named:
-        if p.ndim < 2 or name.endswith("bias") or "norm" in name.lower() or ".ln" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to the device (the model casts images to each frozen encoder's dtype)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -109,83 +65,35 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass
-class StageResult:
-    stage: int
-    steps_done: int = 0
-    total_steps: int = 0
-    resumed_from: Optional[str] = None
-    stopped_by: Optional[str] = None
-    seconds: float = 0.0
-    first_loss: Optional[float] = None
-    last_loss: Optional[float] = None
-    checkpoint: Optional[str] = None
-    export: Optional[str] = None
-    weights_sha256: Optional[str] = None
-    skipped_samples: dict = field(default_factory=dict)
-    overflow_skipped_steps: int = 0
-    finished_earlier: bool = False  # read back from stageN/result.json: finished by an earlier invocation
-
-
-def stage_record(cfg: Config, stage: int) -> Path:
-    """A finished stage's StageResult, written next to its export, so that a resumed run's summary
-    still lists the stages finished before the interruption."""
-    return stage_dir(cfg, stage) / "result.json"
-
-
-def read_stage_record(cfg: Config, stage: int) -> Optional[StageResult]:
-    path = stage_record(cfg, stage)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    known = {k: v for k, v in data.items() if k in StageResult.__dataclass_fields__}
-    return StageResult(**{**known, "finished_earlier": True})
+def start_loader(make_loader: Callable[[], object], stop: StopRequest, rng: Optional[dict]):
+    """The training loader's iterator, started under its two ordering rules: the stop handler is
+    installed before its workers fork (they inherit it and ignore the signal, so a job-wide SIGTERM
+    leaves them alive for the checkpoint), and a resumed run's RNG states are applied after it started
+    (starting it draws from torch's generator)."""
+    if not stop.installed():
+        raise RuntimeError("the stop-signal handler must be installed before the data loader's workers fork")
+    batches = iter(make_loader())
+    if rng is not None:
+        set_rng_states(rng)
+    return batches
 
 
 class Trainer:
     def __init__(self, cfg: Config, ds_json: dict, ds_source: str):
-        import deepspeed
-        import torch.distributed as dist
-        from deepspeed.accelerator import get_accelerator
-
         self.cfg, self.ds_json, self.ds_source = cfg, ds_json, ds_source
-        self.acc = get_accelerator()
-        from datetime import timedelta
-
-        # A collective waits at most train.dist_timeout_s for a silent peer (torch's default: 30 min);
-        # a peer that died is noticed at once (gloo/NCCL see its connections close).
-        deepspeed.init_distributed(dist_backend=self.acc.communication_backend_name(),
-                                   timeout=timedelta(seconds=cfg.train.dist_timeout_s))
-        self.dist = dist
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device_type = self.acc.device_name()
-        if self.device_type == "cpu":
-            self.device = torch.device("cpu")
-            if "OMP_NUM_THREADS" not in os.environ:
-                # torch defaults to every core per process: N ranks on one machine oversubscribe it, and
-                # OpenMP's spinning threads then make small matmuls hundreds of times slower.
-                local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
-                torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
-        else:
-            self.acc.set_device(self.local_rank)
-            self.device = torch.device(self.acc.device_name(self.local_rank))
-        self.stop = StopRequest()  # before any DataLoader worker forks
+        self.world = init_world(cfg.train.dist_timeout_s)
+        self.rank = self.world.rank
+        self.dist = torch.distributed
+        self.stop = StopRequest()  # before any DataLoader worker forks (start_loader checks)
         self.out = Path(cfg.train.output_dir)
         self.log: Optional[MetricsLog] = None
-
-    # ------------------------------------------------------------------ helpers
-    def barrier(self) -> None:
-        self.dist.barrier()
+        self.model: Optional[nn.Module] = None  # the last trained stage's, for the evaluation
 
     def print0(self, *args) -> None:
-        if self.rank == 0:
-            print(*args, flush=True)
+        self.world.print0(*args)
 
     def ds_config(self, stage: int) -> dict:
-        return fill_ds_config(self.ds_json, self.cfg, stage, self.world, self.device_type,
-                              bf16_supported(self.acc), source=self.ds_source)
+        return stage_ds_config(self.ds_json, self.cfg, stage, self.world.size, source=self.ds_source)
 
     # ------------------------------------------------------------------ planning
     def plan(self, stages: list, resume: Optional[str], overwrite: bool) -> dict:
@@ -204,7 +112,7 @@ class Trainer:
             if not state_file.is_file():
                 raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json)")
             problem = [check_checkpoint(path) if self.rank == 0 else None]  # rank 0 reads, all ranks agree
-            if self.world > 1:
+            if self.world.size > 1:
                 self.dist.broadcast_object_list(problem, src=0)
             if problem[0]:
                 raise ConfigError(f"--resume {resume}: damaged checkpoint: {problem[0]}")
@@ -218,7 +126,7 @@ class Trainer:
             if earlier and not overwrite:
                 raise ConfigError(f"{earlier[0]} holds an earlier run: pass --resume auto to continue it, "
                                   "--overwrite to start afresh, or another train.output_dir")
-            self.barrier()  # everyone has looked before rank 0 deletes
+            self.world.barrier()  # everyone has looked before rank 0 deletes
             if earlier and self.rank == 0:
                 for d in earlier:
                     shutil.rmtree(d)
@@ -234,7 +142,7 @@ class Trainer:
                 choice = [usable_checkpoint(root, log=lambda msg: print(f"resume: {msg}", flush=True))]
             except CheckpointError as e:
                 choice = [e]
-        if self.world > 1:
+        if self.world.size > 1:
             self.dist.broadcast_object_list(choice, src=0)
         if isinstance(choice[0], CheckpointError):
             raise ConfigError(f"--resume auto: {choice[0]}")
@@ -256,128 +164,13 @@ class Trainer:
         return build_model(self.cfg.model)
 
     def run_stage(self, stage: int, resume_from: Optional[Path]) -> StageResult:
-        import deepspeed
-        from msmedcap.data.loader import make_train_loader
-        from msmedcap.models import save_trainable
-
-        cfg, st = self.cfg, getattr(self.cfg.train, f"stage{stage}")
-        result = StageResult(stage, total_steps=st.steps, resumed_from=str(resume_from) if resume_from else None)
-        t_start = time.time()
-        ds_cfg = self.ds_config(stage)
-        model = self.build(stage)
-        engine, _, _, scheduler = deepspeed.initialize(
-            model=StageLoss(model, stage), model_parameters=param_groups(model, st.weight_decay, stage), config=ds_cfg,
-            lr_scheduler=None if "scheduler" in ds_cfg else warmup_cosine(st))
-        model.restore_frozen_dtype()  # the engine cast everything to its precision
-        ckpts = CheckpointManager(stage_dir(cfg, stage) / "checkpoints", cfg.train.keep_last, self.rank, self.barrier)
-
-        step, rng = 0, None
-        if resume_from is not None:
-            client = ckpts.load(engine, resume_from)
-            step, rng = client["step"], client["rng"]
-            if client.get("world_size") != self.world:
-                self.print0(f"warning: checkpoint was written by {client.get('world_size')} ranks, now {self.world}: "
-                            "the data order differs from an uninterrupted run")
-            self.print0(f"stage {stage}: resumed from {resume_from} at step {step}")
-        seed_everything(cfg.train.seed + 1000 * stage + self.rank)  # per-rank dropout / negative sampling
-        # The loader's position counts micro-batches; it is a function of (seed, position, world size).
-        batches = iter(make_train_loader(cfg, stage, self.rank, self.world, step * st.grad_accum))
-        if rng is not None:
-            set_rng_states(rng)  # after the loader started: starting it draws from torch's generator
-
-        def client_state() -> dict:
-            return {"stage": stage, "step": step, "world_size": self.world, "seed": cfg.train.seed,
-                    "data": {"micro_batches": step * st.grad_accum, "num_workers": cfg.data.num_workers}, "config": cfg.to_dict()}
-
-        def export(d: Path) -> None:
-            save_trainable(model, d, cfg)
-
-        if self.log:
-            self.log.start_stage(stage, step, st.steps)
-        window = Window()
-        flops_per_micro = None
-        t_window = time.time()
-        while step < st.steps:
-            for _ in range(st.grad_accum):
-                batch = next(batches)
-                inputs = to_device(batch, self.device)
-
-                def fwd_bwd():
-                    out = engine(inputs)
-                    engine.backward(out["loss"])
-                    fault_point("step.after_backward", stage, step + 1, self.rank)
-                    return out
-
-                if flops_per_micro is None:
-                    out, flops_per_micro = count_flops(fwd_bwd)
-                else:
-                    out = fwd_bwd()
-                engine.step()
-                window.add(out, batch, stage)
-            step += 1
-            result.steps_done = step
-            window.steps += 1
-            if step % cfg.train.log_every == 0 or step == st.steps:
-                stats = window.reduce(self.dist)
-                if result.first_loss is None:
-                    result.first_loss = stats["loss"]
-                result.last_loss = stats["loss"]
-                for k, v in stats["skipped"].items():
-                    result.skipped_samples[k] = result.skipped_samples.get(k, 0) + v
-                result.overflow_skipped_steps = int(engine.skipped_steps)
-                dt = time.time() - t_window
-                if self.log:
-                    grad_norm = engine.get_global_grad_norm()
-                    self.log.log({
-                        "step": step, **stats["losses"],
-                        "lr": float(scheduler.get_last_lr()[0]),
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "samples_per_s": stats["samples"] / dt, "tokens_per_s": stats["tokens"] / dt,
-                        "flops_per_s": flops_per_micro * stats["micro_batches"] / dt,
-                        "skipped_samples": stats["skipped"], "overflow_skipped_steps": result.overflow_skipped_steps,
-                        "truncated_captions": {**stats["truncated"], "of": stats["samples"]},
-                        "peak_memory_mb": peak_memory_mb(self.device_type), "elapsed_s": time.time() - t_start})
-                window, t_window = Window(), time.time()
-            fault_point("step.end", stage, step, self.rank)
-            stopping = self.stop.agreed(self.device)
-            if step % cfg.train.ckpt_every == 0 or step == st.steps or stopping:
-                result.checkpoint = str(ckpts.save(engine, step, client_state(), export))
-            if stopping:
-                result.stopped_by = self.stop.name
-                break
-        if self.log:
-            self.log.end_stage()
-        result.weights_sha256 = self.check_replicas(model)
-        if not result.stopped_by and self.rank == 0:
-            final = export_dir(cfg, stage)
-            tmp = final.with_name(".export.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_trainable(model, tmp, cfg)
-            if final.exists():
-                shutil.rmtree(final)
-            fault_point("stage.before_export_rename", stage, step, self.rank)
-            os.rename(tmp, final)  # the export's existence marks the stage as finished
-            fault_point("stage.after_export", stage, step, self.rank)
-        if not result.stopped_by:
-            result.export = str(export_dir(cfg, stage))
-        self.barrier()
-        del batches
-        result.seconds = time.time() - t_start
-        if not result.stopped_by and self.rank == 0:
-            from msmedcap.atomic_files import atomic_write_text
-
-            atomic_write_text(stage_record(cfg, stage), json.dumps(result.__dict__, indent=2, default=str))
-        self.model = model
-        engine.destroy()
-        del engine
-        gc.collect()
-        return result
+        return StageRun(self, stage, resume_from).run()
 
     def check_replicas(self, model: nn.Module) -> str:
         """Every rank hashes its trainable weights; all must agree (ZeRO-2 keeps full replicas)."""
         digest = weights_digest(model)
         print(f"rank {self.rank}: trainable weights sha256 {digest}", flush=True)
-        digests = [None] * self.world
+        digests = [None] * self.world.size
         self.dist.all_gather_object(digests, digest)
         if len(set(digests)) != 1:
             raise RuntimeError(f"trainable weights differ across ranks: {digests}")
@@ -403,11 +196,10 @@ class Trainer:
             self.log = MetricsLog(self.out)
         t0 = time.time()
         results = []
-        self.model = None
         for s in stages:
             if plan[s] == "done":
                 self.print0(f"stage {s}: already finished ({export_dir(cfg, s)}), skipping")
-                earlier = read_stage_record(cfg, s)
+                earlier = read_stage_record(stage_record(cfg, s))
                 if earlier is not None:  # the summary keeps the stage's record (steps, losses, time, digest)
                     results.append(earlier)
                 continue
@@ -420,15 +212,15 @@ class Trainer:
             evaluation = self.evaluate(stages[-1])
         plot = self.log.close() if self.log else None
         if self.rank == 0:
-            self.summarize(results, evaluation, plot, time.time() - t0)
+            summarize(self.out, self.world.size, results, evaluation, plot, time.time() - t0,
+                      tensorboard=bool(self.log and self.log.tb))
         # No closing barrier: the other ranks would wait in it for rank 0's scoring, which may take
         # longer than train.dist_timeout_s on a large eval set; nothing after this needs them.
         return 0
 
     def evaluate(self, stage: int) -> Optional[dict]:
-        """The fused evaluation (msmedcap.eval) of the finished captioner, plus the most-frequent-
-        training-caption baseline scored on the same references, so the numbers have a floor."""
-        from msmedcap.eval.evaluate import evaluate
+        """The finished captioner's evaluation with the most-frequent-caption floor (msmedcap.eval.baseline)."""
+        from msmedcap.eval.baseline import evaluate_with_baseline
         from msmedcap.models import load_from_export
 
         if stage != 2:
@@ -437,147 +229,135 @@ class Trainer:
         model = self.model
         if model is None:  # every stage was already finished: evaluate the last export
             model, _ = load_from_export(export_dir(self.cfg, stage))
-        model.to(self.device)
-        out = self.out / "eval"
-        scores = evaluate(model, self.cfg, out, self.rank, self.world, checkpoint=str(export_dir(self.cfg, stage)))
-        if self.rank != 0:
-            return None
-        baseline = most_frequent_caption_baseline(self.cfg, out / "predictions.jsonl")
-        (out / "baseline_scores.json").write_text(json.dumps(baseline, indent=2))
-        return {"scores": str(out / "scores.json"), "CIDEr": scores["overall"]["CIDEr"],
-                "Bleu_4": scores["overall"]["Bleu_4"], "baseline_caption": baseline["caption"],
-                "baseline_CIDEr": baseline["overall"]["CIDEr"], "baseline_Bleu_4": baseline["overall"]["Bleu_4"]}
-
-    def summarize(self, results: list, evaluation: Optional[dict], plot: Optional[Path], seconds: float) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        summary = {"output_dir": str(self.out), "seconds": seconds, "world_size": self.world,
-                   "stages": [r.__dict__ for r in results], "evaluation": evaluation,
-                   "metrics": str(self.out / "metrics.jsonl"), "loss_plot": str(plot) if plot else None,
-                   "tensorboard": str(self.out / "tensorboard") if self.log and self.log.tb else None}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        table = Table(title=f"msmedcap training: {seconds:.0f} s on {self.world} rank(s)")
-        for col in ("stage", "steps", "loss first → last", "skipped", "time", "export"):
-            table.add_column(col)
-        for r in results:
-            note = f" (stopped by {r.stopped_by})" if r.stopped_by else (" (earlier run)" if r.finished_earlier else "")
-            first = f"{r.first_loss:.3f}" if r.first_loss is not None else "-"
-            last = f"{r.last_loss:.3f}" if r.last_loss is not None else "-"
-            table.add_row(str(r.stage), f"{r.steps_done}/{r.total_steps}{note}", f"{first} → {last}",
-                          f"{sum(r.skipped_samples.values())} samples, {r.overflow_skipped_steps} steps",
-                          f"{r.seconds:.0f} s", r.export or r.checkpoint or "-")
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=160)  # logs: no wrapping at 80 columns
-        console.print(table)
-        if evaluation:
-            console.print(f"held-out CIDEr {evaluation['CIDEr']:.4f} (BLEU-4 {evaluation['Bleu_4']:.4f}) vs "
-                          f"{evaluation['baseline_CIDEr']:.4f} ({evaluation['baseline_Bleu_4']:.4f}) for the most "
-                          f"frequent training caption {evaluation['baseline_caption']!r}; {evaluation['scores']}",
-                          highlight=False)
-        for name, path in (("checkpoints", self.out / "stage*/checkpoints"), ("metrics", summary["metrics"]),
-                           ("loss curve", summary["loss_plot"]), ("tensorboard", summary["tensorboard"]),
-                           ("summary", self.out / "summary.json")):
-            if path:
-                console.print(f"{name:>12}: {path}", highlight=False)
+        model.to(self.world.device)
+        return evaluate_with_baseline(model, self.cfg, self.out / "eval", self.rank, self.world.size,
+                                      checkpoint=str(export_dir(self.cfg, stage)))
 
 
-class Window:
-    """Sums over the micro-batches since the last log step, reduced over ranks when logged."""
+class StageRun:
+    """One stage: :meth:`setup` (model, engine, resume, loader), then :meth:`step` / :meth:`log` /
+    checkpoint until the last step or an agreed stop, then :meth:`finish`."""
 
-    def __init__(self):
-        self.sums: dict = {}
-        self.counts: dict = {}
-        self.samples = self.tokens = self.micro_batches = self.steps = 0
-        self.skipped: dict = {}
-        self.truncated: dict = {}  # captions cut by the loader, per side (batch["truncated"])
+    def __init__(self, trainer: Trainer, stage: int, resume_from: Optional[Path]):
+        self.trainer, self.cfg, self.world, self.stage = trainer, trainer.cfg, trainer.world, stage
+        self.st = getattr(self.cfg.train, f"stage{stage}")
+        self.result = StageResult(stage, total_steps=self.st.steps,
+                                  resumed_from=str(resume_from) if resume_from else None)
+        self.t_start = time.time()
+        self.setup(resume_from)
 
-    def add(self, out: dict, batch: dict, stage: int) -> None:
-        for k, v in out.items():
-            if isinstance(v, torch.Tensor) and v.numel() != 1:
-                continue
-            key = "loss" if k == "loss" else (k if k.startswith("loss") else f"loss_{k}")
-            self.sums[key] = self.sums.get(key, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
-            self.counts[key] = self.counts.get(key, 0) + 1
-        self.samples += len(batch["key"])
-        mask = batch["text_attention_mask" if stage == 1 else "lm_attention_mask"]
-        self.tokens += int(mask.sum())
-        self.micro_batches += 1
-        for reason, n in (batch.get("skipped") or {}).items():
-            self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
-        for side, n in (batch.get("truncated") or {}).items():
-            self.truncated[side] = self.truncated.get(side, 0) + int(n)
+    def setup(self, resume_from: Optional[Path]) -> None:
+        from msmedcap.data.loader import make_train_loader
+        from msmedcap.models import save_trainable
 
-    def reduce(self, dist) -> dict:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self.sums, self.counts, self.samples, self.tokens, self.micro_batches,
-                                       self.skipped, self.truncated))
-        sums, counts, skipped, truncated = {}, {}, {}, {}
-        samples = tokens = micro = 0
-        for s, c, n, t, m, sk, tr in parts:
-            for k, v in tr.items():
-                truncated[k] = truncated.get(k, 0) + v
-            for k in s:
-                sums[k] = sums.get(k, 0.0) + s[k]
-                counts[k] = counts.get(k, 0) + c[k]
-            for k, v in sk.items():
-                skipped[k] = skipped.get(k, 0) + v
-            samples, tokens, micro = samples + n, tokens + t, micro + m
-        losses = {k: sums[k] / counts[k] for k in sorted(sums, key=lambda k: (k != "loss", k))}
-        return {"losses": losses, "loss": losses["loss"], "samples": samples, "tokens": tokens,
-                "micro_batches": micro, "skipped": skipped, "truncated": truncated}
+        cfg, stage, world = self.cfg, self.stage, self.world
+        ds_cfg = self.trainer.ds_config(stage)
+        self.model = model = self.trainer.build(stage)
+        self.engine, self.scheduler = build_engine(model, cfg, stage, ds_cfg)
+        self.ckpts = CheckpointManager(stage_dir(cfg, stage) / "checkpoints", cfg.train.keep_last, world.rank,
+                                       world.barrier, every=cfg.train.ckpt_every,
+                                       export=lambda d: save_trainable(model, d, cfg), export_dir=export_dir(cfg, stage))
+        self.state = TrainState(stage, 0, DataPosition(cfg.train.seed, world.size, cfg.data.num_workers),
+                                config=cfg.to_dict())
+        if resume_from is not None:  # refused when written with another seed, world size or worker count
+            loaded = self.ckpts.load(self.engine, resume_from, expect=self.state.data)
+            self.state.step, self.state.data.micro_batches, self.state.rng = loaded.step, loaded.data.micro_batches, loaded.rng
+            world.print0(f"stage {stage}: resumed from {resume_from} at step {self.state.step}")
+        seed_everything(cfg.train.seed + 1000 * stage + world.rank)  # per-rank dropout / negative sampling
+        # The loader's position counts micro-batches; with the seed, world size and workers it fixes the stream.
+        self.batches = start_loader(
+            lambda: make_train_loader(cfg, stage, world.rank, world.size, self.state.data.micro_batches),
+            self.trainer.stop, self.state.rng)
+        self.state.rng = None  # applied; a checkpoint takes the live states
+        if self.trainer.log:
+            self.trainer.log.start_stage(stage, self.state.step, self.st.steps)
+        self.window, self.t_window, self.flops_per_micro = Window(), time.time(), None
 
+    def run(self) -> StageResult:
+        total, rank = self.st.steps, self.world.rank
+        while self.state.step < total:
+            self.step()
+            step = self.state.step
+            at_log = step % self.cfg.train.log_every == 0 or step == total
+            if at_log:
+                self.log()
+            fault_point("step.end", self.stage, step, rank)
+            # the stop flag is a collective: agreed at log and checkpoint steps only
+            stopping = (at_log or self.ckpts.due(step, total)) and self.trainer.stop.agreed(self.world.device)
+            if self.ckpts.due(step, total, stopping):
+                self.result.checkpoint = str(self.ckpts.save(self.engine, self.state))
+            if stopping:
+                self.result.stopped_by = self.trainer.stop.name
+                break
+        return self.finish()
 
-def training_captions(cfg: Config, limit: int = 20000) -> list:
-    """Captions (``.txt`` members) of the training shards, up to ``limit``."""
-    import tarfile
+    def step(self) -> None:
+        """One optimizer step: ``grad_accum`` micro-batches forward and backward (the engine steps the
+        optimizer at the accumulation boundary); their losses are summed on the device."""
+        engine, stage, step = self.engine, self.stage, self.state.step
+        for _ in range(self.st.grad_accum):
+            batch = next(self.batches)
+            inputs = to_device(batch, self.world.device)
 
-    from msmedcap.config import expand_braces, split_weighted_spec
+            def fwd_bwd():
+                out = engine(inputs)
+                engine.backward(out["loss"])
+                fault_point("step.after_backward", stage, step + 1, self.world.rank)
+                return out
 
-    captions = []
-    for spec in cfg.data.train:
-        for path in expand_braces(split_weighted_spec(spec)[0]):
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.name.endswith(".txt"):
-                        captions.append(tar.extractfile(member).read().decode("utf-8").strip())
-                        if len(captions) >= limit:
-                            return captions
-    return captions
+            if self.flops_per_micro is None:
+                out, self.flops_per_micro = count_flops(fwd_bwd)
+            else:
+                out = fwd_bwd()
+            engine.step()
+            self.window.add(out, batch, stage)
+        self.state.step += 1
+        self.state.data.micro_batches += self.st.grad_accum
+        self.result.steps_done = self.state.step
+        self.window.steps += 1
 
+    def log(self) -> None:
+        """Reduce the window over ranks (the only host sync of the losses) and log it on rank 0."""
+        stats, result, engine = self.window.reduce(self.trainer.dist), self.result, self.engine
+        if result.first_loss is None:
+            result.first_loss = stats["loss"]
+        result.last_loss = stats["loss"]
+        for k, v in stats["skipped"].items():
+            result.skipped_samples[k] = result.skipped_samples.get(k, 0) + v
+        result.overflow_skipped_steps = int(engine.skipped_steps)
+        dt = time.time() - self.t_window
+        if self.trainer.log:
+            grad_norm = engine.get_global_grad_norm()
+            self.trainer.log.log({
+                "step": self.state.step, **stats["losses"],
+                "lr": float(self.scheduler.get_last_lr()[0]),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "samples_per_s": stats["samples"] / dt, "tokens_per_s": stats["tokens"] / dt,
+                "flops_per_s": self.flops_per_micro * stats["micro_batches"] / dt,
+                "skipped_samples": stats["skipped"], "overflow_skipped_steps": result.overflow_skipped_steps,
+                "truncated_captions": {**stats["truncated"], "of": stats["samples"]},
+                "peak_memory_mb": peak_memory_mb(self.world.device_type), "elapsed_s": time.time() - self.t_start})
+        self.window, self.t_window = Window(), time.time()
 
-def most_frequent_caption_baseline(cfg: Config, predictions_path: Path) -> dict:
-    """The most frequent training caption as every prediction, on the evaluation's references:
-    PTB tokenization, BLEU and CIDEr exactly as the evaluation computes them (overall and per domain;
-    METEOR's Java run is skipped: a floor needs no more)."""
-    from collections import Counter
-
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    from msmedcap.eval.findings import score_findings
-    from msmedcap.eval.io import read_predictions
-    from msmedcap.eval.scoring import group_keys, tokenize
-
-    caption = Counter(training_captions(cfg)).most_common(1)[0][0]
-    records = read_predictions(predictions_path)
-    gts, res = tokenize({r["key"]: r["references"] for r in records}, {r["key"]: caption for r in records})
-
-    def score(keys) -> dict:
-        g, r = {k: gts[k] for k in keys}, {k: res[k] for k in keys}
-        return {"Bleu_4": float(Bleu(4).compute_score(g, r, verbose=0)[0][3]),
-                "CIDEr": float(Cider().compute_score(g, r)[0]), "n": len(keys)}
-
-    by_domain = group_keys(records, ("domain",)).get("domain", {})
-    out = {"caption": caption, "overall": score(list(gts)),
-           "domain": {d: score(keys) for d, keys in sorted(by_domain.items())}}
-    # the same floor for findings accuracy: what a captioner that ignores the image gets per field
-    findings = score_findings([{**r, "prediction": caption} for r in records], {"domain": by_domain})
-    out["overall"]["findings"] = findings["overall"]
-    for d, block in findings.get("domain", {}).items():
-        out["domain"][d]["findings"] = block
-    return out
+    def finish(self) -> StageResult:
+        """Replicas checked; a finished stage exported (atomically, rank 0) and its result recorded;
+        the loader and the engine released."""
+        result, cfg = self.result, self.cfg
+        if self.trainer.log:
+            self.trainer.log.end_stage()
+        result.weights_sha256 = self.trainer.check_replicas(self.model)
+        if not result.stopped_by:
+            result.export = str(self.ckpts.export_final(self.stage, self.state.step))
+        self.world.barrier()
+        self.batches = None  # the loader's workers end
+        result.seconds = time.time() - self.t_start
+        if not result.stopped_by and self.world.rank == 0:
+            write_stage_record(stage_record(cfg, self.stage), result)
+        self.trainer.model = self.model
+        self.engine.destroy()
+        self.engine = None
+        gc.collect()
+        return result
 
 
 def train(cfg: Config, ds_json: dict, ds_source: str = "DeepSpeed config", resume: Optional[str] = None,
@@ -631,21 +411,3 @@ def _leave(code: int) -> None:
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:600] if text else ""
-
-
-def is_collective_failure(e: BaseException) -> bool:
-    """An error from torch.distributed because a peer is gone or silent (gloo, NCCL, the store)."""
-    import torch.distributed as dist
-
-    from msmedcap.eval.gather import RankLost
-
-    if isinstance(e, RankLost):
-        return True
-    kinds = tuple(k for k in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None),
-                              getattr(dist, "DistNetworkError", None)) if k is not None)
-    if kinds and isinstance(e, kinds):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(s in text for s in (
-        "Connection closed by peer", "Connection reset by peer", "Gloo", "gloo", "NCCL", "timed out",
-        "Timed out", "Broken pipe", "Socket Timeout"))
