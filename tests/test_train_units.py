@@ -341,3 +341,26 @@ def test_loader_start_order_and_window_keeps_losses_on_device():
     stats = w.reduce(OneRank)
     assert stats["loss"] == host["loss"] / 3 and stats["samples"] == 6 and stats["tokens"] == 18
     assert list(stats["losses"]) == ["loss", "loss_itc"]
+
+
+def test_resume_with_another_worker_count_or_world_is_refused(tmp_path):
+    """A checkpoint's data position is a function of the seed, world size and data.num_workers: a
+    resume with another one is refused (exit 2) naming what differs, nothing trained or written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    base = [sys.executable, "launch/pretrain.py", f"train.output_dir={out}", "train.stage=1", "train.stage1.steps=2",
+            "train.stage1.micro_batch_size=2", "train.stage1.warmup_steps=0", "train.ckpt_every=1", "train.log_every=1",
+            "data.shuffle_buffer=4", "train.eval_at_end=false"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MSMEDCAP_FAULT")}
+    env["OMP_NUM_THREADS"] = "1"
+    first = subprocess.run(base + ["data.num_workers=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = out / "stage1/checkpoints/step00000001"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["data"] == {"micro_batches": 1, "num_workers": 0}
+    again = subprocess.run(base + ["data.num_workers=1", "--resume", str(ckpt)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "data.num_workers 0 then, 1 now" in again.stderr and "Resume with the same number of ranks" in again.stderr
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
