@@ -12,7 +12,6 @@ import torch
 
 from msmedcap.batch import DOMAINS
 from msmedcap.train.world import to_device  # noqa: F401  (one copy: the trainer's, the bench's)
-from msmedcap.train.world import to_device  # noqa: F401  (one copy: the trainer's, the bench's)
 
 
 def generation_kwargs(cfg) -> dict:
