@@ -1,5 +1,7 @@
 """`msmedcap` console script. Each subcommand lives in the module that does its job; this file
-only dispatches (modules expose ``add_parser(subparsers)`` and set ``func`` on their parser)."""
+only dispatches (modules expose ``add_parser(subparsers)`` and set ``func`` on their parser; a parser
+whose defaults say ``intermixed=True`` takes options and positionals in any order) and turns a
+ConfigError of any subcommand into exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +9,9 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = [
+    "msmedcap.train.cli",     # train
+    "msmedcap.eval.cli",      # evaluate, score, caption, probe
     "msmedcap.data.cli",      # shards write / inspect / demo
-    "msmedcap.eval.cli",      # score, caption, probe
     "msmedcap.bench",         # bench
 ]
 
@@ -24,11 +27,32 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+    parser.subcommand_parsers = sub.choices
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    """The top-level parse; a subcommand marked ``intermixed`` is parsed by its own parser with
+    ``parse_intermixed_args`` (argparse cannot intermix through a subparsers action), so overrides may
+    come before, between or after its options. ``prog`` renames the subcommand (its shim's name)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = parser.subcommand_parsers.get(argv[0]) if argv else None
+    if command is not None and prog:
+        command.prog = prog
+    if command is None or not command.get_default("intermixed"):
+        return parser.parse_args(argv)
+    args = command.parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
+def main(argv=None, prog=None, **settings) -> int:
+    """Run a subcommand; ``settings`` are set on its arguments (a shim's defaults, e.g. launch/pretrain.py's
+    default DeepSpeed config, the checkout's ds_configs/zero2.json)."""
+    args = parse_args(argv, prog)
+    for name, value in settings.items():
+        setattr(args, name, value)
     from msmedcap.config import ConfigError
 
     try:

@@ -159,7 +159,6 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_last: int = 2
-    eval_every: int = 0  # 0 = evaluate only at the end
     eval_at_end: bool = True
     # torch.distributed timeout: how long a rank waits in a collective for a silent (hung) peer before
     # it fails with an error. A dead peer is detected at once (its connections close); see
@@ -248,9 +247,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys removed from the config that configs written before (an export's config.yaml) still carry,
+# with the one value they may have there: dropped on load; any other value is refused.
+RETIRED_KEYS = {"train.eval_every": (0, "it was never implemented; evaluation runs at the end of training "
+                                        "(train.eval_at_end)")}
+
+
 def _build(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for name in [n for n in data if (f"{prefix}.{n}" if prefix else n) in RETIRED_KEYS]:
+        key = f"{prefix}.{name}" if prefix else name
+        value, why = RETIRED_KEYS[key]
+        if data[name] != value:
+            raise ConfigError(f"{key} was removed: {why}")
+        data = {k: v for k, v in data.items() if k != name}
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -383,8 +394,20 @@ def split_weighted_spec(spec: str) -> tuple:
     return parsed.pattern, parsed.weight
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path and not path.startswith("pipe:")
+def is_local_shard(url: str) -> bool:
+    """A shard address that names a file on this machine (not a URL, not a ``pipe:`` command)."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def check_local_shards(key: str, specs: list, hint: str = "") -> None:
+    """Every local shard of ``specs`` exists (a missing one would only be counted as skipped); ``hint``
+    ends the message."""
+    if not specs:
+        raise ConfigError(f"{key}: no shards given")
+    for spec in specs:
+        for path in expand_braces(split_weighted_spec(spec)[0]):
+            if is_local_shard(path) and not os.path.isfile(path):
+                raise ConfigError(f"{key}: shard file not found: {path} (from {spec!r}){hint}")
 
 
 def _is_hub_name(path: str) -> bool:
@@ -410,7 +433,7 @@ BOUNDS = [
     ("train.log_every", *_AT_LEAST_1), ("train.ckpt_every", *_AT_LEAST_1), ("train.keep_last", *_AT_LEAST_1),
     ("eval.batch_size", *_AT_LEAST_1), ("eval.num_beams", *_AT_LEAST_1), ("eval.max_len", *_AT_LEAST_1),
     ("eval.min_len", *_AT_LEAST_0), ("eval.repetition_penalty", *_POSITIVE), ("eval.max_samples", *_AT_LEAST_0),
-    ("train.eval_every", *_AT_LEAST_0), ("train.dist_timeout_s", *_AT_LEAST_1),
+    ("train.dist_timeout_s", *_AT_LEAST_1),
     ("train.seed", (lambda v: 0 <= v < 2**32), "in [0, 2**32) (numpy's seed range)"),
 ]
 # Strings that may be empty; every other str / Optional[str] field must be non-empty when set.
@@ -613,9 +636,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         for spec in getattr(cfg.data, section):
             parsed = parse_shard_spec(spec)
             paths = expand_braces(parsed.pattern)
-            for path in paths:
-                if _is_local(path) and not os.path.isfile(path):
-                    raise ConfigError(f"data.{section}: shard file not found: {path} (from {spec!r})")
+            check_local_shards(f"data.{section}", [spec])
             if parsed.domain is None:  # samples without a domain would be skipped forever: say so now
                 from msmedcap.data.shards import check_spec_has_domain
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from msmedcap.cli import main
-from msmedcap.config import Config, ConfigError, load_config, parse_override, split_weighted_spec
+from msmedcap.config import Config, ConfigError, config_from_dict, load_config, parse_override, split_weighted_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,6 @@ FIELD_CASES = {
     "train.log_every": ("1", ["0"]),
     "train.ckpt_every": ("1", ["0"]),
     "train.keep_last": ("1", ["0"]),
-    "train.eval_every": ("0", ["-1"]),
     "train.eval_at_end": ("false", ["maybe"]),
     "eval.batch_size": ("1", ["0"]),
     "eval.num_beams": ("1", ["0", "x"]),
@@ -232,3 +231,12 @@ def test_paper_preset_patch_sizes():
         load_config("paper", ["model.clip.image_size=225"], check_files=False)
     with pytest.raises(ConfigError, match=r"model.sam.image_size must be 1024 for model.sam.type=vit_b"):
         load_config("paper", ["model.sam.image_size=512"], check_files=False)
+
+
+def test_a_retired_key_is_dropped_from_old_configs_and_refused_with_another_value():
+    # train.eval_every was declared but never read (issue 12): old exports' config.yaml carry it as 0
+    old = load_config("demo").to_dict()
+    old["train"]["eval_every"] = 0
+    assert "eval_every" not in config_from_dict(old).to_dict()["train"]
+    with pytest.raises(ConfigError, match="train.eval_every was removed: it was never implemented"):
+        load_config("demo", ["train.eval_every=100"])

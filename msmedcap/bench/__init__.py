@@ -7,7 +7,9 @@ Parts (``--parts``, default all): ``loader`` shard loader vs a plain tar-read + 
 stage 1 and 2 of each variant (samples/s, time split, FLOPs per sample, achieved FLOP/s, MFU);
 ``cache`` the frozen-feature cache's effect on the stage-2 step; ``hf`` the blip2 variant vs
 transformers' Blip2ForConditionalGeneration; ``generate`` captions/s batched vs batch 1; ``memory``
-ZeRO-2 vs stage 0 on 2 ranks (deepspeed launcher). Writes one JSON file and prints rich tables.
+ZeRO-2 vs stage 0 on 2 ranks (the deepspeed launcher on ``--module msmedcap.bench.memory``). All parts
+but ``memory`` run in this process, from the package alone (no checkout needed). Writes one JSON file
+and prints rich tables.
 Weights and tokenizers that are not local files are replaced by random-init stand-ins of the same
 size: a benchmark needs shapes, not weights, and nothing is downloaded.
 """
@@ -41,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers (both loaders)")
     p.add_argument("--loader-paper-sizes", action="store_true",
                    help="loader part at the paper's sizes (CLIP 224, SAM 1024) on generated ~700x500 and "
-                        "~2000x1500 JPEG/PNG figures (launch/bench_loader.py --paper-sizes)")
+                        "~2000x1500 JPEG/PNG figures (msmedcap.bench.loader, launch/bench_loader.py --paper-sizes)")
     p.add_argument("--gen-samples", type=int, default=32)
     p.add_argument("--max-batch", action="store_true",
                    help="GPU: also find the largest micro batch that fits per variant and stage (doubling from --batch)")
@@ -135,11 +137,11 @@ def run(args) -> int:
         return c, build_model(c.model).to(dev)
 
     if "loader" in parts:
-        from msmedcap.bench.scripts import bench_loader
+        from msmedcap.bench.loader import loader_bench
 
-        _part(results, "loader", lambda: bench_loader(args.preset, args.overrides, args.loader_batches,
-                                                      args.loader_workers, args.threads,
-                                                      paper_sizes=args.loader_paper_sizes), console)
+        _part(results, "loader", lambda: loader_bench(args.preset, args.overrides, args.loader_workers,
+                                                      args.loader_batches, paper_sizes=args.loader_paper_sizes),
+              console)
     if "step" in parts:
         def steps():
             from msmedcap.bench.step import bench_step, largest_micro_batch
@@ -169,9 +171,9 @@ def run(args) -> int:
 
         _part(results, "hf", lambda: bench_vs_transformers(cfg, batch, dev, args.iters, args.warmup, peak), console)
     if "generate" in parts:
-        from msmedcap.bench.scripts import bench_generate
+        from msmedcap.bench.generate import generate_bench
 
-        _part(results, "generate", lambda: bench_generate(args.preset, args.overrides + standins,
+        _part(results, "generate", lambda: generate_bench(None, args.preset, args.overrides + standins,
                                                           args.gen_samples, batch_size, args.threads), console)
     if "memory" in parts:
         from msmedcap.bench.memory import run_zero_comparison

@@ -107,9 +107,11 @@ def check_tar_ends(shards: Iterable[dict], handler) -> Iterator[dict]:
     """Pass shard dicts ({"url": ...}) on, reporting a local tar that lacks its end-of-archive blocks
     to ``handler``: Python's streaming tar reader ends quietly at a cut between members, so a
     truncated shard would otherwise go unnoticed. An empty file is reported and dropped."""
+    from msmedcap.config import is_local_shard
+
     for shard in shards:
         url = shard["url"]
-        if "://" not in url and not url.startswith("pipe:") and os.path.isfile(url):
+        if is_local_shard(url) and os.path.isfile(url):
             size = os.path.getsize(url)
             with open(url, "rb") as f:
                 f.seek(max(0, size - 1024))
@@ -145,9 +147,9 @@ def check_spec_has_domain(where: str, spec: str, urls: list) -> None:
     """Raise ConfigError naming ``spec`` when the first samples of its first local shard have no
     ``domain`` in their json (shards written by img2dataset and other tools): the loader would skip
     every one of them, forever. Unreadable or empty shards pass (the loader counts those)."""
-    from msmedcap.config import ConfigError
+    from msmedcap.config import ConfigError, is_local_shard
 
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:") and os.path.isfile(u)]
+    local = [u for u in urls if is_local_shard(u) and os.path.isfile(u)]
     if not local:
         return
     seen, examples = 0, []

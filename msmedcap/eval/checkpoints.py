@@ -70,17 +70,9 @@ def apply_overrides(cfg, overrides: Sequence[str]):
 
 def check_eval_shards(specs: Sequence[str]) -> None:
     """Local eval shards must exist (train shards need not be on an evaluation machine)."""
-    import os
+    from msmedcap.config import check_local_shards
 
-    from msmedcap.config import ConfigError, expand_braces, split_weighted_spec
-
-    if not specs:
-        raise ConfigError("data.eval: no eval shards given")
-    for spec in specs:
-        pattern, _ = split_weighted_spec(spec)
-        for path in expand_braces(pattern):
-            if "://" not in path and not path.startswith("pipe:") and not os.path.isfile(path):
-                raise ConfigError(f"data.eval: shard file not found: {path} (from {spec!r})")
+    check_local_shards("data.eval", list(specs))
 
 
 def load_for_eval(export: Path, overrides: Sequence[str] = (), device: Optional[object] = None,

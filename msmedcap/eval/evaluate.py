@@ -89,14 +89,14 @@ def rank_quota(max_samples: int, rank: int, world_size: int) -> int:
 def manifest_total(specs: Sequence[str]) -> Optional[int]:
     """Samples in ``specs`` according to the shards' manifest.json files; None when any shard is not
     local or has no manifest entry (then only duplicates can be checked, not losses)."""
-    from msmedcap.config import expand_braces, split_weighted_spec
+    from msmedcap.config import expand_braces, is_local_shard, split_weighted_spec
     from msmedcap.data.shards import read_manifest
 
     total, manifests = 0, {}
     for spec in specs:
         for url in expand_braces(split_weighted_spec(spec)[0]):
             path = Path(url)
-            if "://" in url or url.startswith("pipe:") or not path.is_file():
+            if not is_local_shard(url) or not path.is_file():
                 return None
             entry = manifests.setdefault(path.parent, read_manifest(path.parent))["shards"].get(path.name)
             if entry is None:

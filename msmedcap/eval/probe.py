@@ -542,17 +542,10 @@ def find_predictions(given: Path, export: Path) -> Optional[Path]:
 # --------------------------------------------------------------------------- the job
 def check_local_shards(key: str, specs: Sequence[str]) -> None:
     """Every local shard of ``specs`` exists (a missing one would only be counted as skipped)."""
-    import os
+    from msmedcap import config
 
-    from msmedcap.config import ConfigError, expand_braces, split_weighted_spec
-
-    if not specs:
-        raise ConfigError(f"{key}: no shards given")
-    for spec in specs:
-        for path in expand_braces(split_weighted_spec(spec)[0]):
-            if "://" not in path and not path.startswith("pipe:") and not os.path.isfile(path):
-                raise ConfigError(f"{key}: shard file not found: {path} (from {spec!r}); the probe trains on the "
-                                  f"run's training shards: pass --set {key}=... where they are elsewhere")
+    config.check_local_shards(key, list(specs), hint=f"; the probe trains on the run's training shards: pass "
+                              f"--set {key}=... where they are elsewhere")
 
 
 def probe_run(run, out: Optional[str] = None, train_samples: int = 1200, eval_samples: int = 0,

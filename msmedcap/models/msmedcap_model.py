@@ -138,7 +138,7 @@ class MSMedCap(nn.Module):
         return 0.0 * sum(p.sum() for _, p in self.trainable_named_parameters() if p.requires_grad)
 
     def load_trainable(self, path, strict: bool = True) -> None:
-        from msmedcap.models.loading import load_trainable
+        from msmedcap.models.weights_io import load_trainable
 
         load_trainable(self, Path(path), strict=strict)
 

@@ -86,7 +86,7 @@ def _compact(reasons: dict) -> str:
 # --------------------------------------------------------------------------- reading
 def read_stage1_checkpoint(path, key: str) -> tuple:
     """``(state_dict, layout, ln_vision eps or None)`` of a LAVIS ``.pth`` or an HF directory/file."""
-    from msmedcap.models.loading import read_state_dict
+    from msmedcap.models.weights_io import read_state_dict
 
     p = Path(resolve_asset(str(path)))
     if not p.exists():
