@@ -130,6 +130,16 @@ def step_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
+def read_train_state(path: str | Path) -> TrainState:
+    """Checkpoint ``path``'s :class:`TrainState` from its ``trainer_state.json`` (no RNG, no config):
+    enough to check, before any model is built, that this run can continue it."""
+    file = Path(path) / "trainer_state.json"
+    try:
+        return TrainState.from_client_state(json.loads(file.read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+
+
 def complete_checkpoints(root: str | Path) -> list:
     """Complete checkpoint directories under ``root``, oldest first."""
     root = Path(root)
@@ -439,11 +449,7 @@ class CheckpointManager:
         applied: the caller applies them after its data loader has started."""
         path = Path(path)
         if expect is not None:
-            try:
-                written = json.loads((path / "trainer_state.json").read_text())
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({e})") from None
-            TrainState.from_client_state(written).check_continues(expect, path)
+            read_train_state(path).check_continues(expect, path)
         if not make_engine_loads_safe(engine):
             print(f"warning: DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} keeps its own "
                   "loader (it may unpickle); only msmedcap's own files are read weights-only", file=sys.stderr)

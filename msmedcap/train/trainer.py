@@ -28,8 +28,8 @@ from torch import nn
 
 from msmedcap.config import Config, ConfigError
 from msmedcap.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError, DataPosition,
-                                       TrainState, check_checkpoint, remove_leftovers, set_rng_states,
-                                       usable_checkpoint)
+                                       TrainState, check_checkpoint, read_train_state, remove_leftovers,
+                                       set_rng_states, usable_checkpoint)
 from msmedcap.train.engine import StageLoss, build_engine, param_groups, stage_ds_config  # noqa: F401 (re-exported)
 from msmedcap.train.metrics import MetricsLog, Window, count_flops, peak_memory_mb  # noqa: F401 (Window re-exported)
 from msmedcap.train.signals import StopRequest, fault_point
@@ -130,7 +130,13 @@ class Trainer:
             if earlier and self.rank == 0:
                 for d in earlier:
                     shutil.rmtree(d)
+        for path in (p for p in plan.values() if isinstance(p, Path)):  # refused before any model is built
+            read_train_state(path).check_continues(self.data_position(), path)
         return plan
+
+    def data_position(self) -> DataPosition:
+        """What this run's data stream is a function of (a stage starts at micro-batch 0)."""
+        return DataPosition(self.cfg.train.seed, self.world.size, self.cfg.data.num_workers)
 
     def agreed_checkpoint(self, root: Path) -> Optional[Path]:
         """Rank 0 picks the newest checkpoint whose files match their manifest (naming each damaged
@@ -257,8 +263,7 @@ class StageRun:
         self.ckpts = CheckpointManager(stage_dir(cfg, stage) / "checkpoints", cfg.train.keep_last, world.rank,
                                        world.barrier, every=cfg.train.ckpt_every,
                                        export=lambda d: save_trainable(model, d, cfg), export_dir=export_dir(cfg, stage))
-        self.state = TrainState(stage, 0, DataPosition(cfg.train.seed, world.size, cfg.data.num_workers),
-                                config=cfg.to_dict())
+        self.state = TrainState(stage, 0, self.trainer.data_position(), config=cfg.to_dict())
         if resume_from is not None:  # refused when written with another seed, world size or worker count
             loaded = self.ckpts.load(self.engine, resume_from, expect=self.state.data)
             self.state.step, self.state.data.micro_batches, self.state.rng = loaded.step, loaded.data.micro_batches, loaded.rng
