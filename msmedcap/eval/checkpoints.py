@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-EXPORT_WEIGHTS = "trainable.safetensors"
-EXPORT_CONFIG = "config.yaml"
+from msmedcap.models.weights_io import CONFIG_FILE as EXPORT_CONFIG  # the names save_trainable writes
+from msmedcap.models.weights_io import TRAINABLE_FILE as EXPORT_WEIGHTS
 
 
 class CheckpointError(ValueError):

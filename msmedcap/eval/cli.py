@@ -4,7 +4,6 @@ files) and `msmedcap probe` (where a trained run's image information goes: msmed
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -96,21 +95,12 @@ def _error(cmd: str, msg: str) -> int:
 
 
 def init_distributed() -> tuple:
-    """(rank, world_size, device) from the launcher's environment (deepspeed, torchrun, srun)."""
-    import torch
-    import torch.distributed as dist
+    """(rank, world_size, device) from the launcher's environment (deepspeed, torchrun, srun), set up
+    as the trainer's (msmedcap.train.world.init_world); a world of one has no process group."""
+    from msmedcap.train.world import init_world
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return rank, world_size, device
+    world = init_world(cpu_threads=False, group_of_one=False)
+    return world.rank, world.size, world.device
 
 
 def run_evaluate(args) -> int:
