@@ -271,11 +271,10 @@ def test_checkpoint_holding_a_pickled_object_is_refused(reference, tmp_path, vic
 
 
 # --------------------------------------------------------------------------- a lost rank
-def test_one_rank_killed_the_other_exits_clearly_then_restart_continues(tmp_path):
-    out = tmp_path / "run"
-    cmd = pretrain(out, "train.stage=1", "train.stage1.steps=6", "train.dist_timeout_s=60", "--resume", "auto")
-    logs = [tmp_path / "r0.log", tmp_path / "r1.log"]
-    procs = two_ranks(cmd, logs, faults=(None, "kill@step.end@1.3#1"))
+def rank1_killed(cmd, logs, fault: str) -> tuple:
+    """Two ranks, rank 1 SIGKILLed by ``fault``: rank 0 must exit 3 within 120 s -> (rank 0's log,
+    seconds from rank 1's death to rank 0's exit)."""
+    procs = two_ranks(cmd, logs, faults=(None, fault))
     rc1 = procs[1].wait(timeout=600)
     t_dead = time.time()
     try:
@@ -287,6 +286,14 @@ def test_one_rank_killed_the_other_exits_clearly_then_restart_continues(tmp_path
     log0 = logs[0].read_text()
     assert rc1 == -signal.SIGKILL, logs[1].read_text()[-3000:]
     assert rc0 == 3, log0[-3000:]
+    return log0, noticed_s
+
+
+def test_one_rank_killed_the_other_exits_clearly_then_restart_continues(tmp_path):
+    out = tmp_path / "run"
+    cmd = pretrain(out, "train.stage=1", "train.stage1.steps=6", "train.dist_timeout_s=60", "--resume", "auto")
+    logs = [tmp_path / "r0.log", tmp_path / "r1.log"]
+    log0, noticed_s = rank1_killed(cmd, logs, "kill@step.end@1.3#1")
     assert "pretrain: rank 0: lost contact with another rank" in log0 and "--resume auto" in log0
     step3 = losses(out)[(1, 3)]  # logged before rank 1 died
     procs = two_ranks(cmd, [tmp_path / "again0.log", tmp_path / "again1.log"])
@@ -393,18 +400,7 @@ def test_rank_dying_mid_evaluation_fails_clearly_without_scores(reference, tmp_p
     (out / "eval/predictions.jsonl").write_text("{}\n")
     cmd = pretrain(out, "--resume", "auto", "train.eval_at_end=true", "eval.batch_size=2", "train.dist_timeout_s=60")
     logs = [tmp_path / "r0.log", tmp_path / "r1.log"]
-    procs = two_ranks(cmd, logs, faults=(None, "kill@eval.batch@.2#1"))
-    rc1 = procs[1].wait(timeout=600)
-    t_dead = time.time()
-    try:
-        rc0 = procs[0].wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(procs[0].pid, signal.SIGKILL)
-        pytest.fail("rank 0 still running 120 s after rank 1 died:\n" + logs[0].read_text()[-3000:])
-    noticed_s = time.time() - t_dead
-    log0 = logs[0].read_text()
-    assert rc1 == -signal.SIGKILL, logs[1].read_text()[-3000:]
-    assert rc0 == 3, log0[-3000:]
+    log0, noticed_s = rank1_killed(cmd, logs, "kill@eval.batch@.2#1")
     assert "lost contact with another rank" in log0 and "no scores or predictions were written" in log0
     assert not (out / "eval/scores.json").exists() and not (out / "eval/predictions.jsonl").exists()
     record("eval_rank_killed", tried=1, survived=1, noticed_s=round(noticed_s, 1))
