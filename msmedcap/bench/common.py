@@ -14,7 +14,6 @@ import torch
 
 from msmedcap.train.world import to_device  # noqa: F401  (the bench parts import it from here)
 
-REPO = Path(__file__).resolve().parents[2]
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -225,7 +224,7 @@ def timed(fn: Callable, dev: torch.device, iters: int, warmup: int) -> float:
 
 def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, micro_batch: int):
     """The trainer's engine (msmedcap.train.engine.build_engine: trainable parameters only, its LR
-    schedule, frozen parts back in their dtype) on ds_configs/zero2.json filled from ``cfg``, with ZeRO
+    schedule, frozen parts back in their dtype) on the packaged ds_configs/zero2.json filled from ``cfg``, with ZeRO
     ``zero_stage``, micro batch ``micro_batch`` and no accumulation; a world of one unless a launcher
     set one up."""
     import copy
@@ -239,7 +238,10 @@ def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, 
     cfg = copy.deepcopy(cfg)
     st = getattr(cfg.train, f"stage{stage}")
     st.micro_batch_size, st.grad_accum = micro_batch, 1
-    ds = stage_ds_config(read_ds_json(REPO / "ds_configs" / "zero2.json"), cfg, stage, world.size)
+    from msmedcap.config import resolve_asset
+
+    # the packaged copy of ds_configs/zero2.json: an installed wheel has no checkout
+    ds = stage_ds_config(read_ds_json(Path(resolve_asset("pkg://ds_configs/zero2.json"))), cfg, stage, world.size)
     ds["zero_optimization"]["stage"] = zero_stage
     engine, _ = build_engine(model, cfg, stage, ds, module=module)
     return engine, ds
