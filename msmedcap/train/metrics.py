@@ -19,7 +19,7 @@ from msmedcap.atomic_files import atomic_write_text
 
 # Fields of every metrics.jsonl record besides stage/step and the per-head ``loss_*`` keys.
 RECORD_FIELDS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "flops_per_s",
-                 "skipped_samples", "overflow_skipped_steps", "peak_memory_mb", "elapsed_s")
+                 "skipped_samples", "overflow_skipped_steps", "truncated_captions", "peak_memory_mb", "elapsed_s")
 
 
 def peak_memory_mb(device) -> float:
