@@ -406,6 +406,19 @@ def test_rank_dying_mid_evaluation_fails_clearly_without_scores(reference, tmp_p
     record("eval_rank_killed", tried=1, survived=1, noticed_s=round(noticed_s, 1))
 
 
+def test_rank_dying_in_msmedcap_evaluate_fails_clearly_without_scores(reference, tmp_path):
+    """The same fault in a standalone evaluation (``launch/evaluate.py`` = ``msmedcap evaluate``) of the
+    reference's export on two ranks: rank 0 says so and exits 3, and writes nothing."""
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "launch/evaluate.py", "--checkpoint", str(reference), "--out", str(out),
+           "--dist-timeout-s", "60", "eval.batch_size=2", "eval.max_samples=8", "eval.gallery=false"]
+    logs = [tmp_path / "r0.log", tmp_path / "r1.log"]
+    log0, _ = rank1_killed(cmd, logs, "kill@eval.batch@.2#1")
+    assert "msmedcap evaluate: rank 0: lost contact with another rank" in log0, log0[-3000:]
+    assert "Traceback" not in log0, log0[-3000:]
+    assert not (out / "scores.json").exists() and not (out / "predictions.jsonl").exists()
+
+
 # --------------------------------------------------------------------------- the pieces, in-process
 def test_fault_point_spec(monkeypatch):
     from msmedcap.train.signals import fault_point

@@ -31,6 +31,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default: <run dir>/eval or <export>/eval)")
     p.add_argument("--markdown", action="store_true", help="--compare: print Markdown instead of tables")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("--dist-timeout-s", type=float, default=600.0,
+                   help="how long a rank waits for a silent peer before giving up (as train.dist_timeout_s)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="overrides of the checkpoint's config, e.g. eval.num_beams=1 eval.max_samples=100")
     p.set_defaults(func=run_evaluate, intermixed=True)
@@ -94,12 +96,12 @@ def _error(cmd: str, msg: str) -> int:
     return 2
 
 
-def init_distributed() -> tuple:
+def init_distributed(timeout_s: float | None = None) -> tuple:
     """(rank, world_size, device) from the launcher's environment (deepspeed, torchrun, srun), set up
     as the trainer's (msmedcap.train.world.init_world); a world of one has no process group."""
     from msmedcap.train.world import init_world
 
-    world = init_world(cpu_threads=False, group_of_one=False)
+    world = init_world(timeout_s=timeout_s, cpu_threads=False, group_of_one=False)
     return world.rank, world.size, world.device
 
 
@@ -119,14 +121,25 @@ def run_evaluate(args) -> int:
     try:
         require_java()  # before minutes of generation
         export = find_export(args.checkpoint)
-        rank, world_size, device = init_distributed()
+        rank, world_size, device = init_distributed(getattr(args, "dist_timeout_s", None))
         model, cfg = load_for_eval(export, args.overrides, device, data=args.data)
     except (CheckpointError, JavaMissing) as e:
         return _error("evaluate", str(e))
     from msmedcap.eval.evaluate import evaluate
 
     out = Path(args.out) if args.out else default_out_dir(args.checkpoint, export)
-    evaluate(model, cfg, out, rank=rank, world_size=world_size, checkpoint=str(export))
+    try:
+        evaluate(model, cfg, out, rank=rank, world_size=world_size, checkpoint=str(export))
+    except Exception as e:  # noqa: BLE001 - a lost peer: say so and leave (never a partial scores.json)
+        from msmedcap.train.trainer import _leave, first_line
+        from msmedcap.train.world import is_collective_failure
+
+        if not is_collective_failure(e):
+            raise
+        print(f"msmedcap evaluate: rank {rank}: lost contact with another rank ({type(e).__name__}: "
+              f"{first_line(e)}); no scores or predictions were written. Run the evaluation again.",
+              file=sys.stderr, flush=True)
+        _leave(3)
     import torch.distributed as dist
 
     if dist.is_initialized():
