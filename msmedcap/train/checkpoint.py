@@ -35,7 +35,6 @@ refused with :class:`UnsafeCheckpoint`, naming the file.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 
 from msmedcap.atomic_files import atomic_write_text
+from msmedcap.data.shards import sha256_file
 from msmedcap.train.signals import fault_point
 
 MANIFEST = "manifest.json"
@@ -239,20 +239,12 @@ def make_engine_loads_safe(engine) -> bool:
 
 
 # --------------------------------------------------------------------------- manifests
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
     """Bytes and sha256 of every file under ``directory`` (the checkpoint's last file)."""
     files = {}
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(directory).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.relative_to(directory).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     atomic_write_text(directory / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
 
 
@@ -277,7 +269,7 @@ def check_checkpoint(path: Path) -> Optional[str]:
         size = f.stat().st_size
         if size != meta["bytes"]:
             return f"{f} is {size} bytes, {meta['bytes']} were written (truncated or changed)"
-        if _sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             return f"{f} does not match the sha256 written with it (changed or corrupted)"
     return None
 
