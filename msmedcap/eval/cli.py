@@ -131,15 +131,13 @@ def run_evaluate(args) -> int:
     try:
         evaluate(model, cfg, out, rank=rank, world_size=world_size, checkpoint=str(export))
     except Exception as e:  # noqa: BLE001 - a lost peer: say so and leave (never a partial scores.json)
-        from msmedcap.train.trainer import _leave, first_line
-        from msmedcap.train.world import is_collective_failure
+        from msmedcap.train.world import first_line, is_collective_failure, leave_now
 
         if not is_collective_failure(e):
             raise
-        print(f"msmedcap evaluate: rank {rank}: lost contact with another rank ({type(e).__name__}: "
-              f"{first_line(e)}); no scores or predictions were written. Run the evaluation again.",
-              file=sys.stderr, flush=True)
-        _leave(3)
+        print(f"msmedcap evaluate: rank {rank}: lost contact with another rank, nothing written "
+              f"({type(e).__name__}: {first_line(e)})", file=sys.stderr, flush=True)
+        leave_now(3)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -34,7 +34,8 @@ from msmedcap.train.engine import StageLoss, build_engine, param_groups, stage_d
 from msmedcap.train.metrics import MetricsLog, Window, count_flops, peak_memory_mb  # noqa: F401 (Window re-exported)
 from msmedcap.train.signals import StopRequest, fault_point
 from msmedcap.train.summary import StageResult, read_stage_record, summarize, write_stage_record
-from msmedcap.train.world import init_world, is_collective_failure, to_device  # noqa: F401 (to_device re-exported)
+from msmedcap.train.world import (  # noqa: F401 (to_device re-exported)
+    first_line, init_world, is_collective_failure, leave_now, to_device)
 
 
 def stage_dir(cfg: Config, stage: int) -> Path:
@@ -381,7 +382,7 @@ def train(cfg: Config, ds_json: dict, ds_source: str = "DeepSpeed config", resum
         return 2
     except CheckpointWriteError as e:
         print(f"pretrain: {e}", file=sys.stderr, flush=True)
-        _leave(1)
+        leave_now(1)
     except Exception as e:  # noqa: BLE001 - a lost peer or a full disk: say so, then leave without hanging
         rank = trainer.rank if trainer is not None else os.environ.get("RANK", "?")
         if is_collective_failure(e):
@@ -389,30 +390,15 @@ def train(cfg: Config, ds_json: dict, ds_source: str = "DeepSpeed config", resum
                   f"{first_line(e)}). A rank died, was killed or hangs (a silent rank is given up on after "
                   f"train.dist_timeout_s={cfg.train.dist_timeout_s} s). Every rank stops; restart the job with "
                   "--resume auto to continue from the newest complete checkpoint.", file=sys.stderr, flush=True)
-            _leave(3)
+            leave_now(3)
         if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT outside a checkpoint write
             print(f"pretrain: rank {rank}: no space left on device: {e}. Checkpoints already written are "
                   "complete; free space, then restart with --resume auto.", file=sys.stderr, flush=True)
-            _leave(1)
+            leave_now(1)
         import traceback
 
         traceback.print_exc()
         print(f"pretrain: rank {rank}: failed ({type(e).__name__}: {first_line(e)}); checkpoints already written "
               "are complete: --resume auto continues from the newest one.", file=sys.stderr, flush=True)
-        _leave(1)
+        leave_now(1)
 
-
-def _leave(code: int) -> None:
-    """Exit now, without interpreter teardown: at exit multiprocessing terminates (SIGTERM) and joins
-    the data loader's workers, which ignore SIGTERM (signals.py), so a normal exit after a failure
-    mid-stage would wait forever; and destroying a process group whose peer is gone can block."""
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:600] if text else ""

@@ -99,3 +99,19 @@ def is_collective_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(s in text for s in (
         "Connection closed by peer", "Connection reset by peer", "Gloo", "gloo", "NCCL", "timed out",
         "Timed out", "Broken pipe", "Socket Timeout"))
+
+
+def leave_now(code: int) -> None:
+    """Exit now, without interpreter teardown: at exit multiprocessing terminates (SIGTERM) and joins
+    the data loader's workers, which ignore SIGTERM (signals.py), so a normal exit after a failure
+    mid-stage would wait forever; and destroying a process group whose peer is gone can block."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:600] if text else ""
