@@ -441,15 +441,23 @@ def logistic_probe(x_fit: torch.Tensor, y_fit: list, x_test: torch.Tensor, y_tes
         return (fit(xf, yf, best)(xt) == yt).float().mean().item()
 
 
+def sample_images(samples: list, transform) -> list:
+    """Each generator sample's image, decoded and transformed as msmedcap's data code does."""
+    return [transform(decode_image(s.get("png") or s["jpg"], SIZE * SIZE)) for s in samples]
+
+
+def batched(fn, images: list, batch_size: int) -> torch.Tensor:
+    """``fn`` over ``images`` in batches of ``batch_size``, concatenated, float32."""
+    return torch.cat([fn(torch.stack(images[i:i + batch_size])).float() for i in range(0, len(images), batch_size)])
+
+
 def probe_features(encoder, samples: list, transform, batch_size: int = 50) -> dict:
     """{"mean": pooled, "flat": flattened} frozen-encoder tokens of ``samples``' images. Mean-pooled:
     over CLIP's tokens; over SAM's positions (the channel vector) whatever its token layout."""
     from msmedcap.models.encoders import SamEncoder
 
     with torch.no_grad():
-        images = [transform(decode_image(s.get("png") or s["jpg"], SIZE * SIZE)) for s in samples]
-        tokens = torch.cat([encoder(torch.stack(images[i:i + batch_size])).float()
-                            for i in range(0, len(images), batch_size)])
+        tokens = batched(encoder, sample_images(samples, transform), batch_size)
     spatial_axis = 2 if isinstance(encoder, SamEncoder) and encoder.layout == "channels" else 1
     return {"mean": tokens.mean(spatial_axis), "flat": tokens.flatten(1)}
 
@@ -553,11 +561,8 @@ def margin_conv_probes(n_fit: int = 2000, n_test: int = 400, seed: int = 0, mode
     for name, enc in (("SAM random", random_sam), ("SAM pre-trained", SamEncoder(m.sam).freeze(torch.float32))):
         emb = {}
         for split, samples in data.items():
-            with torch.no_grad():
-                images = [transform(decode_image(s.get("png") or s["jpg"], SIZE * SIZE)) for s in samples]
-                # the image encoder's own output [N, C, g, g] (before msmedcap's token layout)
-                emb[split] = torch.cat([enc.encoder(torch.stack(images[i:i + 100]))
-                                        for i in range(0, len(images), 100)]).float()
+            with torch.no_grad():  # the image encoder's own output [N, C, g, g] (before msmedcap's token layout)
+                emb[split] = batched(enc.encoder, sample_images(samples, transform), 100)
         fit_acc, right = conv_probe(emb["fit"], [s["json"]["margin"] for s in data["fit"]], emb["test"],
                                     [s["json"]["margin"] for s in data["test"]], seed=seed)
         small = torch.tensor([s["json"]["size"] == "small" for s in data["test"]])
