@@ -78,6 +78,10 @@ class QFormerConfig:
     max_text_len: int = 32
     tokenizer: str = "bert-base-uncased"  # HF name or directory
     init_from: Optional[str] = None  # BERT weights (HF name or directory) for the Q-Former layers
+    # Std of the cross-attention query/key weights at initialisation; None = BERT's 0.02, as BLIP-2.
+    # Tiny Q-Formers need more: at the demo's widths 0.02 gives attention logits of ~0.02, i.e. uniform
+    # over the image tokens, and the queries never learn to single out a small lesion in the demo's budget.
+    cross_attention_init: Optional[float] = None
 
 
 @dataclass
@@ -420,6 +424,7 @@ _AT_LEAST_1, _AT_LEAST_0, _POSITIVE = ((lambda v: v >= 1), ">= 1"), ((lambda v: 
 BOUNDS = [
     *[(f"model.qformer.{k}", *_AT_LEAST_1) for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
                                                      "cross_attention_freq", "num_query_tokens", "embed_dim")],
+    ("model.qformer.cross_attention_init", (lambda v: v is None or v > 0), "> 0 or null (BERT's 0.02)"),
     ("model.qformer.max_text_len", (lambda v: 2 <= v <= 512), "in 2..512 ([CLS] and [SEP]; the Q-Former's 512 positions)"),
     ("model.clip.image_size", *_AT_LEAST_1), ("model.sam.image_size", *_AT_LEAST_1),
     ("model.lm.max_caption_len", *_AT_LEAST_1), ("model.lm.num_soft_prompts", *_AT_LEAST_0),

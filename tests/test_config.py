@@ -130,6 +130,7 @@ FIELD_CASES = {
     "model.qformer.num_query_tokens": ("8", ["0", "100"]),  # 100: 4 + 2 x 100 + 32 > 128 LM positions
     "model.qformer.embed_dim": ("16", ["0"]),
     "model.qformer.max_text_len": ("16", ["1", "0"]),
+    "model.qformer.cross_attention_init": ("null", ["0", "-0.1", "x", ".inf"]),
     "model.qformer.tokenizer": ("pkg://assets/tokenizers/qformer", ["''", "{a: 1}"]),
     "model.qformer.init_from": ("null", ["''", "[a]"]),
     "model.lm.name_or_path": ("null", ["''", "[a]"]),

@@ -193,3 +193,22 @@ def test_sam_spatial_token_layout(tokenizers):
     tokens = model.encode(make_batch(cfg), "sam")
     assert tokens.shape == (8, 256, 32)  # 128 px / 8 = 16x16 positions of 32 channels (channels: 32 x 256)
     assert torch.isfinite(model.stage1_loss(make_batch(cfg))["loss"])
+
+
+def test_cross_attention_init_rescales_only_the_cross_attention_queries_and_keys(tokenizers):
+    """``model.qformer.cross_attention_init``: the cross-attention's query/key weights start with that
+    std instead of BERT's 0.02 (rescaled, so every other tensor is drawn exactly as without it)."""
+    def qformer(value):
+        torch.manual_seed(0)
+        cfg = demo_config(tokenizers, "model.variant=sam-blip2", f"model.qformer.cross_attention_init={value}")
+        return build_model(cfg.model).qformers["sam"]
+    base, wide = qformer("null"), qformer(0.2)
+    scaled = set()
+    for (name, a), (_, b) in zip(base.named_parameters(), wide.named_parameters()):
+        if ".crossattention.attention.query.weight" in name or ".crossattention.attention.key.weight" in name:
+            scaled.add(name)
+            assert torch.allclose(b, a * 10), name
+            assert 0.15 < float(b.std()) < 0.25, name
+        else:
+            assert torch.equal(a, b), name
+    assert len(scaled) == 2 * len(base.bert.encoder.layer)  # the demo cross-attends in every layer

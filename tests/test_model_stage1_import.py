@@ -18,7 +18,7 @@ from msmedcap.tokenization import load_qformer_tokenizer
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
-WIDTH = {"clip": 64, "sam": 256}  # the demo's tiny-vit tower width; tiny SAM, channels layout (16x16 positions)
+WIDTH = {"clip": 64, "sam": 256}  # the demo's tiny-vit tower width; tiny SAM in the channels layout (16x16 positions)
 H, LAYERS, INTER, QUERIES, EMBED, POSITIONS = 64, 2, 128, 16, 32, 512  # the demo preset's Q-Former
 FREQ = 2  # LAVIS's cross_attention_freq: layer 1 has no cross-attention, as in blip2_pretrained.pth
 
@@ -35,7 +35,7 @@ def vocab(tokenizers):
 
 def config(tokenizers, *overrides):
     return demo_config(tokenizers, "model.frozen_dtype=fp32", f"model.qformer.cross_attention_freq={FREQ}",
-                       *overrides).model
+                       "model.sam.token_layout=channels", *overrides).model
 
 
 # --------------------------------------------------------------------------- LAVIS

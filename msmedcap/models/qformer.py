@@ -51,6 +51,11 @@ class QFormer(nn.Module):
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, h) * hf.initializer_range)
         self.embeddings = Blip2TextEmbeddings(hf)
         self.bert = Blip2QFormerModel(hf)  # .layernorm is BERT's embedding LayerNorm
+        if cfg.cross_attention_init is not None:  # rescaled, not redrawn: the other tensors' init is unchanged
+            for layer in self.bert.encoder.layer:
+                if layer.has_cross_attention:
+                    for linear in (layer.crossattention.attention.query, layer.crossattention.attention.key):
+                        linear.weight.data.mul_(cfg.cross_attention_init / hf.initializer_range)
         # stage-1 heads
         self.vision_proj = nn.Linear(h, cfg.embed_dim)
         self.text_proj = nn.Linear(h, cfg.embed_dim)
