@@ -60,6 +60,57 @@ def test_batched_beam_search_equals_batch_of_one(run_dir):
     assert len(set(batched)) > 1, batched  # the captions depend on the image: the comparison means something
 
 
+def test_prefill_runs_once_per_sample_and_changes_no_caption(run_dir, monkeypatch):
+    """Beam search's prefill runs on the batch's rows, not batch x beams, and the captions are those of
+    transformers' own path (the per-beam prefill) for the same batch; the LM's forward is its own again
+    afterwards."""
+    import contextlib
+    import functools
+
+    from transformers import OPTForCausalLM
+
+    from msmedcap.eval.evaluate import generation_kwargs
+    from msmedcap.models import captioner
+
+    _, model, cfg = run_dir
+    batch = first_batches(cfg, 1)[0]
+    gen = generation_kwargs(cfg)
+    prefill_rows = []
+    forward = OPTForCausalLM.forward
+
+    @functools.wraps(forward)
+    def recording(self, *args, **kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            prefill_rows.append(kwargs["inputs_embeds"].shape[0])
+        return forward(self, *args, **kwargs)
+
+    # every step's beam scores, bit for bit, with and without it
+    from transformers import GenerationConfig
+
+    cap = model.captioner
+    with torch.no_grad():
+        prefix = cap.prefix(model.query_outputs(batch))
+    config = GenerationConfig(do_sample=False, num_beams=3, min_new_tokens=2, max_new_tokens=6, output_scores=True,
+                              return_dict_in_generate=True, eos_token_id=cap.eos_token_id,
+                              pad_token_id=cap.tokenizer.pad_token_id)
+    with captioner.prefill_once_per_sample(cap.lm, 3):
+        a = cap.lm.generate(inputs_embeds=prefix, generation_config=config)
+    b = cap.lm.generate(inputs_embeds=prefix, generation_config=config)
+    assert len(a.scores) == len(b.scores) > 1 and all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+    assert torch.equal(a.sequences, b.sequences)
+
+    monkeypatch.setattr(OPTForCausalLM, "forward", recording)
+    once = model.generate(batch, **gen)
+    assert prefill_rows == [len(batch["key"])]
+    assert "forward" not in vars(model.captioner.lm)
+    prefill_rows.clear()
+    monkeypatch.setattr(captioner, "prefill_once_per_sample", lambda lm, n: contextlib.nullcontext())
+    per_beam = model.generate(batch, **gen)
+    assert prefill_rows == [len(batch["key"]) * gen["num_beams"]]
+    assert once == per_beam
+    assert len(set(once)) > 1, once
+
+
 class Rows(HTMLParser):
     def __init__(self):
         super().__init__()

@@ -6,12 +6,15 @@ caption tokens only; captions end with "\\n", which is also generation's EOS, as
 """
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, OPTConfig, OPTForCausalLM
+from transformers import DynamicCache, GenerationConfig, OPTConfig, OPTForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 from msmedcap.batch import CAPTION_EOS
 from msmedcap.config import ConfigError, LMConfig, resolve_asset
@@ -36,6 +39,60 @@ def build_opt(cfg: LMConfig, tokenizer, dtype: torch.dtype) -> OPTForCausalLM:
         raise ConfigError(f"model.lm.tokenizer has {len(tokenizer)} tokens, more than the LM's vocabulary "
                           f"({lm.config.vocab_size})")
     return lm
+
+
+def _repeated_rows(t: torch.Tensor, n: int):
+    """``t[::n]`` if ``t``'s rows come in runs of ``n`` equal rows (``repeat_interleave(n)`` of it), else None."""
+    if t.shape[0] % n:
+        return None
+    once = t[::n]
+    return once if torch.equal(once.repeat_interleave(n, dim=0), t) else None
+
+
+@contextmanager
+def prefill_once_per_sample(lm: nn.Module, num_beams: int):
+    """Beam search's prefill (the LM over the prefix) computed once per sample instead of once per
+    beam. transformers expands ``inputs_embeds`` to ``batch x num_beams`` equal rows before its first
+    forward; during ``lm.generate`` that first forward runs here on every ``num_beams``-th row, and its
+    logits and (empty before, dynamic) cache are repeated ``num_beams`` times: what the expanded
+    forward computes, as each row's outputs depend on that row alone (equal bit for bit on this CPU:
+    tests/test_eval_generate.py compares every step's beam scores). 4.2 -> 2.1 ms per batch-8 call of
+    the demo model, 1.6 -> 1.3 ms at batch 1. Anything else (no prefix embeddings, rows that are not
+    exact repeats, another cache type, later steps) goes to the LM's own forward unchanged."""
+    if num_beams <= 1:
+        yield
+        return
+    forward = lm.forward
+    done = False
+
+    @functools.wraps(forward)  # transformers inspects the forward's signature
+    def first_forward(*args, **kwargs):
+        nonlocal done
+        embeds, cache = kwargs.get("inputs_embeds"), kwargs.get("cache", kwargs.get("past_key_values"))
+        if done or args or embeds is None or type(cache) is not DynamicCache or cache.get_seq_length() \
+                or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            done = True
+            return forward(*args, **kwargs)
+        done = True
+        rows = embeds.shape[0]
+        once = {}
+        for k, v in kwargs.items():
+            if torch.is_tensor(v) and v.dim() >= 2 and v.shape[0] == rows:
+                once[k] = _repeated_rows(v, num_beams)
+                if once[k] is None:
+                    return forward(*args, **kwargs)
+        out = forward(**{**kwargs, **once})
+        cache.batch_repeat_interleave(num_beams)
+        out.logits = out.logits.repeat_interleave(num_beams, dim=0)
+        return out
+
+    lm.forward = first_forward
+    try:
+        yield
+    finally:
+        del lm.forward  # the class's forward again
+        if lm.forward != forward:  # an instance-level forward was there before: put it back
+            lm.forward = forward
 
 
 class Captioner(nn.Module):
@@ -95,5 +152,6 @@ class Captioner(nn.Module):
             do_sample=False, num_beams=num_beams, min_new_tokens=min_len, max_new_tokens=max_len,
             repetition_penalty=repetition_penalty, length_penalty=length_penalty, eos_token_id=self.eos_token_id,
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-        out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config)
+        with prefill_once_per_sample(self.lm, num_beams):
+            out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]

@@ -69,12 +69,15 @@ def encoder_input(pixels: torch.Tensor, mean: tuple, std: tuple, dtype: torch.dt
     dev = pixels.device
     m = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    x = (pixels.permute(0, 3, 1, 2).float() / 255 - m) / s
+    # channels first before the arithmetic: on the channels-last view every op broadcasts mean/std along
+    # the innermost dimension (3 wide), a slow path on CPU (2.3 -> 0.7 ms for 8 SAM inputs of 128 px
+    # here); the same float32 operations either way, element by element
+    x = pixels.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(m).div_(s)
     if sizes is not None:
         sizes = sizes.to(dev)
         rows = torch.arange(h, device=dev).view(1, h, 1) < sizes[:, 0].view(b, 1, 1)
         cols = torch.arange(w, device=dev).view(1, 1, w) < sizes[:, 1].view(b, 1, 1)
-        x = x.masked_fill(~(rows & cols).unsqueeze(1), 0.0)
+        x = x.masked_fill_(~(rows & cols).unsqueeze(1), 0.0)
     if pad_to and (h < pad_to or w < pad_to):
         x = nn.functional.pad(x, (0, max(pad_to - w, 0), 0, max(pad_to - h, 0)))
     return x.to(dtype, memory_format=torch.contiguous_format)
