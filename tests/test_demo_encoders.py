@@ -157,3 +157,31 @@ def test_shipped_sam_segments_prompted_lesions_and_objects(cfg):
                         for m in (shipped, random_init)]
     assert ious["medical"][0] > 0.3 and ious["general"][0] > 0.6, ious
     assert ious["medical"][1] < 0.05 and ious["general"][1] < 0.2, ious
+
+
+# --------------------------------------------------------------------------- margin readers
+def test_position_reader_with_max_finds_a_feature_at_one_position_that_the_mean_dilutes():
+    """The readers of ``margin-probe``: a class written at one random position of 256, under noise,
+    is read by a per-position linear map + max over positions; pooled by the mean it is 1/256 of
+    the noise's size and the same reader stays near chance."""
+    gen = torch.Generator().manual_seed(0)
+
+    def data(n):
+        x = torch.randn(n, 4, 16, 16, generator=gen)
+        y = torch.randint(0, 2, (n,), generator=gen)
+        pos = torch.randint(0, 256, (n,), generator=gen)
+        x.view(n, 4, 256)[torch.arange(n), y, pos] += 6.0  # channel 0 or 1 lights up at one position
+        return x, y.tolist()
+    (xf, yf), (xt, yt) = data(600), data(200)
+    _, right_max = de.supervised_probe(xf, yf, xt, yt, reader="linear-max", steps=300)
+    _, right_mean = de.supervised_probe(xf, yf, xt, yt, reader="linear-mean", steps=300)
+    assert right_max.float().mean() > 0.9
+    assert right_mean.float().mean() < 0.7
+
+
+def test_margin_probes_run_every_reader(cfg):
+    result = de.margin_probes(n_fit=24, n_test=12, model_cfg=cfg, steps=3)
+    assert result["n"] == {"fit": 24, "test": 12}
+    for row, weights, *_ in de.MARGIN_READERS:
+        r = result[row, weights]
+        assert set(r) == {"fit", "all", "small", "large"} and 0 <= r["all"] <= 1, (row, weights)

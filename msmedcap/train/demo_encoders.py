@@ -508,38 +508,90 @@ def run_probes(n_fit: int = 900, n_test: int = 450, seed: int = 0, model_cfg=Non
     return result
 
 
-def conv_probe(x_fit: torch.Tensor, y_fit: list, x_test: torch.Tensor, y_test: list, steps: int = 1500,
-               seed: int = 0) -> tuple:
-    """A small supervised conv head on SAM embeddings ``[N, C, g, g]`` (two 3 x 3 convolutions, a
-    max over positions, a linear layer; AdamW, batch 64): what a *non-linear* reader with a local,
-    translation-invariant view gets from the tokens -> (fit accuracy on 500, test predictions right
-    [bool per sample])."""
+class PositionReader(torch.nn.Module):
+    """A supervised reader of SAM embeddings ``[N, C, g, g]``: a per-position map (1 x 1 convolutions:
+    ``linear`` or a 2-layer ``mlp``) or a local one (``conv``: two 3 x 3 convolutions), pooled over the
+    positions (``max`` or ``mean``), then a linear layer."""
+
+    def __init__(self, channels: int, classes: int, kind: str, pool: str):
+        super().__init__()
+        act = torch.nn.ReLU
+        self.body = {
+            "linear": lambda: torch.nn.Conv2d(channels, 64, 1),
+            "mlp": lambda: torch.nn.Sequential(torch.nn.Conv2d(channels, 64, 1), act(), torch.nn.Conv2d(64, 64, 1), act()),
+            "conv": lambda: torch.nn.Sequential(torch.nn.Conv2d(channels, 64, 3, padding=1), act(),
+                                                torch.nn.Conv2d(64, 64, 3, padding=1), act()),
+        }[kind]()
+        self.pool = torch.nn.AdaptiveMaxPool2d(1) if pool == "max" else torch.nn.AdaptiveAvgPool2d(1)
+        self.out = torch.nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.out(self.pool(self.body(x)).flatten(1))
+
+
+class QFormerReader(torch.nn.Module):
+    """A fresh demo Q-Former (``qformer_cfg``) on the embedding as per-position tokens (``spatial``),
+    a linear layer on the mean of its query outputs: the queries' own route to the labels."""
+
+    def __init__(self, channels: int, classes: int, qformer_cfg):
+        super().__init__()
+        from msmedcap.models.qformer import QFormer
+
+        self.qformer = QFormer(qformer_cfg, channels, vocab_size=8, pad_token_id=0)
+        self.out = torch.nn.Linear(qformer_cfg.hidden_size, classes)
+
+    def forward(self, x):
+        q = self.qformer
+        return self.out(q.queries(q.image_embeds(x.flatten(2).transpose(1, 2))).mean(1))
+
+
+def supervised_probe(x_fit: torch.Tensor, y_fit: list, x_test: torch.Tensor, y_test: list, reader: str = "conv-max",
+                     steps: int = 1500, seed: int = 0, qformer_cfg=None) -> tuple:
+    """A reader trained on the labels (AdamW 2e-3, batch 64; ``reader``: ``{linear,mlp,conv}-{max,mean}``
+    (:class:`PositionReader`) or ``qformer`` (:class:`QFormerReader`, AdamW 1e-3, batch 32)) on SAM
+    embeddings ``[N, C, g, g]`` -> (fit accuracy on 500, test predictions right [bool per sample])."""
     classes = sorted(set(y_fit), key=str)
     yf = torch.tensor([classes.index(y) for y in y_fit])
     yt = torch.tensor([classes.index(y) if y in classes else -1 for y in y_test])
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        c = x_fit.shape[1]
-        head = torch.nn.Sequential(torch.nn.Conv2d(c, 64, 3, padding=1), torch.nn.ReLU(),
-                                   torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
-                                   torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, len(classes)))
-    opt = torch.optim.AdamW(head.parameters(), 2e-3, weight_decay=0.01)
+        if reader == "qformer":
+            head, lr, batch = QFormerReader(x_fit.shape[1], len(classes), qformer_cfg), 1e-3, 32
+        else:
+            head, lr, batch = PositionReader(x_fit.shape[1], len(classes), *reader.split("-")), 2e-3, 64
+    opt = torch.optim.AdamW(head.parameters(), lr, weight_decay=0.01)
     for _ in range(steps):
-        idx = torch.randint(0, len(yf), (64,), generator=gen)
+        idx = torch.randint(0, len(yf), (batch,), generator=gen)
         loss = F.cross_entropy(head(x_fit[idx]), yf[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
+    head.eval()
     with torch.no_grad():
         fit_acc = (head(x_fit[:500]).argmax(1) == yf[:500]).float().mean().item()
         return fit_acc, (head(x_test).argmax(1) == yt)
 
 
-def margin_conv_probes(n_fit: int = 2000, n_test: int = 400, seed: int = 0, model_cfg=None) -> dict:
-    """Margin (smooth / irregular) read by :func:`conv_probe` from the frozen SAM image embedding
-    ``[C, 16, 16]`` (random and pre-trained), fit on ``n_fit`` lesion scans of the train split, tested on
-    ``n_test`` of the eval split: {column: {"fit", "all", "small", "large"}} plus "n"."""
+# Readers of margin_probes, in table order: (row name, SAM weights, reader, Q-Former cross_attention_init)
+MARGIN_READERS = (
+    ("conv 3x3, max", "random", "conv-max", None),
+    ("conv 3x3, max", "pre-trained", "conv-max", None),
+    ("per position linear, max", "pre-trained", "linear-max", None),
+    ("per position linear, mean (what uniform attention computes)", "pre-trained", "linear-mean", None),
+    ("per position MLP, max", "pre-trained", "mlp-max", None),
+    ("per position MLP, mean", "pre-trained", "mlp-mean", None),
+    ("Q-Former, cross-attention init 0.02 (BERT's)", "pre-trained", "qformer", 0.02),
+    ("Q-Former, cross-attention init 0.2 (the demo's)", "pre-trained", "qformer", 0.2),
+)
+
+
+def margin_probes(n_fit: int = 2000, n_test: int = 400, seed: int = 0, model_cfg=None, readers=MARGIN_READERS,
+                  steps: int = 1500) -> dict:
+    """Margin (smooth / irregular) read from the frozen SAM image embedding ``[C, 16, 16]`` (random and
+    pre-trained) by readers trained on the labels (:func:`supervised_probe`), fit on ``n_fit`` lesion
+    scans of the train split, tested on ``n_test`` of the eval split:
+    {(row, weights): {"fit", "all", "small", "large"}} plus "n"."""
     from msmedcap.models.encoders import SamEncoder, fixed_seed
     import dataclasses
 
@@ -557,17 +609,21 @@ def margin_conv_probes(n_fit: int = 2000, n_test: int = 400, seed: int = 0, mode
     data = {"fit": lesion_scans("train", n_fit), "test": lesion_scans("eval", n_test)}
     with fixed_seed():
         random_sam = SamEncoder(dataclasses.replace(m.sam, checkpoint=None)).freeze(torch.float32)
-    result = {"n": {"fit": n_fit, "test": n_test}}
-    for name, enc in (("SAM random", random_sam), ("SAM pre-trained", SamEncoder(m.sam).freeze(torch.float32))):
-        emb = {}
+    encoders = {"random": random_sam, "pre-trained": SamEncoder(m.sam).freeze(torch.float32)}
+    emb = {}
+    for weights in sorted({r[1] for r in readers}):
         for split, samples in data.items():
             with torch.no_grad():  # the image encoder's own output [N, C, g, g] (before msmedcap's token layout)
-                emb[split] = batched(enc.encoder, sample_images(samples, transform), 100)
-        fit_acc, right = conv_probe(emb["fit"], [s["json"]["margin"] for s in data["fit"]], emb["test"],
-                                    [s["json"]["margin"] for s in data["test"]], seed=seed)
-        small = torch.tensor([s["json"]["size"] == "small" for s in data["test"]])
-        result[name] = {"fit": fit_acc, "all": right.float().mean().item(),
-                        "small": right[small].float().mean().item(), "large": right[~small].float().mean().item()}
+                emb[weights, split] = batched(encoders[weights].encoder, sample_images(samples, transform), 100)
+    margins = {split: [s["json"]["margin"] for s in samples] for split, samples in data.items()}
+    small = torch.tensor([s["json"]["size"] == "small" for s in data["test"]])
+    result = {"n": {"fit": n_fit, "test": n_test}}
+    for row, weights, reader, init in readers:
+        qformer_cfg = dataclasses.replace(m.qformer, cross_attention_init=init) if reader == "qformer" else None
+        fit_acc, right = supervised_probe(emb[weights, "fit"], margins["fit"], emb[weights, "test"], margins["test"],
+                                          reader=reader, steps=steps, seed=seed, qformer_cfg=qformer_cfg)
+        result[row, weights] = {"fit": fit_acc, "all": right.float().mean().item(),
+                                "small": right[small].float().mean().item(), "large": right[~small].float().mean().item()}
     return result
 
 
@@ -599,11 +655,12 @@ def main(argv=None) -> int:
     elif args.what == "sam":
         path = save_sam(train_sam(seed=args.seed, model_cfg=cfg, **steps), args.out or SAM_OUT)
     elif args.what == "margin-probe":
-        result = margin_conv_probes(seed=args.seed, model_cfg=cfg)
-        print("| SAM embedding, conv probe of margin | fit | test | small | large |\n|---|---|---|---|---|")
-        for name in ("SAM random", "SAM pre-trained"):
-            r = result[name]
-            print(f"| {name} | {r['fit']:.2f} | {r['all']:.2f} | {r['small']:.2f} | {r['large']:.2f} |")
+        result = margin_probes(seed=args.seed, model_cfg=cfg)
+        print("| margin read from the SAM embedding by | SAM | fit | test | small lesions | large lesions |\n"
+              "|---|---|---|---|---|---|")
+        for row, weights, *_ in MARGIN_READERS:
+            r = result[row, weights]
+            print(f"| {row} | {weights} | {r['fit']:.2f} | {r['all']:.2f} | {r['small']:.2f} | {r['large']:.2f} |")
         print(f"\n{time.perf_counter() - start:.0f} s")
         return 0
     else:
