@@ -109,7 +109,8 @@ def test_shipped_assets_load_through_the_real_loaders(cfg):
         assert torch.equal(v, shipped[f"visual.{k}"]), k
     for k, v in model.encoders["sam"].encoder.state_dict().items():
         assert torch.equal(v, state[f"image_encoder.{k}"]), k
-    assert model.encoders["sam"].width == 16 * 16 and model.encoders["sam"].num_tokens == 32
+    # the demo feeds SAM one token per position: 16 x 16 positions of its 32 channels
+    assert model.encoders["sam"].num_tokens == 16 * 16 and model.encoders["sam"].width == 32
 
 
 def _eval_images(domain, n, with_masks=False):
