@@ -67,7 +67,7 @@ def test_prefill_runs_once_per_sample_and_changes_no_caption(run_dir, monkeypatc
     import contextlib
     import functools
 
-    from transformers import OPTForCausalLM
+    from transformers import GenerationConfig, OPTForCausalLM
 
     from msmedcap.eval.evaluate import generation_kwargs
     from msmedcap.models import captioner
@@ -85,8 +85,6 @@ def test_prefill_runs_once_per_sample_and_changes_no_caption(run_dir, monkeypatc
         return forward(self, *args, **kwargs)
 
     # every step's beam scores, bit for bit, with and without it
-    from transformers import GenerationConfig
-
     cap = model.captioner
     with torch.no_grad():
         prefix = cap.prefix(model.query_outputs(batch))

@@ -607,14 +607,17 @@ def margin_probes(n_fit: int = 2000, n_test: int = 400, seed: int = 0, model_cfg
                 out.append(s)
         return out
     data = {"fit": lesion_scans("train", n_fit), "test": lesion_scans("eval", n_test)}
-    with fixed_seed():
-        random_sam = SamEncoder(dataclasses.replace(m.sam, checkpoint=None)).freeze(torch.float32)
-    encoders = {"random": random_sam, "pre-trained": SamEncoder(m.sam).freeze(torch.float32)}
+    def encoder(weights):  # only the ones the readers use
+        if weights == "pre-trained":
+            return SamEncoder(m.sam).freeze(torch.float32)
+        with fixed_seed():
+            return SamEncoder(dataclasses.replace(m.sam, checkpoint=None)).freeze(torch.float32)
     emb = {}
     for weights in sorted({r[1] for r in readers}):
+        enc = encoder(weights)
         for split, samples in data.items():
             with torch.no_grad():  # the image encoder's own output [N, C, g, g] (before msmedcap's token layout)
-                emb[weights, split] = batched(encoders[weights].encoder, sample_images(samples, transform), 100)
+                emb[weights, split] = batched(enc.encoder, sample_images(samples, transform), 100)
     margins = {split: [s["json"]["margin"] for s in samples] for split, samples in data.items()}
     small = torch.tensor([s["json"]["size"] == "small" for s in data["test"]])
     result = {"n": {"fit": n_fit, "test": n_test}}
