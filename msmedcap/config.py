@@ -92,6 +92,10 @@ class LMConfig:
     prompt: str = "Question: Describe the image. Answer:"
     num_soft_prompts: int = 0  # learned soft prompt embeddings prepended before the queries' projections
     max_caption_len: int = 32
+    # The frozen LM's dtype. The stage-2 gradient crosses it, so training runs it in the engine's dtype:
+    # auto = train.precision's (written into the run's config.yaml); fp16 only under the fp16 engine,
+    # whose dynamic loss scale keeps small gradients. Without an engine (evaluate, caption) auto = frozen_dtype.
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
 
 
 @dataclass
@@ -168,6 +172,9 @@ class TrainConfig:
     # it fails with an error. A dead peer is detected at once (its connections close); see
     # docs/reliability.md. Longer than any legitimate wait (a checkpoint write, an uneven eval share).
     dist_timeout_s: int = 600
+    # Recompute each Q-Former and LM layer in the backward instead of keeping its activations
+    # (non-reentrant, so ITG's gradient through the reused query keys/values survives).
+    activation_checkpointing: bool = False
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -85,8 +85,9 @@ def _engine(model, cfg, stage: int):
     st.weight_decay = 0.5  # large: decoupled decay on a parameter would show at once
     ds = fill_ds_config(read_ds_json(REPO / "ds_configs/zero2.json"), cfg, stage, 1)
     loss = StageLoss(model, stage)
-    engine, *_ = deepspeed.initialize(model=loss, config=ds, model_parameters=param_groups(model, st.weight_decay))
-    model.restore_frozen_dtype()
+    with model.without_frozen_parts():
+        engine, *_ = deepspeed.initialize(model=loss, config=ds, model_parameters=param_groups(model, st.weight_decay))
+    model.restore_held()
     return engine
 
 

@@ -229,17 +229,18 @@ def test_checkpoints_atomic_rotating_trainable_only(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
-def test_frozen_parts_keep_their_dtype_under_a_bf16_engine(monkeypatch):
-    """DeepSpeed's bf16 engine casts the whole wrapped module; the trainer puts the frozen encoders
-    and LM back in their own dtype (fp16 on GPU; fp32 here), and the trainables this stage does not
-    train back as they were; the stage's trainables stay bf16, and a step runs."""
+def test_frozen_parts_stay_bit_identical_under_a_bf16_engine(monkeypatch):
+    """DeepSpeed's bf16 engine casts every parameter of the module it wraps (deepspeed/runtime/engine.py,
+    ``_cast_module_mixed_precision``); build_engine keeps the frozen encoders and LM out of its sight, so
+    they keep their dtype and every bit of their values through initialize and a step; the trainables
+    this stage does not train come back as they were; the stage's trainables are bf16."""
     import deepspeed
     import torch.distributed as dist
 
     from msmedcap.data.loader import make_train_loader
     from msmedcap.models import build_model
-    from msmedcap.train.schedule import warmup_cosine
-    from msmedcap.train.trainer import StageLoss, param_groups, to_device
+    from msmedcap.train.engine import build_engine
+    from msmedcap.train.trainer import to_device
     from msmedcap.train.world import single_process_env
 
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -252,20 +253,18 @@ def test_frozen_parts_keep_their_dtype_under_a_bf16_engine(monkeypatch):
     deepspeed.init_distributed("gloo")
     try:
         model = build_model(cfg.model)
-        engine, *_ = deepspeed.initialize(model=StageLoss(model, 1), config=ds,
-                                          model_parameters=param_groups(model, 0.05),
-                                          lr_scheduler=warmup_cosine(cfg.train.stage1))
-        assert next(model.encoders.parameters()).dtype == torch.bfloat16  # what the engine does
-        model.restore_frozen_dtype()
-        assert {p.dtype for p in model.encoders.parameters()} == {torch.float32}
-        assert {p.dtype for p in model.captioner.lm.parameters()} == {torch.float32}
-        # what stage 1 trains is bf16; the trainables it does not train (projections, soft prompts) keep fp32
-        assert {p.dtype for _, p in model.stage_named_parameters(1)} == {torch.bfloat16}
-        assert {p.dtype for n, p in model.trainable_named_parameters() if not model.stage_trains(n, 1)} == {torch.float32}
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("encoders.", "captioner.lm."))}
+        engine, _ = build_engine(model, cfg, 1, ds)
         out = engine(to_device(next(iter(make_train_loader(cfg, 1, 0, 1))), torch.device("cpu")))
         engine.backward(out["loss"])
         engine.step()
         assert torch.isfinite(out["loss"])
+        after = dict(model.named_parameters())
+        for name, value in frozen.items():
+            assert after[name].dtype == torch.float32 and torch.equal(after[name], value), name
+        # what stage 1 trains is bf16; the trainables it does not train (projections, soft prompts) keep fp32
+        assert {p.dtype for _, p in model.stage_named_parameters(1)} == {torch.bfloat16}
+        assert {p.dtype for n, p in model.trainable_named_parameters() if not model.stage_trains(n, 1)} == {torch.float32}
     finally:
         dist.destroy_process_group()
 

@@ -41,6 +41,19 @@ def build_opt(cfg: LMConfig, tokenizer, dtype: torch.dtype) -> OPTForCausalLM:
     return lm
 
 
+def lm_config(cfg: LMConfig, tokenizer) -> OPTConfig:
+    """The LM's architecture without building it: ``name_or_path``'s config, or ``cfg.config`` with the
+    tokenizer's vocabulary and special tokens (what :func:`build_opt` builds)."""
+    if cfg.name_or_path:
+        return OPTConfig.from_pretrained(resolve_asset(cfg.name_or_path))
+    kwargs = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **cfg.config}
+    try:
+        return OPTConfig(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.lm.config: {e}") from e
+
+
 def _repeated_rows(t: torch.Tensor, n: int):
     """``t[::n]`` if ``t``'s rows come in runs of ``n`` equal rows (``repeat_interleave(n)`` of it), else None."""
     if t.shape[0] % n:
@@ -96,16 +109,23 @@ def prefill_once_per_sample(lm: nn.Module, num_beams: int):
 
 
 class Captioner(nn.Module):
-    def __init__(self, cfg: LMConfig, query_widths: dict, tokenizer, dtype: torch.dtype):
+    """The projections and soft prompts (trainable) and the frozen LM. ``with_lm=False`` (stage 1, which
+    never runs the LM) leaves ``lm`` None: the trainables come out the same, the LM's weights are never
+    built or loaded."""
+
+    def __init__(self, cfg: LMConfig, query_widths: dict, tokenizer, dtype: torch.dtype, with_lm: bool = True):
         super().__init__()
         self.tokenizer = tokenizer
-        with fixed_seed():
-            self.lm = build_opt(cfg, tokenizer, dtype)
-        self.lm.requires_grad_(False)
-        self.lm.eval()
-        width = self.lm.get_input_embeddings().embedding_dim
+        self.lm = None
+        if with_lm:
+            with fixed_seed():
+                self.lm = build_opt(cfg, tokenizer, dtype)
+            self.lm.requires_grad_(False)
+            self.lm.eval()
+        config = self.lm.config if with_lm else lm_config(cfg, tokenizer)
+        width = config.word_embed_proj_dim  # OPT's input embedding width
         self.projections = nn.ModuleDict({b: nn.Linear(w, width) for b, w in query_widths.items()})
-        self.soft_prompts = nn.Parameter(torch.randn(cfg.num_soft_prompts, width) * self.lm.config.init_std)
+        self.soft_prompts = nn.Parameter(torch.randn(cfg.num_soft_prompts, width) * config.init_std)
         eos = tokenizer(CAPTION_EOS, add_special_tokens=False).input_ids
         if len(eos) != 1:
             raise ConfigError(f"model.lm.tokenizer: {CAPTION_EOS!r} must be one token, got {eos}")
@@ -115,7 +135,8 @@ class Captioner(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.lm.eval()  # frozen: no dropout
+        if self.lm is not None:
+            self.lm.eval()  # frozen: no dropout
         return self
 
     def prefix(self, query_outputs: dict) -> torch.Tensor:
@@ -133,8 +154,10 @@ class Captioner(nn.Module):
         prefix = self.prefix(query_outputs)
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
         mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        # only the positions that predict caption tokens go through the (vocabulary-sized) LM head
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1] + 1)
+        # only the positions that predict caption tokens go through the (vocabulary-sized) LM head; no
+        # cache: nothing reads it, and a checkpointed layer's recompute would write it twice
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1] + 1,
+                      use_cache=False)
         return out.logits[:, :-1]
 
     def loss(self, query_outputs: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

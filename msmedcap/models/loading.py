@@ -21,18 +21,19 @@ from msmedcap.models.weights_io import (CONFIG_FILE, TRAINABLE_FILE, load_traina
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: ModelConfig, init_trainables: bool = True) -> MSMedCap:
+def build_model(cfg: ModelConfig, init_trainables: bool = True, with_lm: bool = True) -> MSMedCap:
     """The model of ``cfg``: frozen parts from their weights (open_clip tag/file, SAM checkpoint, OPT
     directory, a BLIP-2 checkpoint) or random init; Q-Formers from BERT when ``qformer.init_from`` is set,
     then from ``model.<branch>.stage1_checkpoint`` (LAVIS or HF stage-1; reports in ``model.stage1_imports``);
-    both skipped with ``init_trainables=False``, when an export overwrites them anyway.
+    both skipped with ``init_trainables=False``, when an export overwrites them anyway. ``with_lm=False``
+    (stage 1) builds no LM: the trainables are the same, the LM's weights are never read.
 
     With ``blip2_checkpoint`` and neither ``lm.name_or_path`` nor ``lm.config``, OPT's architecture comes
     from the checkpoint's ``text_config`` (its weights from the checkpoint)."""
     if cfg.blip2_checkpoint and not cfg.lm.name_or_path and not cfg.lm.config:
         cfg = copy.deepcopy(cfg)
         cfg.lm.config = blip2_text_config(cfg.blip2_checkpoint)
-    model = MSMedCap(cfg)
+    model = MSMedCap(cfg, with_lm=with_lm)
     if cfg.qformer.init_from and init_trainables:
         for qformer in model.qformers.values():
             qformer.init_from_bert(cfg.qformer.init_from)
@@ -142,6 +143,8 @@ def import_blip2(model: MSMedCap, directory) -> None:
     state = read_state_dict(directory)
     mine = model.state_dict()
     main = blip2_key_map(state)
+    if model.captioner.lm is None:  # built without its LM (stage 1): the LM's tensors load when it is built
+        main = {k: v for k, v in main.items() if not k.startswith("captioner.lm.")}
     if model.qformers["clip"].ln_vision is None:  # model.clip.ln_vision=false: post_layernorm has no place
         main = {k: v for k, v in main.items() if not k.startswith("qformers.clip.ln_vision.")}
     bad = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape) if k in mine else 'absent'}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from msmedcap.batch import DOMAINS
 from msmedcap.config import ModelConfig
 from msmedcap.models.captioner import Captioner
 from msmedcap.models.feature_cache import KEY as CACHE_KEY
-from msmedcap.models.encoders import fixed_seed, frozen_dtype
+from msmedcap.models.encoders import DTYPES, fixed_seed, frozen_dtype
 from msmedcap.models.qformer import QFormer
 from msmedcap.models.stage1 import stage1_branch_loss
 from msmedcap.registry import encoder_spec
@@ -34,8 +35,16 @@ STAGE2_QFORMER = re.compile(r"(query_tokens|ln_vision\.|bert\.layernorm\."
                             r"|bert\.encoder\.layer\.\d+\.(attention|crossattention|intermediate_query|output_query)\.)")
 
 
+def lm_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The frozen LM's dtype: ``model.lm.dtype``, or without one (auto: no engine to follow, as when
+    evaluating a config that was never trained here) the frozen encoders' ``frozen_dtype``."""
+    return frozen_dtype(cfg.frozen_dtype) if cfg.lm.dtype == "auto" else DTYPES[cfg.lm.dtype]
+
+
 class MSMedCap(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """``with_lm=False`` builds everything but the frozen LM (stage 1 never runs it)."""
+
+    def __init__(self, cfg: ModelConfig, with_lm: bool = True):
         super().__init__()
         self.cfg = cfg
         self.branches = tuple(cfg.branches)
@@ -48,7 +57,7 @@ class MSMedCap(nn.Module):
             b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id,
                        ln_vision=getattr(cfg, b).ln_vision) for b in self.branches})
         self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches},
-                                   load_lm_tokenizer(cfg.lm.tokenizer), dtype)
+                                   load_lm_tokenizer(cfg.lm.tokenizer), lm_dtype(cfg), with_lm=with_lm)
         # routing[d, i] = samples of domain d train branch i in stage 1
         routing = [[b in cfg.routing.get(d, []) for b in self.branches] for d in DOMAINS]
         self.register_buffer("routing", torch.tensor(routing, dtype=torch.bool), persistent=False)
@@ -58,28 +67,59 @@ class MSMedCap(nn.Module):
         self._trainable_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
         self._held: dict = {}  # stage-frozen trainables' values while an engine may cast them (set_stage)
         self.stage = None
-        log.info("model %s: frozen encoders and LM in %s; trainables in %s", cfg.variant,
-                 str(dtype).replace("torch.", ""), str(self.qformers[self.branches[0]].dtype).replace("torch.", ""))
+        name = lambda t: str(t).replace("torch.", "")  # noqa: E731
+        log.info("model %s: frozen encoders in %s, frozen LM in %s; trainables in %s (the engine casts them to "
+                 "train.precision)", cfg.variant, name(dtype),
+                 name(lm_dtype(cfg)) if with_lm else "- (not built: stage 1 does not use it)",
+                 name(self.qformers[self.branches[0]].dtype))
 
     # ----------------------------------------------------------------- parameters
     def train(self, mode: bool = True):
         super().train(mode)  # encoders and the LM override train() and stay in eval mode
         return self
 
-    def restore_frozen_dtype(self) -> None:
-        """DeepSpeed's bf16/fp16 engine casts the whole module it wraps; the frozen encoders and LM go
-        back to their own dtype (``frozen_dtype``: fp16 on GPU by default), and the trainables frozen
-        for this stage to the values and dtype they had at :meth:`set_stage` (unrounded, so a stage
-        leaves them bit-identical). No optimizer state holds any of them, so this is safe after
+    def frozen_parts(self) -> list:
+        """``(parent, name)`` of each frozen module: the image encoders and, when built, the LM."""
+        parts = [(self, "encoders")]
+        if self.captioner.lm is not None:
+            parts.append((self.captioner, "lm"))
+        return parts
+
+    @contextmanager
+    def without_frozen_parts(self):
+        """The frozen encoders and LM out of the module tree (same order after): a DeepSpeed engine casts
+        and moves every parameter it can see, and would leave the frozen weights rounded to its dtype."""
+        parts = [(parent, name, parent._modules[name]) for parent, name in self.frozen_parts()]
+        for parent, name, _ in parts:
+            parent._modules[name] = None  # a None child keeps its place and owns no parameters
+        try:
+            yield
+        finally:
+            for parent, name, module in parts:
+                parent._modules[name] = module
+
+    def frozen_to(self, device) -> None:
+        """The frozen parts onto ``device`` in their own dtypes (what the engine did for the rest)."""
+        for parent, name in self.frozen_parts():
+            parent._modules[name].to(device)
+
+    def restore_held(self) -> None:
+        """A bf16/fp16 engine casts every trainable it wraps; the ones frozen for this stage go back to
+        the values and dtype they had at :meth:`set_stage` (unrounded, so a stage leaves them
+        bit-identical). No optimizer state holds any of them, so this is safe after
         ``deepspeed.initialize``."""
-        dtype = frozen_dtype(self.cfg.frozen_dtype)
-        for encoder in self.encoders.values():
-            encoder.to(dtype)
-        self.captioner.lm.to(dtype)
         params = dict(self.named_parameters())
         for name, value in self._held.items():
             params[name].data = value.to(params[name].device)
         self._held = {}
+
+    def checkpoint_activations(self) -> int:
+        """``train.activation_checkpointing``: the Q-Formers' and the LM's layers recompute their
+        activations in the backward (msmedcap.models.checkpointing). Returns the number of layers."""
+        from msmedcap.models.checkpointing import checkpoint_layers
+
+        parts = [*self.qformers.values()] + ([self.captioner.lm] if self.captioner.lm is not None else [])
+        return sum(checkpoint_layers(p) for p in parts)
 
     def trainable_named_parameters(self) -> list:
         """The model's trainables (Q-Formers with their heads, projections, soft prompts), in every
@@ -106,7 +146,7 @@ class MSMedCap(nn.Module):
     def set_stage(self, stage) -> None:
         """Train ``stage``'s parameters only: the other trainables get ``requires_grad=False`` (no
         gradient, no optimizer state, no weight decay) until the next call; ``None``: all trainable.
-        Their values are held (on the host) so :meth:`restore_frozen_dtype` can undo an engine's cast."""
+        Their values are held (on the host) so :meth:`restore_held` can undo an engine's cast."""
         self.stage = stage
         self._held = {}
         for name, p in self.trainable_named_parameters():

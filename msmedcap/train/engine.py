@@ -6,6 +6,7 @@ JSON's own ``scheduler``), from the DeepSpeed JSON filled by ds_config.py.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 from torch import nn
@@ -75,15 +76,35 @@ def build_engine(model: nn.Module, cfg: Config, stage: int, ds_config: dict, mod
     """``(engine, lr_scheduler)`` for ``stage``: DeepSpeed wraps ``module`` (default
     ``StageLoss(model, stage)``) with ``param_groups(model, ...)`` as its only parameters, and the
     warmup + cosine schedule of ``cfg.train.stageN`` unless the JSON brings its own ``scheduler``.
-    The engine casts everything it wraps to its precision; the frozen parts are put back in their own
-    dtype (``model.restore_frozen_dtype``), so a stage leaves what it does not train bit-identical."""
+    The engine casts and moves everything it wraps; the frozen parts are kept out of its sight
+    (``model.without_frozen_parts``) and moved to its device as they are, so their weights stay
+    bit-identical, and the trainables this stage does not train are put back (``model.restore_held``)."""
     import deepspeed
 
     st = getattr(cfg.train, f"stage{stage}")
     module = StageLoss(model, stage) if module is None else module
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=module, model_parameters=param_groups(model, st.weight_decay, stage), config=ds_config,
-        lr_scheduler=None if "scheduler" in ds_config else warmup_cosine(st))
-    if hasattr(model, "restore_frozen_dtype"):
-        model.restore_frozen_dtype()
+    hidden = model.without_frozen_parts() if hasattr(model, "without_frozen_parts") else nullcontext()
+    with hidden:
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=module, model_parameters=param_groups(model, st.weight_decay, stage), config=ds_config,
+            lr_scheduler=None if "scheduler" in ds_config else warmup_cosine(st))
+    if hasattr(model, "frozen_to"):
+        model.frozen_to(engine.device)
+        model.restore_held()
     return engine, scheduler
+
+
+def master_weights_into(model: nn.Module, stage: int) -> int:
+    """The optimizer's fp32 master copy of each parameter ``stage`` trains into the model, in place of
+    the engine's bf16/fp16 working copy (what an export should hold, and the next stage start from).
+    Collective under ZeRO (each rank holds a part of the masters): every rank calls it. Returns how many
+    parameters were replaced (0 under an fp32 engine without ZeRO, where the two are one)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    replaced = 0
+    for _, p in model.stage_named_parameters(stage):
+        full = safe_get_full_fp32_param(p)
+        if full is not None:
+            p.data = full.to(p.device)
+            replaced += 1
+    return replaced

@@ -30,7 +30,8 @@ from msmedcap.config import Config, ConfigError
 from msmedcap.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError, DataPosition,
                                        TrainState, check_checkpoint, read_train_state, remove_leftovers,
                                        set_rng_states, usable_checkpoint)
-from msmedcap.train.engine import StageLoss, build_engine, param_groups, stage_ds_config  # noqa: F401 (re-exported)
+from msmedcap.train.engine import (StageLoss, build_engine, master_weights_into, param_groups,  # noqa: F401 (re-exported)
+                                   stage_ds_config)
 from msmedcap.train.metrics import MetricsLog, Window, count_flops, peak_memory_mb  # noqa: F401 (Window re-exported)
 from msmedcap.train.signals import StopRequest, fault_point
 from msmedcap.train.summary import StageResult, read_stage_record, summarize, write_stage_record
@@ -95,6 +96,22 @@ class Trainer:
 
     def ds_config(self, stage: int) -> dict:
         return stage_ds_config(self.ds_json, self.cfg, stage, self.world.size, source=self.ds_source)
+
+    def resolve_lm_dtype(self) -> None:
+        """``model.lm.dtype: auto`` becomes stage 2's engine precision (the stage whose gradient crosses
+        the LM), recorded in the run's config and exports so evaluations rebuild the LM as it trained;
+        an fp16 LM under another engine has no loss scale for that gradient: a config error."""
+        from msmedcap.train.ds_config import precision_of
+
+        lm, precision = self.cfg.model.lm, precision_of(self.ds_config(2))
+        if lm.dtype == "auto":
+            lm.dtype = precision
+        elif lm.dtype == "fp16" and precision != "fp16":
+            raise ConfigError(f"model.lm.dtype=fp16 under a {precision} engine: the stage-2 gradient would cross the "
+                              "fp16 LM with no loss scale (small gradients flush to zero); set model.lm.dtype=auto "
+                              "(the engine's dtype) or train.precision=fp16 (dynamic loss scaling)")
+        self.print0(f"precision: trainables {precision} (engine), frozen LM {lm.dtype}, frozen encoders "
+                    f"model.frozen_dtype={self.cfg.model.frozen_dtype}")
 
     # ------------------------------------------------------------------ planning
     def plan(self, stages: list, resume: Optional[str], overwrite: bool) -> dict:
@@ -165,10 +182,13 @@ class Trainer:
             self.print0(f"stage 2 starts from stage 1's export {init}")
             model = build_model(self.cfg.model, init_trainables=False)
             model.load_trainable(init, strict=True)
-            return model
-        if stage == 2:
-            self.print0(f"warning: no stage-1 export at {init}; stage 2 starts from the model config's weights")
-        return build_model(self.cfg.model)
+        else:
+            if stage == 2:
+                self.print0(f"warning: no stage-1 export at {init}; stage 2 starts from the model config's weights")
+            model = build_model(self.cfg.model, with_lm=stage == 2)  # stage 1 never runs the LM
+        if self.cfg.train.activation_checkpointing:
+            model.checkpoint_activations()
+        return model
 
     def run_stage(self, stage: int, resume_from: Optional[Path]) -> StageResult:
         return StageRun(self, stage, resume_from).run()
@@ -189,6 +209,7 @@ class Trainer:
         stages = [1, 2] if cfg.train.stage == "all" else [int(cfg.train.stage)]
         for s in stages:
             self.ds_config(s)  # a contradicting JSON fails before any work
+        self.resolve_lm_dtype()
         if cfg.train.eval_at_end and stages[-1] == 2:
             from msmedcap.eval.scoring import JavaMissing, require_java
 
@@ -210,6 +231,8 @@ class Trainer:
                 if earlier is not None:  # the summary keeps the stage's record (steps, losses, time, digest)
                     results.append(earlier)
                 continue
+            self.model = None  # the previous stage's model is not kept while this one trains
+            gc.collect()
             results.append(self.run_stage(s, plan[s]))
             if results[-1].stopped_by:
                 break
@@ -351,6 +374,8 @@ class StageRun:
         result, cfg = self.result, self.cfg
         if self.trainer.log:
             self.trainer.log.end_stage()
+        if not result.stopped_by:  # the export (and the next stage) take the optimizer's fp32 masters
+            master_weights_into(self.model, self.stage)
         result.weights_sha256 = self.trainer.check_replicas(self.model)
         if not result.stopped_by:
             result.export = str(self.ckpts.export_final(self.stage, self.state.step))
