@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES = [
     "msmedcap.eval.cli",      # evaluate, score, caption, probe
     "msmedcap.data.cli",      # shards write / inspect / demo
     "msmedcap.bench",         # bench
+    "msmedcap.bench.plan",    # plan
 ]
 
 

@@ -175,6 +175,9 @@ class TrainConfig:
     # Recompute each Q-Former and LM layer in the backward instead of keeping its activations
     # (non-reentrant, so ITG's gradient through the reused query keys/values survives).
     activation_checkpointing: bool = False
+    # Memory per rank the preflight plans each stage for before its engine is built (msmedcap.bench.plan):
+    # null = the GPU's own memory on a GPU, no preflight on a CPU.
+    memory_limit_gib: Optional[float] = None
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -443,6 +446,7 @@ BOUNDS = [
     ("data.num_workers", *_AT_LEAST_0),
     ("data.jpeg_draft", (lambda v: v == 0 or 1 <= v < float("inf")), "0 (off) or >= 1"),
     ("train.log_every", *_AT_LEAST_1), ("train.ckpt_every", *_AT_LEAST_1), ("train.keep_last", *_AT_LEAST_1),
+    ("train.memory_limit_gib", (lambda v: v is None or v > 0), "> 0 or null (the GPU's memory)"),
     ("eval.batch_size", *_AT_LEAST_1), ("eval.num_beams", *_AT_LEAST_1), ("eval.max_len", *_AT_LEAST_1),
     ("eval.min_len", *_AT_LEAST_0), ("eval.repetition_penalty", *_POSITIVE), ("eval.max_samples", *_AT_LEAST_0),
     ("train.dist_timeout_s", *_AT_LEAST_1),

@@ -283,6 +283,7 @@ class StageRun:
         cfg, stage, world = self.cfg, self.stage, self.world
         ds_cfg = self.trainer.ds_config(stage)
         self.model = model = self.trainer.build(stage)
+        self.preflight(ds_cfg)
         self.engine, self.scheduler = build_engine(model, cfg, stage, ds_cfg)
         self.ckpts = CheckpointManager(stage_dir(cfg, stage) / "checkpoints", cfg.train.keep_last, world.rank,
                                        world.barrier, every=cfg.train.ckpt_every,
@@ -301,6 +302,23 @@ class StageRun:
         if self.trainer.log:
             self.trainer.log.start_stage(stage, self.state.step, self.st.steps)
         self.window, self.t_window, self.flops_per_micro = Window(), time.time(), None
+
+    def preflight(self, ds_cfg: dict) -> None:
+        """On a GPU (or with train.memory_limit_gib): the planner's estimate of this stage at its micro
+        batch, measured on the model before the engine exists; a micro batch that cannot fit stops here
+        (ConfigError) naming the largest that does."""
+        from msmedcap.bench.plan import GIB, preflight
+        from msmedcap.train.ds_config import precision_of
+
+        limit, dev = self.cfg.train.memory_limit_gib, self.world.device
+        if limit is None and dev.type == "cuda":
+            limit = torch.cuda.get_device_properties(dev).total_memory / GIB
+        if limit is None:
+            return
+        self.model.to(dev)
+        plan = preflight(self.model, self.cfg, self.stage, self.world.size, dev, limit, precision_of(ds_cfg))
+        self.world.print0(f"stage {self.stage} preflight: ~{plan['peak_gib_at_micro_batch']:.2f} GiB per rank at micro "
+                          f"batch {plan['micro_batch']} of {limit:g} GiB (largest that fits: {plan['largest_micro_batch']})")
 
     def run(self) -> StageResult:
         total, rank = self.st.steps, self.world.rank
