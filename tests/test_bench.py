@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,28 @@ def test_benchmark_runs_on_the_demo_preset_and_writes_its_json(tmp_path):
     assert cache["hits_during_cached_steps"] > 0 and cache["bytes_per_image"] == {"clip": 17 * 64 * size,
                                                                                    "sam": 32 * 256 * size}
     assert res["hf"]["ratio"] > 0 and res["hf"]["transformers"]["params"]["frozen"] > 0
+
+
+def test_gpu_check_runs_every_section_on_this_cpu(tmp_path):
+    """The GPU check (msmedcap bench --parts gpu) at the demo's shapes on CPU: every section records
+    numbers (none failed), the encoders' half-precision errors and SAM's neck deviation, steps with the
+    planner's prediction beside them, batched vs batch-1 generation, collectives; JSON and Markdown."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "msmedcap.cli", "bench", "--preset", "demo", "--parts", "gpu",
+                           "--gpu-batches", "2", "--gen-batches", "2", "--iters", "1", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "bench-gpu/gpu_check.json").read_text())
+    for name in ("collectives", "encoders", "steps", "generate"):
+        assert not (isinstance(r[name], dict) and ("error" in r[name] or "skipped" in r[name])), r[name]
+    assert r["encoders"]["sam"]["fp16"]["finite"] and r["encoders"]["sam"]["fp16"]["relative_error"] < 0.01
+    assert 0 < r["encoders"]["sam"]["fp16"]["neck_max_deviation"] < 255.9
+    assert [(s["stage"], s["micro_batch"]) for s in r["steps"]] == [(1, 2), (2, 2)]
+    assert all(s["planned_peak_gib"] > 0 and s["flops_per_sample"] > 0 for s in r["steps"])
+    assert r["generate"][0]["batch"] == 2 and r["generate"][0]["speedup"] > 0
+    assert r["collectives"]["all_gather_object"] and r["collectives"]["all_reduce_ok"]
+    assert "| stage | micro batch |" in (tmp_path / "bench-gpu/gpu_check.md").read_text()

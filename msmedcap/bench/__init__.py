@@ -23,13 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-PARTS = ("loader", "step", "cache", "hf", "generate", "memory")
+PARTS = ("loader", "step", "cache", "hf", "generate", "memory", "gpu")
+DEFAULT_PARTS = PARTS[:-1]  # gpu: the one-GPU check at the preset's shapes (msmedcap.bench.gpu), asked for by name
 VARIANTS = ("blip2", "sam-blip2", "msmedcap")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="demo", help="packaged preset (demo, paper) or YAML path (default: demo)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS)} (default: all but gpu)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="variants for the step part")
     p.add_argument("--stages", default="1,2", help="stages for the step part")
     p.add_argument("--batch", type=int, default=0, help="micro batch per step (default: the preset's stage-2 "
@@ -48,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", action="store_true",
                    help="GPU: also find the largest micro batch that fits per variant and stage (doubling from --batch)")
     p.add_argument("--memory-batch", type=int, default=4, help="micro batch of the 2-rank ZeRO comparison")
+    p.add_argument("--gpu-budget", type=float, default=330, help="gpu part: seconds after which no section starts")
+    p.add_argument("--gpu-batches", default="16,32", help="gpu part: micro batches of the training steps")
+    p.add_argument("--gen-batches", default="16,64", help="gpu part: batches of the beam search (vs batch 1)")
     p.add_argument("--cache-dir", default=None, help="where the cache benchmark writes (default: a temp dir)")
     p.add_argument("--out", default=None, help="JSON output (default: runs/bench/<preset>-<time>.json)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -180,6 +185,13 @@ def run(args) -> int:
 
         _part(results, "memory", lambda: run_zero_comparison(args.preset, args.overrides, args.memory_batch,
                                                              max(1, args.iters), args.threads), console)
+    if "gpu" in parts:
+        from msmedcap.bench.gpu import gpu_check
+
+        sizes = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
+        _part(results, "gpu", lambda: gpu_check(cfg, dev, out.with_name(out.stem + "-gpu"), args.gpu_budget,
+                                                sizes(args.gpu_batches), sizes(args.gen_batches), peak["tflops"],
+                                                captions, log=console.print), console)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=str))

@@ -21,7 +21,8 @@ class PhaseClock:
         self.query_grad_at = None
         for enc in model.encoders.values():
             self._span(enc, "encoders")
-        self._span(model.captioner.lm, "opt_fwd")
+        if model.captioner.lm is not None:  # stage 1 builds no LM
+            self._span(model.captioner.lm, "opt_fwd")
         for q in model.qformers.values():
             self.handles.append(q.bert.register_forward_hook(self._watch_queries))
 
