@@ -15,10 +15,13 @@ A batch is a plain dict. Tensors are on CPU when the loader yields them; the tra
     jpeg_bytes           list[ByteTensor|None]  only with data.gpu_decode: encoded JPEGs whose rows in the
                                             image tensors are zero placeholders until the model's input
                                             path decodes them on its device (msmedcap.data.gpu_decode)
-    text_input_ids       LongTensor [B,T]   Q-Former tokenizer ([CLS] caption [SEP]), padded to max_text_len
+    text_input_ids       LongTensor [B,T]   Q-Former tokenizer ([CLS] caption [SEP]), cut at max_text_len, right-
+                                            padded to the batch's longest (T <= max_text_len; stage 1 pads
+                                            further to the longest over all ranks, a multiple of 8)
     text_attention_mask  LongTensor [B,T]
     lm_input_ids         LongTensor [B,L]   LM tokenizer of caption + "\\n" (no special tokens), right-padded
-                                            to L = max_caption_len; a longer caption is cut before the "\\n",
+                                            to the batch's longest (L <= max_caption_len); a longer caption is
+                                            cut before the "\\n",
                                             which is always kept (msmedcap.tokenization.encode_lm_captions)
     lm_attention_mask    LongTensor [B,L]
     image_sha256         list[str]          sha256 hex of each encoded image (only with model.feature_cache)

@@ -36,9 +36,10 @@ def load_lm_tokenizer(name_or_path: str):
 
 
 def encode_lm_captions(tok, captions: list, max_len: int) -> dict:
-    """LM targets: each caption's tokens + the end token (``CAPTION_EOS``), right-padded to ``max_len``.
-    A caption longer than ``max_len`` is cut *before* the end token, which is always kept, so the
-    model learns to stop on long captions too. -> {"input_ids", "attention_mask" (LongTensor [B, max_len]),
+    """LM targets: each caption's tokens + the end token (``CAPTION_EOS``), right-padded to the longest
+    of the batch (at most ``max_len``: stage 2's LM runs on these positions only). A caption longer than
+    ``max_len`` is cut *before* the end token, which is always kept, so the model learns to stop on long
+    captions too. -> {"input_ids", "attention_mask" (LongTensor [B, L], L = the longest row <= max_len),
     "truncated" (BoolTensor [B]: the caption lost tokens)}."""
     import torch
 
@@ -57,7 +58,18 @@ def encode_lm_captions(tok, captions: list, max_len: int) -> dict:
         row = body[:room] + eos
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "truncated": truncated}
+    longest = int(mask.sum(1).max()) if len(captions) else 0
+    return {"input_ids": ids[:, :longest], "attention_mask": mask[:, :longest], "truncated": truncated}
+
+
+def encode_qformer_text(tok, captions: list, max_len: int) -> dict:
+    """Q-Former text ([CLS] caption [SEP]) cut at ``max_len`` (keeping [SEP]), right-padded to the longest
+    of the batch (stage 1 pads further to the longest over all ranks: ``models.stage1.text_length``).
+    -> {"input_ids", "attention_mask" (LongTensor [B, T], T <= max_len), "truncated" (int: captions cut)}."""
+    q = tok(list(captions), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+    lengths = [len(ids) for ids in tok(list(captions), truncation=False, verbose=False)["input_ids"]]
+    return {"input_ids": q["input_ids"], "attention_mask": q["attention_mask"],
+            "truncated": sum(n > max_len for n in lengths)}
 
 
 def train_demo_tokenizers(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000) -> tuple:

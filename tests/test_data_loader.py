@@ -46,7 +46,10 @@ def test_round_trip_exact_identity(tmp_path):
                                              b["clip_image_size"])[j], clip(original))
             assert torch.equal(encoder_input(b["sam_image"], SAM_MEAN, SAM_STD, torch.float32, 24,
                                              b["sam_image_size"])[j], sam(original))
-            ids = qtok(b["caption"][j], padding="max_length", max_length=cfg.model.qformer.max_text_len).input_ids
+            # padded to the batch's longest caption (at most max_text_len)
+            longest = max(len(qtok(c, truncation=True, max_length=cfg.model.qformer.max_text_len).input_ids)
+                          for c in b["caption"])
+            ids = qtok(b["caption"][j], padding="max_length", max_length=longest).input_ids
             assert b["text_input_ids"][j].tolist() == ids
             lm = ltok(b["caption"][j] + "\n", add_special_tokens=False).input_ids
             n = int(b["lm_attention_mask"][j].sum())

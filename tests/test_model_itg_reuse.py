@@ -64,8 +64,9 @@ def _stage1(model, batch, reference: bool, monkeypatch):
     with monkeypatch.context() as m:
         if reference:
             m.setattr(QFormer, "queries_with_kv", lambda self, embeds: (self.queries(embeds), embeds))
-            m.setattr(QFormer, "decode", lambda self, ids, mask, image_embeds=None, query_kv=None:
-                      reference_decode(self, ids, mask, query_kv))
+            # the full head on every position, then the positions asked for (stage 1: the labelled ones)
+            m.setattr(QFormer, "decode", lambda self, ids, mask, image_embeds=None, query_kv=None, positions=None:
+                      reference_decode(self, ids, mask, query_kv)[positions if positions is not None else ...])
         model.zero_grad()
         out = model.stage1_loss(batch, generator=torch.Generator().manual_seed(3))
         out["loss"].backward()

@@ -183,22 +183,20 @@ def captions_from_shards(cfg, n: int) -> list:
 def synthetic_batch(cfg, size: int, captions: Optional[list] = None, seed: int = 0) -> dict:
     """A batch in the msmedcap.batch format: random pixels, real tokenization of real-length captions,
     alternating domains, and ``image_sha256`` keys (distinct per sample and seed)."""
-    from msmedcap.tokenization import encode_lm_captions, load_lm_tokenizer, load_qformer_tokenizer
+    from msmedcap.tokenization import (encode_lm_captions, encode_qformer_text, load_lm_tokenizer,
+                                       load_qformer_tokenizer)
 
     m = cfg.model
     pool = captions or CAPTIONS
     caps = [pool[(seed * size + i) % len(pool)] for i in range(size)]
     g = torch.Generator().manual_seed(seed)
-    q = load_qformer_tokenizer(m.qformer.tokenizer)(caps, padding="max_length", truncation=True,
-                                                   max_length=m.qformer.max_text_len, return_tensors="pt")
-    # LM targets as the loader builds them (end token always kept), padded to the longest as before
+    # both texts as the loader builds them: padded to the batch's longest (the LM's end token always kept)
+    q = encode_qformer_text(load_qformer_tokenizer(m.qformer.tokenizer), caps, m.qformer.max_text_len)
     lm = encode_lm_captions(load_lm_tokenizer(m.lm.tokenizer), caps, m.lm.max_caption_len)
-    longest = int(lm["attention_mask"].sum(1).max())
-    lm_ids, lm_mask = lm["input_ids"][:, :longest], lm["attention_mask"][:, :longest]
     batch = {"key": [f"bench-{seed}-{i}" for i in range(size)], "source": ["bench"] * size, "caption": caps,
              "domain": torch.tensor([i % 2 for i in range(size)]),
-             "text_input_ids": q.input_ids, "text_attention_mask": q.attention_mask,
-             "lm_input_ids": lm_ids, "lm_attention_mask": lm_mask,
+             "text_input_ids": q["input_ids"], "text_attention_mask": q["attention_mask"],
+             "lm_input_ids": lm["input_ids"], "lm_attention_mask": lm["attention_mask"],
              "image_sha256": [hashlib.sha256(f"bench-{seed}-{i}".encode()).hexdigest() for i in range(size)]}
     for branch in m.branches:
         s = getattr(m, branch).image_size

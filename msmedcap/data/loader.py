@@ -43,7 +43,7 @@ from msmedcap.data.decode import IMAGE_KEYS, SkipCounter, decode_sample
 from msmedcap.data.transforms import stack_pixels
 from msmedcap.data.gpu_decode import gpu_decode_available
 from msmedcap.data.shards import check_spec_has_domain, check_tar_ends, iter_raw_samples, label_sample
-from msmedcap.tokenization import encode_lm_captions
+from msmedcap.tokenization import encode_lm_captions, encode_qformer_text
 
 # Shards visited in a row without one sample before a source is declared unreadable (not an endless loop).
 MAX_EMPTY_SHARDS = 64
@@ -129,15 +129,11 @@ class SampleProcessor:
             sample["image_sha256"] = hashlib.sha256(raw[next(k for k in IMAGE_KEYS if k in raw)]).hexdigest()
         return sample
 
-    def _qformer_lengths(self, captions: list) -> list:
-        """Untruncated Q-Former lengths ([CLS] caption [SEP]), to count the captions cut at max_text_len."""
-        return [len(ids) for ids in self.qformer_tok(captions, truncation=False, verbose=False)["input_ids"]]
-
     def collate(self, samples: list, counter: SkipCounter) -> dict:
         captions = [s["caption"] for s in samples]
-        q = self.qformer_tok(captions, padding="max_length", truncation=True, max_length=self.max_text_len,
-                             return_tensors="pt")
-        q_truncated = sum(n > self.max_text_len for n in self._qformer_lengths(captions))
+        # both texts padded to this batch's longest (at most max_text_len / max_caption_len)
+        q = encode_qformer_text(self.qformer_tok, captions, self.max_text_len)
+        q_truncated = q["truncated"]
         lm = encode_lm_captions(self.lm_tok, captions, self.max_caption_len)
         batch = {
             "key": [s["key"] for s in samples],

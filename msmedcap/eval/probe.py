@@ -297,9 +297,11 @@ def collect(model, cfg, specs: Sequence[str], limit: int = 0, batch_size: int = 
             store["domain"].append(DOMAINS[domains[i]])
             store["caption"].append(batch["caption"][i])
             store["labels"].append(labels or {})
-        if keep_queries:
-            ids.append(batch["lm_input_ids"])
-            masks.append(batch["lm_attention_mask"])
+        if keep_queries:  # batches come padded to their own longest caption: to max_caption_len here
+            width = cfg.model.lm.max_caption_len - batch["lm_input_ids"].shape[1]
+            pad = model.captioner.tokenizer.pad_token_id or 0
+            ids.append(F.pad(batch["lm_input_ids"], (0, width), value=pad))
+            masks.append(F.pad(batch["lm_attention_mask"], (0, width), value=0))
     if not store["key"]:
         raise ValueError(f"no samples in {list(specs)}")
     store["features"] = {b: {r: torch.cat(v) for r, v in reps.items()} for b, reps in feats.items()}

@@ -161,6 +161,11 @@ class Captioner(nn.Module):
         return out.logits[:, :-1]
 
     def loss(self, query_outputs: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean next-token CE over the caption tokens. The LM runs on the positions up to the batch's last
+        real caption token (pad columns beyond it dropped: the loader already pads to the longest)."""
+        width = int((attention_mask.bool().any(0) * torch.arange(1, attention_mask.shape[1] + 1,
+                                                                  device=attention_mask.device)).max())
+        input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
         logits = self.logits(query_outputs, input_ids, attention_mask)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

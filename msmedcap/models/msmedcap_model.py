@@ -21,7 +21,7 @@ from msmedcap.models.captioner import Captioner
 from msmedcap.models.feature_cache import KEY as CACHE_KEY
 from msmedcap.models.encoders import DTYPES, fixed_seed, frozen_dtype
 from msmedcap.models.qformer import QFormer
-from msmedcap.models.stage1 import stage1_branch_loss
+from msmedcap.models.stage1 import stage1_branch_loss, touch
 from msmedcap.registry import encoder_spec
 from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
 
@@ -174,8 +174,9 @@ class MSMedCap(nn.Module):
     def _touch_trainables(self) -> torch.Tensor:
         """0 x every parameter this stage trains: each step gives each of them a gradient (zero where
         unused, e.g. an unrouted branch's Q-Former in stage 1), so DDP / ZeRO gradient reduction never
-        waits on a missing one. Trainables frozen for the stage are not touched."""
-        return 0.0 * sum(p.sum() for _, p in self.trainable_named_parameters() if p.requires_grad)
+        waits on a missing one. Trainables frozen for the stage are not touched. fp32, one element of each
+        (``stage1.touch``): a whole-tensor fp16 sum can overflow, and 0 x inf would log the loss as NaN."""
+        return touch(p for _, p in self.trainable_named_parameters() if p.requires_grad)
 
     def load_trainable(self, path, strict: bool = True) -> None:
         from msmedcap.models.weights_io import load_trainable
@@ -236,7 +237,7 @@ class MSMedCap(nn.Module):
                 enc = self.encoders[b]
                 tokens = torch.zeros(0, enc.num_tokens, enc.width, dtype=enc.dtype, device=self.device)
             losses = stage1_branch_loss(self.qformers[b], tokens, ids[index], mask[index], len(routed),
-                                        self.dec_token_id, generator)
+                                        self.dec_token_id, generator, max_text_len=self.cfg.qformer.max_text_len)
             for head, value in losses.items():
                 total = total + value
                 out[f"{b}/{head}"] = value.detach()

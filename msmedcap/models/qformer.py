@@ -151,11 +151,23 @@ class QFormer(nn.Module):
         return torch.zeros(b, 1, n, n, dtype=dtype, device=attention_mask.device).masked_fill(
             ~allowed[:, None], torch.finfo(dtype).min)
 
-    def decode(self, input_ids, attention_mask, image_embeds=None, query_kv=None) -> torch.Tensor:
-        """ITG logits ``[B, T, V]`` for text positions, conditioned on the queries: the text alone runs
-        through the layers (text FFN, no cross-attention), its self-attention over the queries' keys and
-        values of ``query_kv`` (from :meth:`queries_with_kv`; computed from ``image_embeds`` if not given)
-        and the text up to itself (the text rows of :meth:`itg_mask`)."""
+    def decode(self, input_ids, attention_mask, image_embeds=None, query_kv=None, positions=None) -> torch.Tensor:
+        """ITG logits ``[B, T, V]`` for text positions, conditioned on the queries (:meth:`decode_hidden`
+        through :meth:`itg_head`); with ``positions`` (bool ``[B, T]``) only the logits ``[P, V]`` of those
+        positions, row-major: the vocabulary-sized head runs on them alone."""
+        h = self.decode_hidden(input_ids, attention_mask, image_embeds, query_kv)
+        return self.itg_head(h if positions is None else h[positions])
+
+    def itg_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's LM prediction head on ITG hidden states ``[..., H]`` -> ``[..., V]`` (decoder tied to the
+        word embeddings)."""
+        return F.linear(self.itg_transform(hidden), self.embeddings.word_embeddings.weight, self.itg_bias)
+
+    def decode_hidden(self, input_ids, attention_mask, image_embeds=None, query_kv=None) -> torch.Tensor:
+        """ITG hidden states ``[B, T, H]`` for text positions: the text alone runs through the layers (text
+        FFN, no cross-attention), its self-attention over the queries' keys and values of ``query_kv``
+        (from :meth:`queries_with_kv`; computed from ``image_embeds`` if not given) and the text up to
+        itself (the text rows of :meth:`itg_mask`)."""
         if query_kv is None:
             query_kv = self.queries_with_kv(image_embeds)[1]
         bert = self.bert
@@ -173,8 +185,7 @@ class QFormer(nn.Module):
                                    heads(torch.cat([values, attn.value(h)], dim=1)), mask,
                                    dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling)
             h = layer.feed_forward_chunk(layer.attention.output(context.reshape(*h.shape[:2], -1), h))
-        h = self.itg_transform(h)
-        return F.linear(h, self.embeddings.word_embeddings.weight, self.itg_bias)
+        return h
 
     # ----------------------------------------------------------------- init
     def init_from_bert(self, name_or_path: str) -> None:
