@@ -60,6 +60,8 @@ class SamConfig:
     token_layout: Literal["channels", "spatial"] = "channels"
     # ImageEncoderViT kwargs overriding the registry type (tiny presets); empty = the registry's.
     encoder: dict = field(default_factory=dict)
+    # Images per SAM encoder call (the batch runs in chunks of this many, outputs concatenated); 0 = all.
+    encoder_chunk: int = 0
     # As model.clip.*: the reference code (MSMedCap) cross-attends SAM's neck output with no LayerNorm.
     ln_vision: bool = True
     stage1_checkpoint: Optional[str] = None
@@ -437,6 +439,7 @@ BOUNDS = [
     ("model.qformer.cross_attention_init", (lambda v: v is None or v > 0), "> 0 or null (BERT's 0.02)"),
     ("model.qformer.max_text_len", (lambda v: 2 <= v <= 512), "in 2..512 ([CLS] and [SEP]; the Q-Former's 512 positions)"),
     ("model.clip.image_size", *_AT_LEAST_1), ("model.sam.image_size", *_AT_LEAST_1),
+    ("model.sam.encoder_chunk", *_AT_LEAST_0),
     ("model.lm.max_caption_len", *_AT_LEAST_1), ("model.lm.num_soft_prompts", *_AT_LEAST_0),
     *[(f"train.{st}.{k}", *b) for st in ("stage1", "stage2") for k, b in (
         ("lr", _POSITIVE), ("min_lr", _AT_LEAST_0), ("warmup_lr", _AT_LEAST_0), ("warmup_steps", _AT_LEAST_0),

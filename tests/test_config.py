@@ -119,6 +119,7 @@ FIELD_CASES = {
                           "global_attn_indexes: [1], window_size: 8}",
                           ["[1]", "{depth: 0}", "{patchsize: 8}", "{patch_size: 3}", "{global_attn_indexes: [5]}",
                            "{embed_dim: 63}", "{depth: two}", "{use_abs_pos: 1}", "{global_attn_indexes: 1}"]),
+    "model.sam.encoder_chunk": ("2", ["-1", "x", "1.5"]),
     "model.sam.ln_vision": ("false", ["maybe"]),
     "model.sam.stage1_checkpoint": ("null", ["''", "[a]"]),
     "model.sam.stage1_skip": ("[]", ["5"]),

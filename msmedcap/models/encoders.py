@@ -17,6 +17,7 @@ from torch import nn
 
 from msmedcap.config import ClipConfig, ConfigError, SamConfig, resolve_asset
 from msmedcap.data.transforms import ClipTransform, SamTransform
+from msmedcap.models import sam_patches
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,13 @@ class SamEncoder(FrozenEncoder):
         self.layout = cfg.token_layout
         self.transform, self.pad_to = SamTransform(self.encoder.img_size), self.encoder.img_size
         self.width, self.num_tokens = (grid * grid, chans) if self.layout == "channels" else (chans, grid * grid)
+        self.chunk = cfg.encoder_chunk
+        sam_patches.install(self.encoder)  # SDPA attention, fp32 LayerNorm2d: same outputs, paper shapes fit
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.encoder(images).flatten(2)  # [B, C, H*W]
+        if self.chunk and images.shape[0] > self.chunk:  # bounds each call's activations
+            x = torch.cat([self.encoder(c) for c in images.split(self.chunk)])
+        else:
+            x = self.encoder(images)
+        x = x.flatten(2)  # [B, C, H*W]
         return x if self.layout == "channels" else x.transpose(1, 2)
