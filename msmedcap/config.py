@@ -141,6 +141,11 @@ class DataConfig:
     # Decode JPEGs on the GPU (torchvision.io.decode_jpeg, nvJPEG) and resize them there; workers then
     # only parse headers. Needs CUDA; outputs within a few grey levels of the CPU path (docs/benchmarks.md).
     gpu_decode: bool = False
+    # Workers only decode: uint8 at the native size crosses (padded to the batch's largest h/w, with each
+    # image's size), and each encoder's resize (PIL's filters, antialiased; within 3 grey levels of the
+    # worker path, mostly equal), normalisation and padding run on the trainer's device (data.transforms.resize_pending).
+    # Not with jpeg_draft or gpu_decode. More bytes cross for sources larger than the encoders' inputs.
+    resize_on_device: bool = False
 
 
 # --------------------------------------------------------------------------- training
@@ -633,6 +638,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                 and len(set(branches)) == len(branches)):
             raise ConfigError(f"model.routing.{domain}: expected a list of distinct branches from {BRANCHES}, "
                               f"got {branches!r}")
+    if cfg.data.resize_on_device and (cfg.data.jpeg_draft or cfg.data.gpu_decode):
+        raise ConfigError("data.resize_on_device: not with data.jpeg_draft or data.gpu_decode (each changes where "
+                          "and from what the encoders' images are resized); set one of them")
     if m.qformer.hidden_size % m.qformer.num_heads:
         raise ConfigError("model.qformer.hidden_size must be divisible by model.qformer.num_heads")
     for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):

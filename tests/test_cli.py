@@ -69,7 +69,8 @@ def test_bench_loader_and_generate_parts_run_in_process():
     from msmedcap.bench.loader import loader_bench
 
     loader = loader_bench("demo", ["train.stage1.micro_batch_size=2"], workers=0, batches=2)
-    assert set(loader["samples_per_s"]) == {"msmedcap", "plain decode", "plain + transforms"}
+    assert set(loader["samples_per_s"]) == {"msmedcap", "msmedcap device resize", "plain decode", "plain + transforms"}
+    assert loader["device_resize_s_per_batch"]["cpu"] > 0 and loader["device_resize_ratio_vs_plain_decode"] > 0
     gen = generate_bench(None, "demo", ["eval.num_beams=1", "eval.max_len=4", "eval.min_len=1"], samples=2,
                          batch_size=2)
     assert gen["samples"] == 2 and gen["batched_captions_per_s"] > 0

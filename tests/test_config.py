@@ -158,6 +158,7 @@ FIELD_CASES = {
     "data.segment_batches": ("10", ["0"]),
     "data.jpeg_draft": ("2", ["0.5", "-1", ".inf", "x"]),
     "data.gpu_decode": ("false", ["maybe"]),
+    "data.resize_on_device": ("true", ["maybe"]),
     "train.stage": ("2", ["3", "both"]),
     "train.output_dir": ("runs/x", ["''", "[a]"]),
     "train.seed": ("0", ["-1", "4294967296", "x"]),

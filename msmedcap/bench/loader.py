@@ -5,6 +5,8 @@
 
 - ``msmedcap``: make_train_loader (resampling, mixing, shuffle buffer, decode, per-encoder resize to
   uint8, tokenisation, batching), the configured preset's batch size and image sizes.
+- ``msmedcap device resize``: the same with ``data.resize_on_device=true`` (workers only decode; the
+  encoders' resize then runs in the model's input path: ``device_resize_s_per_batch`` times it here).
 - ``plain decode``: a DataLoader over the same shard files with the same number of workers; each
   worker reads its share of the tars with ``tarfile`` and decodes every image with PIL to RGB. No
   transforms or tokens: the floor of what any loader must do.
@@ -138,8 +140,13 @@ def loader_bench(preset: str = "demo", overrides=(), workers: int = 2, batches=N
     batch_size = cfg.train.stage1.micro_batch_size
     urls = [u for shard_set in parse_specs(cfg.data.train) for u in shard_set.urls]
 
+    import copy
+
+    dev_cfg = copy.deepcopy(cfg)
+    dev_cfg.data.resize_on_device, dev_cfg.data.jpeg_draft = True, 0.0
     loaders = {
         "msmedcap": lambda: make_train_loader(cfg, 1, 0, 1),
+        "msmedcap device resize": lambda: make_train_loader(dev_cfg, 1, 0, 1),
         "plain decode": lambda: DataLoader(PlainTars(urls, None), batch_size=batch_size, num_workers=workers,
                                            collate_fn=_collate),
         "plain + transforms": lambda: DataLoader(PlainTars(urls, encoder_transforms(cfg)), batch_size=batch_size,
@@ -163,7 +170,38 @@ def loader_bench(preset: str = "demo", overrides=(), workers: int = 2, batches=N
         "ratio_vs_plain_decode_runs": [round(a["samples_per_s"] / b["samples_per_s"], 3)
                                        for a, b in zip(runs["msmedcap"], runs["plain decode"])],
         "ratio_vs_plain_transforms": round(rate["msmedcap"] / rate["plain + transforms"], 3),
+        "device_resize_ratio_vs_plain_decode": round(rate["msmedcap device resize"] / rate["plain decode"], 3),
+        "device_resize_ratio_vs_plain_decode_runs": [round(a["samples_per_s"] / b["samples_per_s"], 3) for a, b in
+                                                     zip(runs["msmedcap device resize"], runs["plain decode"])],
+        "device_resize_s_per_batch": device_resize_cost(dev_cfg),
     }
+
+
+def device_resize_cost(cfg, batches: int = 3) -> dict:
+    """The model-side half of data.resize_on_device: seconds per batch of every encoder's resize
+    (``resize_pending``) on this machine's CPU (one thread, as a rank's main process runs it here)
+    and on CUDA when present; median over ``batches`` batches."""
+    from msmedcap.data.transforms import resize_pending
+
+    transforms = encoder_transforms(cfg)
+    it = iter(make_train_loader(cfg, 1, 0, 1))
+    samples = [next(it) for _ in range(batches)]
+    out = {}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        times = []
+        for batch in samples:
+            b = {k: v for k, v in batch.items() if k not in transforms}
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            resize_pending(b, transforms, dev)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        out[dev] = round(statistics.median(times), 4)
+    out["threads"] = torch.get_num_threads()
+    return out
 
 
 def main(argv=None) -> int:

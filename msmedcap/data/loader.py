@@ -39,8 +39,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from msmedcap.batch import DOMAIN_INDEX
 from msmedcap.config import Config, ConfigError, expand_braces, parse_shard_spec
-from msmedcap.data.decode import IMAGE_KEYS, SkipCounter, decode_sample
-from msmedcap.data.transforms import stack_pixels
+import numpy as np
+
+from msmedcap.data.decode import IMAGE_KEYS, SkipCounter, decode_sample, image_member, parse_caption, parse_meta
+from msmedcap.data.transforms import NATIVE_KEY, stack_pixels
 from msmedcap.data.gpu_decode import gpu_decode_available
 from msmedcap.data.shards import check_spec_has_domain, check_tar_ends, iter_raw_samples, label_sample
 from msmedcap.tokenization import encode_lm_captions, encode_qformer_text
@@ -92,10 +94,13 @@ def _no_worker_seed() -> int:  # our seeds already name the worker's role
 
 
 class SampleProcessor:
-    """Raw tar sample -> decoded sample with each encoder's uint8 pixels at their resized size;
-    samples -> batch dict (tokenised; images stacked by ``transforms.stack_pixels``)."""
+    """Raw tar sample -> decoded sample with each encoder's uint8 pixels at their resized size (or, with
+    ``data.resize_on_device``, the decoded pixels alone); samples -> batch dict (tokenised; images
+    stacked by ``transforms.stack_pixels``). ``feature_stores`` (``FeatureCache.reader_spec``): a
+    sample whose rows are stored for every branch it feeds (``stage`` 1: its routed branches, else all)
+    is not decoded; its rows go into the batch (models/feature_cache.py)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, stage: Optional[int] = None, feature_stores: Optional[dict] = None):
         from msmedcap.data.transforms import draft_size, encoder_transforms
         from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
 
@@ -105,13 +110,26 @@ class SampleProcessor:
         margin = cfg.data.jpeg_draft
         self.draft = partial(draft_size, list(self.transforms.values()), margin=margin) if margin else None
         self.gpu_decode = bool(cfg.data.gpu_decode) and gpu_decode_available()
+        self.resize_on_device = bool(cfg.data.resize_on_device)
         self.qformer_tok = load_qformer_tokenizer(cfg.model.qformer.tokenizer)
         self.lm_tok = load_lm_tokenizer(cfg.model.lm.tokenizer)
         self.max_text_len = cfg.model.qformer.max_text_len
         self.max_caption_len = cfg.model.lm.max_caption_len
         self.hash_images = bool(cfg.model.feature_cache)  # the feature cache's key (models/feature_cache.py)
+        self.cache = None
+        if feature_stores and self.hash_images:
+            from msmedcap.models.feature_cache import WorkerReader
+
+            self.cache = WorkerReader(feature_stores)
+            branches = list(cfg.model.branches)
+            self.needs = {d: [b for b in branches if stage != 1 or b in cfg.model.routing.get(d, [])]
+                          for d in DOMAIN_INDEX}
 
     def prepare(self, raw: dict) -> dict:
+        if self.cache is not None:
+            sample = self._from_cache(raw)
+            if sample is not None:
+                return sample
         if self.gpu_decode:
             from msmedcap.data.gpu_decode import prepare_jpeg
 
@@ -120,13 +138,36 @@ class SampleProcessor:
                 return self._hashed(sample, raw)
         sample = decode_sample(raw, self.max_pixels, self.draft)
         image, source = sample.pop("image"), sample.pop("source_size")
-        for name, transform in self.transforms.items():
-            sample[name] = transform.pixels(image, source)
+        if self.resize_on_device:  # data.resize_on_device: the decoded pixels cross as they are
+            sample[NATIVE_KEY] = np.asarray(image)
+        else:
+            for name, transform in self.transforms.items():
+                sample[name] = transform.pixels(image, source)
         return self._hashed(sample, raw)
+
+    def _from_cache(self, raw: dict) -> Optional[dict]:
+        """A sample whose every needed branch is stored: its rows, nothing decoded (else None, with the
+        rows found kept for the decoded sample: they still skip their encoders)."""
+        digest = hashlib.sha256(raw[image_member(raw)]).hexdigest()
+        meta = parse_meta(raw)
+        needs = self.needs[meta["domain"]]
+        found = self.cache.lookup(digest, needs)
+        self._found = (digest, found)
+        if len(found) < len(needs):
+            return None
+        empty = np.zeros((0, 0, 3), np.uint8)
+        sample = {"key": raw["__key__"], "caption": parse_caption(raw), "domain": meta["domain"],
+                  "source": str(meta["source"]), "meta": meta, "image_sha256": digest, "cached": found}
+        for name in ([NATIVE_KEY] if self.resize_on_device else self.transforms):
+            sample[name] = empty  # size (0, 0): not decoded
+        return sample
 
     def _hashed(self, sample: dict, raw: dict) -> dict:
         if self.hash_images:
-            sample["image_sha256"] = hashlib.sha256(raw[next(k for k in IMAGE_KEYS if k in raw)]).hexdigest()
+            if self.cache is not None:
+                sample["image_sha256"], sample["cached"] = self._found
+            else:
+                sample["image_sha256"] = hashlib.sha256(raw[next(k for k in IMAGE_KEYS if k in raw)]).hexdigest()
         return sample
 
     def collate(self, samples: list, counter: SkipCounter) -> dict:
@@ -145,12 +186,15 @@ class SampleProcessor:
             "truncated": {"qformer_text": int(q_truncated), "lm_caption": int(lm["truncated"].sum())},
             "skipped": counter.pop(),
         }
-        for name in self.transforms:  # uint8, straight into shared memory (no torch thread pool)
+        # uint8, straight into shared memory (no torch thread pool)
+        for name in ([NATIVE_KEY] if self.resize_on_device else self.transforms):
             batch[name], batch[f"{name}_size"] = stack_pixels([s[name] for s in samples])
         if self.gpu_decode:
             batch["jpeg_bytes"] = [s.get("jpeg_bytes") for s in samples]
         if self.hash_images:
             batch["image_sha256"] = [s["image_sha256"] for s in samples]
+        if self.cache is not None:
+            self.cache.collate([s["cached"] for s in samples], batch)
         return batch
 
 
@@ -182,8 +226,10 @@ def _weighted_mix(streams: list, weights: list, rng: random.Random):
 
 
 class TrainStream(IterableDataset):
-    def __init__(self, cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0):
+    def __init__(self, cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0,
+                 feature_stores: Optional[dict] = None):
         super().__init__()
+        self.feature_stores = feature_stores
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.stage, self.rank, self.world_size, self.start_step = cfg, stage, rank, world_size, start_step
@@ -216,7 +262,8 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         worker, workers = _worker()
-        processor, counter = SampleProcessor(self.cfg), SkipCounter(max_in_a_row=MAX_UNUSABLE_IN_A_ROW)
+        processor = SampleProcessor(self.cfg, self.stage, self.feature_stores)
+        counter = SkipCounter(max_in_a_row=MAX_UNUSABLE_IN_A_ROW)
         first = self.start_step + worker  # the global step of this worker's first batch
         role, local = first % workers, first // workers
         index, skip = divmod(local, self.cfg.data.segment_batches)
@@ -241,12 +288,15 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
                       worker_init_fn=_ignore_stop_signals if num_workers else None)
 
 
-def make_train_loader(cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
+def make_train_loader(cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0,
+                      feature_stores: Optional[dict] = None) -> DataLoader:
     """Endless micro-batches for ``rank``. ``start_step`` counts micro-batches this rank's loader already
-    yielded (optimizer step x grad_accum); the stream continues exactly from there (see module doc)."""
+    yielded (optimizer step x grad_accum); the stream continues exactly from there (see module doc).
+    ``feature_stores``: the model's ``feature_cache.reader_spec()``: workers read stored rows and skip
+    decoding those samples (models/feature_cache.py)."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    return _loader(TrainStream(cfg, stage, rank, world_size, start_step), cfg.data.num_workers)
+    return _loader(TrainStream(cfg, stage, rank, world_size, start_step, feature_stores), cfg.data.num_workers)
 
 
 # --------------------------------------------------------------------------- eval

@@ -205,3 +205,34 @@ def images_batch(images: list, transforms: dict, sources: list | None = None) ->
         arrays = [t.pixels(im, sources[i] if sources else None) for i, im in enumerate(images)]
         out[name], out[f"{name}_size"] = stack_pixels(arrays)
     return out
+
+
+# --------------------------------------------------------------------------- data.resize_on_device
+NATIVE_KEY = "native_image"  # batch key: uint8 [B, H, W, 3] at each image's decoded size (``NATIVE_KEY + "_size"``)
+
+
+def resize_pending(batch: dict, transforms: dict, device) -> None:
+    """``data.resize_on_device``: the workers handed over ``batch[NATIVE_KEY]`` (decoded, not resized,
+    with each image's (h, w); a row of size (0, 0) was not decoded: a feature-cache hit). For each
+    ``{name: transform}`` whose ``batch[name]`` is not there yet, resize every decoded row on ``device``
+    with the transform's ``tensor_pixels`` (torchvision's antialiased bicubic/bilinear: PIL's filters,
+    within 3 grey levels of the workers' PIL resize, mostly equal: tests/test_data_device_resize.py) and put
+    ``batch[name]`` (uint8 ``[B, H', W', 3]``, zeros beyond each image as ``stack_pixels`` gives them) and
+    ``batch[name + "_size"]``: the same entries the workers would have made. Normalisation and padding
+    then follow as for every batch (``FrozenEncoder.prepare``)."""
+    todo = {n: t for n, t in transforms.items() if n not in batch}
+    if not todo or NATIVE_KEY not in batch:
+        return
+    native = batch[NATIVE_KEY].to(device, non_blocking=True)
+    batch[NATIVE_KEY] = native  # moved once for every branch
+    sizes = batch[f"{NATIVE_KEY}_size"].tolist()
+    for name, t in todo.items():
+        rows = [t.tensor_pixels(native[i, :h, :w].contiguous().permute(2, 0, 1)) if h and w else None
+                for i, (h, w) in enumerate(sizes)]
+        shapes = [tuple(r.shape[:2]) if r is not None else (0, 0) for r in rows]
+        out = torch.zeros((len(rows), max(s[0] for s in shapes), max(s[1] for s in shapes), 3),
+                          dtype=torch.uint8, device=native.device)
+        for i, r in enumerate(rows):
+            if r is not None:
+                out[i, :r.shape[0], :r.shape[1]] = r
+        batch[name], batch[f"{name}_size"] = out, torch.tensor(shapes, dtype=torch.long).reshape(len(rows), 2)

@@ -5,24 +5,35 @@ store per encoder identity: the branch, its config (name, weights, image size, f
 layout), the frozen dtype and a fingerprint of the weights themselves. Another encoder, resolution or
 checkpoint gets another store, so a stale feature is never served. Layout::
 
-    ROOT/clip-<identity digest>/identity.json   what the features are of (readable)
-                               /features.bin    fixed-size rows, raw encoder dtype, appended
-                               /index.tsv       "<sha256>\\t<byte offset>" per row, appended after the row
+    ROOT/clip-<identity digest>/identity.json          what the features are of (readable)
+                               /features-<writer>.bin  fixed-size rows, raw encoder dtype, appended by one writer
+                               /index-<writer>.tsv     "<sha256>\\t<byte offset>" per row of that file
+                               /features.bin, index.tsv  the same, shared, as stores before issue 21 wrote
+                                                       them: still read, never written
 
-A row is written before its index line, and the index is appended under an exclusive ``flock``,
-so several ranks can fill one cache and a killed writer never leaves an index entry pointing at a
-half-written row (an unterminated last index line is ignored). Rows are read through ``np.memmap``.
+One writer per rank (``rank<R>``; an exclusive ``flock`` on its own index, taken once, so no rank
+waits for another). Rows are appended at once; their index lines follow after an fsync of the rows,
+once per segment (``SYNC_EVERY`` batches) and at close, so an index entry never points at rows that
+may not be on disk (an unterminated last index line is ignored). Rows are read through ``np.memmap``.
 
 Switched on with ``model.feature_cache=PATH``. Misses are computed by the encoder and written, so the
-first epoch fills the cache and later epochs skip the encoders. The loader still decodes and resizes
-every image (in its workers); a hit skips only the encoder. See docs/benchmarks.md for when it pays off.
+first epoch fills the cache and later epochs skip the encoders. The train loader's workers look each
+sample up by its hash before decoding (``WorkerReader``, given ``FeatureCache.reader_spec`` through
+``make_train_loader``): when every branch the sample feeds (stage 1: its routed branches; stage 2:
+all) is stored, the image is not decoded at all and its rows travel in the batch (``<branch>_cached``
+mask, ``<branch>_cached_rows``; pinned by the DataLoader on a GPU); the model uses them instead of the
+encoder. Batches without worker-read rows (eval, benches) are looked up in the model's process. See
+docs/benchmarks.md for when it pays off.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
+import itertools
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,6 +42,7 @@ import torch
 from torch import nn
 
 KEY = "image_sha256"  # batch key: list[str], sha256 hex of each sample's encoded image bytes
+SYNC_EVERY = 50  # puts (batches) per fsync of a store's new rows; and at close
 _NUMPY = {torch.float16: np.uint16, torch.bfloat16: np.uint16, torch.float32: np.float32}
 
 
@@ -59,94 +71,178 @@ def encoder_identity(branch: str, encoder_cfg, encoder: nn.Module) -> dict:
 
 
 class FeatureStore:
-    """One encoder identity's rows: ``get`` hits, ``put`` new rows (appends, shared across processes)."""
+    """One encoder identity's rows: ``get``/``row`` hits, ``put`` new rows.
 
-    def __init__(self, directory: Path, identity: dict, row_shape: Sequence[int], dtype: torch.dtype):
+    Reads cover every ``index*.tsv`` of the directory: the shared ``index.tsv``/``features.bin`` of
+    stores written before issue 21 (read as they are, never written again) and one
+    ``index-<writer>.tsv``/``features-<writer>.bin`` pair per writer. A writer (a rank) appends only
+    to its own pair (no cross-rank lock; an exclusive ``flock`` on its own index, taken once, makes a
+    second process with the same rank pick another name). Rows are written at once; their index lines
+    are held until :meth:`sync` (every ``sync_every`` puts and at :meth:`close`), which fsyncs the rows
+    and then appends the lines: one fsync per segment, and an index line never points at rows that
+    might not be on disk. Until then this process serves its own new rows from memory-mapped pages.
+    ``identity=None``: a reader of an existing store (a DataLoader worker), nothing written."""
+
+    def __init__(self, directory: Path, identity: Optional[dict], row_shape: Sequence[int], dtype: torch.dtype,
+                 sync_every: int = 1, writer: Optional[str] = None):
         if dtype not in _NUMPY:
             raise ValueError(f"feature cache: unsupported encoder dtype {dtype}")
         self.dir, self.row_shape, self.dtype = Path(directory), tuple(row_shape), dtype
         self.row_bytes = int(np.prod(self.row_shape)) * torch.tensor([], dtype=dtype).element_size()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        ident = self.dir / "identity.json"
-        if ident.is_file():
-            stored = json.loads(ident.read_text())
-            if stored != json.loads(json.dumps(identity)):
-                raise ValueError(f"feature cache {self.dir}: identity.json does not match this encoder "
-                                 "(a digest collision or an edited file); remove the directory")
-        else:
-            tmp = ident.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(identity, indent=1))
-            os.replace(tmp, ident)
-        self.data_path, self.index_path = self.dir / "features.bin", self.dir / "index.tsv"
-        self.data_path.touch()
-        self.index_path.touch()
-        self.offsets: dict = {}
-        self._index_pos = 0  # bytes of index.tsv already read
-        self._map: Optional[np.memmap] = None
+        self.sync_every, self.writer_name = max(1, int(sync_every)), writer
+        if identity is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            ident = self.dir / "identity.json"
+            if ident.is_file():
+                stored = json.loads(ident.read_text())
+                if stored != json.loads(json.dumps(identity)):
+                    raise ValueError(f"feature cache {self.dir}: identity.json does not match this encoder "
+                                     "(a digest collision or an edited file); remove the directory")
+            else:
+                tmp = ident.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(identity, indent=1))
+                os.replace(tmp, ident)
+        elif not (self.dir / "identity.json").is_file():
+            raise ValueError(f"feature cache {self.dir}: no identity.json (not a store)")
+        self.files: list = []  # data file of each index file, by position
+        self._file_of: dict = {}  # index file name -> position in self.files
+        self.offsets: dict = {}  # key -> (file position, byte offset)
+        self._index_pos: dict = {}  # index file name -> bytes already read
+        self._maps: dict = {}
+        self._data = self._index = None  # this writer's open files
+        self._pending: list = []  # (key, offset) written, index lines not yet appended
+        self._puts = 0
+        self.fsyncs = 0
         self.refresh()
 
+    # ------------------------------------------------------------------ reading
+    def _file(self, index_name: str) -> int:
+        pos = self._file_of.get(index_name)
+        if pos is None:
+            stem = index_name[len("index"):-len(".tsv")]
+            data = self.dir / f"features{stem}.bin"
+            pos = self._file_of[index_name] = len(self.files)
+            self.files.append(data)
+            self._index_pos[index_name] = 0
+        return pos
+
     def refresh(self) -> None:
-        """Read index lines appended since the last look (by this or another process)."""
-        with open(self.index_path, "rb") as f:
-            f.seek(self._index_pos)
-            tail = f.read()
-        end = tail.rfind(b"\n") + 1  # an unterminated last line is a write in progress (or a crash)
-        for line in tail[:end].splitlines():
-            key, _, offset = line.decode().partition("\t")
-            if offset.isdigit():
-                self.offsets[key] = int(offset)
-        self._index_pos += end
+        """Read index lines appended since the last look (by this or another process), in every index file."""
+        names = sorted(n for n in os.listdir(self.dir) if n.startswith("index") and n.endswith(".tsv"))
+        for name in names:
+            pos = self._file(name)
+            with open(self.dir / name, "rb") as f:
+                f.seek(self._index_pos[name])
+                tail = f.read()
+            end = tail.rfind(b"\n") + 1  # an unterminated last line is a write in progress (or a crash)
+            for line in tail[:end].splitlines():
+                key, _, offset = line.decode().partition("\t")
+                if offset.isdigit():
+                    self.offsets.setdefault(key, (pos, int(offset)))
+            self._index_pos[name] += end
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def _rows(self, need_end: int) -> np.memmap:
-        if self._map is None or self._map.shape[0] < need_end:
-            self._map = np.memmap(self.data_path, dtype=np.uint8, mode="r")
-        return self._map
+    def _rows(self, pos: int, need_end: int) -> np.memmap:
+        m = self._maps.get(pos)
+        if m is None or m.shape[0] < need_end:
+            m = self._maps[pos] = np.memmap(self.files[pos], dtype=np.uint8, mode="r")
+        return m
+
+    def row(self, key: str, refresh: bool = True) -> Optional[np.ndarray]:
+        """The stored bytes of ``key``'s row (a memory-mapped view, uint8 ``[row_bytes]``), or None."""
+        where = self.offsets.get(key)
+        if where is None and refresh:
+            self.refresh()
+            where = self.offsets.get(key)
+        if where is None:
+            return None
+        pos, offset = where
+        return self._rows(pos, offset + self.row_bytes)[offset:offset + self.row_bytes]
+
+    def as_features(self, rows: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[n, row_bytes]`` -> ``[n, *row_shape]`` in the store's dtype (a view)."""
+        return rows.view(self.dtype).reshape(len(rows), *self.row_shape)
 
     def get(self, keys: Sequence[str]) -> tuple:
         """(hit mask ``[n]`` bool, features ``[hits, *row_shape]`` of the hits in order)."""
         if any(k not in self.offsets for k in keys):
             self.refresh()
         hits = [k in self.offsets for k in keys]
-        found = [self.offsets[k] for k in keys if k in self.offsets]
+        found = [self.row(k, refresh=False) for k in keys if k in self.offsets]
         if not found:
             return torch.tensor(hits, dtype=torch.bool), None
-        rows = self._rows(max(found) + self.row_bytes)
-        buf = np.stack([rows[o:o + self.row_bytes] for o in found])  # a copy out of the page cache
-        feats = torch.from_numpy(buf.view(_NUMPY[self.dtype])).view(self.dtype)
-        return torch.tensor(hits, dtype=torch.bool), feats.reshape(len(found), *self.row_shape)
+        buf = np.stack(found)  # a copy out of the page cache
+        return torch.tensor(hits, dtype=torch.bool), self.as_features(torch.from_numpy(buf))
+
+    # ------------------------------------------------------------------ writing
+    def _open_writer(self) -> None:
+        name = self.writer_name or f"rank{_rank()}"
+        for attempt in itertools.count():
+            stem = name if attempt == 0 else f"{name}.{os.getpid()}.{attempt}"
+            index = open(self.dir / f"index-{stem}.tsv", "ab")
+            try:
+                fcntl.flock(index, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours for as long as we write
+            except OSError:  # another process writes under this name: take another
+                index.close()
+                continue
+            break
+        self.index_path, self.data_path = self.dir / f"index-{stem}.tsv", self.dir / f"features-{stem}.bin"
+        self._index, self._data = index, open(self.data_path, "ab")
+        if index.tell() and not _ends_with_newline(Path(index.name)):
+            index.write(b"\n")  # terminate a line a killed writer left half written
+        self.refresh()
+        self._own = self._file(f"index-{stem}.tsv")
 
     def put(self, keys: Sequence[str], feats: torch.Tensor) -> None:
-        """Append rows for keys not stored yet (by any process)."""
+        """Append rows for keys not stored yet (by any process); their index lines follow at the next sync."""
         feats = feats.detach().to("cpu", self.dtype).contiguous()
         if tuple(feats.shape[1:]) != self.row_shape:
             raise ValueError(f"feature cache {self.dir}: rows of shape {tuple(feats.shape[1:])}, store holds {self.row_shape}")
-        raw = feats.view(torch.uint8).numpy().reshape(len(keys), self.row_bytes) if self.dtype != torch.float32 \
-            else feats.numpy().view(np.uint8).reshape(len(keys), self.row_bytes)
-        with open(self.index_path, "ab") as index:
-            fcntl.flock(index, fcntl.LOCK_EX)
-            try:
-                self.refresh()
-                new = [(k, i) for i, k in enumerate(keys) if k not in self.offsets]
-                new = list({k: i for k, i in new}.items())  # a key twice in one batch: store it once
-                if not new:
-                    return
-                with open(self.data_path, "ab") as data:
-                    start = data.seek(0, os.SEEK_END)
-                    for _, i in new:
-                        data.write(raw[i].tobytes())
-                    data.flush()
-                    os.fsync(data.fileno())  # rows on disk before the index points at them
-                if index.tell() and not _ends_with_newline(self.index_path):
-                    index.write(b"\n")  # terminate a line a killed writer left half written
-                lines = "".join(f"{k}\t{start + j * self.row_bytes}\n" for j, (k, _) in enumerate(new))
-                index.write(lines.encode())
-                index.flush()
-            finally:
-                fcntl.flock(index, fcntl.LOCK_UN)
-        self.refresh()
+        raw = feats.view(torch.uint8).numpy().reshape(len(keys), self.row_bytes)
+        if self._data is None:
+            self._open_writer()
+        if any(k not in self.offsets for k in keys):
+            self.refresh()
+        new = list({k: i for i, k in enumerate(keys) if k not in self.offsets}.items())  # a key twice: once
+        start = self._data.seek(0, os.SEEK_END)
+        for j, (k, i) in enumerate(new):
+            self._data.write(raw[i].tobytes())
+            self.offsets[k] = (self._own, start + j * self.row_bytes)  # served to this process at once
+            self._pending.append((k, start + j * self.row_bytes))
+        self._data.flush()  # in the page cache: readable through the memory map
+        self._puts += 1
+        if self._puts % self.sync_every == 0:
+            self.sync()
+
+    def sync(self) -> None:
+        """The segment's rows to disk (one fsync), then their index lines: other processes see them now."""
+        if not self._pending:
+            return
+        self._data.flush()
+        os.fsync(self._data.fileno())
+        self.fsyncs += 1
+        self._index.write("".join(f"{k}\t{o}\n" for k, o in self._pending).encode())
+        self._index.flush()
+        self._index_pos[Path(self._index.name).name] = self._index.tell()
+        self._pending = []
+
+    def close(self) -> None:
+        if self._data is not None:
+            self.sync()
+            self._data.close()
+            self._index.close()  # releases the flock
+            self._data = self._index = None
+
+
+def _rank() -> int:
+    """This process's rank (torch.distributed when initialised, else $RANK, else 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -159,31 +255,49 @@ class FeatureCache:
     """The model's frozen-encoder front: ``encode`` serves hits from the stores, runs the encoder on
     misses only and stores them. ``hits``/``misses`` count samples per branch."""
 
-    def __init__(self, root, encoders: nn.ModuleDict, encoder_cfgs: dict, write: bool = True):
+    def __init__(self, root, encoders: nn.ModuleDict, encoder_cfgs: dict, write: bool = True,
+                 sync_every: int = SYNC_EVERY):
         self.root, self.write = Path(root), write
         self.stores: dict = {}
         for branch, enc in encoders.items():
             identity = encoder_identity(branch, encoder_cfgs[branch], enc)
             digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
             self.stores[branch] = FeatureStore(self.root / f"{branch}-{digest}", identity,
-                                               (enc.num_tokens, enc.width), enc.dtype)
+                                               (enc.num_tokens, enc.width), enc.dtype, sync_every=sync_every)
         self.hits = {b: 0 for b in encoders}
         self.misses = {b: 0 for b in encoders}
+        atexit.register(_close_ref, weakref.ref(self))  # the last segment's rows and index lines
+
+    def close(self) -> None:
+        """Sync and close every store's writer (idempotent)."""
+        for store in self.stores.values():
+            store.close()
+
+    def reader_spec(self) -> dict:
+        """What the loader's workers need to read the stores (picklable): {branch: (dir, row shape, dtype)}."""
+        return {b: (str(s.dir), s.row_shape, s.dtype) for b, s in self.stores.items()}
 
     def encode(self, encoder: nn.Module, branch: str, images: torch.Tensor, keys: Sequence[str],
-               sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+               sizes: Optional[torch.Tensor] = None, found: Optional[tuple] = None) -> torch.Tensor:
         """Encoder tokens ``[n, N, C]`` of ``images`` (the batch's uint8 ``[n, H, W, 3]`` with their
-        ``sizes``, or normalised floats; on the model's device) whose encoded bytes hash to ``keys``."""
+        ``sizes``, or normalised floats; on the model's device) whose encoded bytes hash to ``keys``.
+        ``found``: (hit mask, rows of the hits) the loader's workers already read (:func:`batch_rows`);
+        else the store is looked up here."""
         if len(keys) != len(images):
             raise ValueError(f"feature cache: {len(keys)} keys for {len(images)} images")
         store = self.stores[branch]
-        hit, cached = store.get(keys)
+        hit, cached = found if found is not None else store.get(keys)
+        if cached is not None and not len(cached):
+            cached = None
         n_hit = int(hit.sum())
         self.hits[branch] += n_hit
         self.misses[branch] += len(keys) - n_hit
         if n_hit == len(keys):
             return cached.to(images.device, non_blocking=True)
         miss = (~hit).nonzero().squeeze(1)
+        if sizes is not None and not sizes[miss.to(sizes.device)].all():
+            raise RuntimeError(f"feature cache: {branch} has no cached row for an image the loader did not decode "
+                               "(the workers' branches differ from the model's)")
         fresh = encoder(images[miss.to(images.device)], None if sizes is None else sizes[miss.to(sizes.device)])
         if self.write:
             store.put([keys[i] for i in miss.tolist()], fresh)
@@ -195,10 +309,71 @@ class FeatureCache:
         return out
 
 
+def _close_ref(ref) -> None:
+    cache = ref()
+    if cache is not None:
+        cache.close()
+
+
 def attach_feature_cache(model, root, write: bool = True) -> FeatureCache:
-    """Give ``model`` (an MSMedCap) a cache at ``root``: its ``encode`` then goes through it."""
+    """Give ``model`` (an MSMedCap) a cache at ``root``: its ``encode`` then goes through it (a cache
+    it had is closed first: its rows synced)."""
     from msmedcap.registry import encoder_spec
 
+    if getattr(model, "feature_cache", None) is not None:
+        model.feature_cache.close()
     cfgs = {b: encoder_spec(b).section(model.cfg) for b in model.branches}
     model.feature_cache = FeatureCache(root, model.encoders, cfgs, write=write)
     return model.feature_cache
+
+
+# --------------------------------------------------------------------------- reads in the loader's workers
+def cached_keys(branch: str) -> tuple:
+    """Batch keys of the rows the workers read for ``branch``: (hit mask ``[B]`` bool, rows ``[hits, N, C]``)."""
+    return f"{branch}_cached", f"{branch}_cached_rows"
+
+
+class WorkerReader:
+    """A DataLoader worker's view of the stores (``FeatureCache.reader_spec``): ``lookup`` finds a
+    sample's rows before anything is decoded, ``collate`` copies a batch's rows into one tensor in
+    shared memory (which the DataLoader's ``pin_memory`` then pins)."""
+
+    def __init__(self, spec: dict):
+        self.stores = {b: FeatureStore(Path(d), None, shape, dtype) for b, (d, shape, dtype) in spec.items()}
+
+    def lookup(self, key: str, branches) -> dict:
+        """{branch: row bytes} of the ``branches`` stored for ``key``."""
+        out = {}
+        for b in branches:
+            store = self.stores.get(b)
+            row = store.row(key) if store is not None else None
+            if row is not None:
+                out[b] = row
+        return out
+
+    def collate(self, found: list, batch: dict) -> None:
+        """``found``: each sample's ``lookup``; puts each branch's mask and rows into ``batch``."""
+        from msmedcap.data.transforms import _shared_uint8
+
+        for b, store in self.stores.items():
+            rows = [f[b] for f in found if b in f]
+            buf = _shared_uint8((len(rows), store.row_bytes))
+            if rows:
+                np.stack(rows, out=buf.numpy())
+            mask_key, rows_key = cached_keys(b)
+            batch[mask_key] = torch.tensor([b in f for f in found], dtype=torch.bool)
+            batch[rows_key] = store.as_features(buf)
+
+
+def batch_rows(batch: dict, branch: str, index: Optional[torch.Tensor] = None) -> Optional[tuple]:
+    """(hit mask, rows) of the batch's worker-read rows of ``branch`` (those of ``index`` only), or None."""
+    mask_key, rows_key = cached_keys(branch)
+    if mask_key not in batch:
+        return None
+    mask, rows = batch[mask_key].cpu(), batch[rows_key]
+    if index is None:
+        return mask, rows
+    index = index.cpu()
+    pos = mask.long().cumsum(0) - 1  # each hit's row in ``rows``
+    sel = mask[index]
+    return sel, rows[pos[index][sel].to(rows.device)]

@@ -18,7 +18,8 @@ from torch import nn
 from msmedcap.batch import DOMAINS
 from msmedcap.config import ModelConfig
 from msmedcap.models.captioner import Captioner
-from msmedcap.models.feature_cache import KEY as CACHE_KEY
+from msmedcap.data.transforms import NATIVE_KEY, resize_pending
+from msmedcap.models.feature_cache import KEY as CACHE_KEY, batch_rows
 from msmedcap.models.encoders import DTYPES, fixed_seed, frozen_dtype
 from msmedcap.models.qformer import QFormer
 from msmedcap.models.stage1 import stage1_branch_loss, touch
@@ -193,13 +194,15 @@ class MSMedCap(nn.Module):
         the feature cache when one is attached and the batch carries image hashes."""
         spec = encoder_spec(branch)
         key = spec.image_key
-        if key not in batch:
+        if key not in batch and NATIVE_KEY not in batch:
             raise KeyError(f"batch has no {key!r}: variant {self.cfg.variant} needs it")
         if batch.get("jpeg_bytes"):  # data.gpu_decode: JPEGs decoded and resized on this device, once
             from msmedcap.data.gpu_decode import decode_pending
 
             decode_pending(batch, {encoder_spec(b).image_key: self.encoders[b].transform for b in self.branches},
                            self.device)
+        if NATIVE_KEY in batch:  # data.resize_on_device: this branch's resize on this device, once
+            resize_pending(batch, {key: self.encoders[branch].transform}, self.device)
         images = batch[key].to(self.device, non_blocking=True)
         sizes = batch.get(spec.size_key)  # uint8 pixels: each image's (h, w); the encoder normalises and pads
         if index is not None:
@@ -207,7 +210,8 @@ class MSMedCap(nn.Module):
             sizes = None if sizes is None else sizes[index.to(sizes.device)]
         if self.feature_cache is not None and CACHE_KEY in batch:
             keys = batch[CACHE_KEY] if index is None else [batch[CACHE_KEY][i] for i in index.tolist()]
-            return self.feature_cache.encode(self.encoders[branch], branch, images, keys, sizes)
+            return self.feature_cache.encode(self.encoders[branch], branch, images, keys, sizes,
+                                             found=batch_rows(batch, branch, index))
         return self.encoders[branch](images, sizes)
 
     def query_outputs(self, batch: dict = None, image_features: dict = None) -> dict:

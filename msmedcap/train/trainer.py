@@ -296,7 +296,8 @@ class StageRun:
         seed_everything(cfg.train.seed + 1000 * stage + world.rank)  # per-rank dropout / negative sampling
         # The loader's position counts micro-batches; with the seed, world size and workers it fixes the stream.
         self.batches = start_loader(
-            lambda: make_train_loader(cfg, stage, world.rank, world.size, self.state.data.micro_batches),
+            lambda: make_train_loader(cfg, stage, world.rank, world.size, self.state.data.micro_batches,
+                                      feature_stores=model.feature_cache.reader_spec() if model.feature_cache else None),
             self.trainer.stop, self.state.rng)
         self.state.rng = None  # applied; a checkpoint takes the live states
         if self.trainer.log:
@@ -399,6 +400,8 @@ class StageRun:
             result.export = str(self.ckpts.export_final(self.stage, self.state.step))
         self.world.barrier()
         self.batches = None  # the loader's workers end
+        if self.model.feature_cache is not None:  # the last segment's rows synced and indexed
+            self.model.feature_cache.close()
         result.seconds = time.time() - self.t_start
         if not result.stopped_by and self.world.rank == 0:
             write_stage_record(stage_record(cfg, self.stage), result)
