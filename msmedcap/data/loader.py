@@ -16,9 +16,11 @@ worker at its segment and skips at most ``segment_batches - 1`` batches to reach
 the batches the uninterrupted run would have seen. (Resume with the same world size and
 ``data.num_workers``: they are part of the data order.)
 
-Eval (:func:`make_eval_loader`): the specs' shards in order, no resampling; sample ``i`` (counted over
-all shards, corrupt ones included) belongs to slot ``i % (world * W)``, one slot per (rank, worker), so
-every sample is read exactly once whatever the number of shards, ranks and workers.
+Eval (:func:`make_eval_loader`): the specs' shards in order, no resampling, one slot per (rank, worker),
+slot = worker x world + rank. With at least as many shards as slots, shard ``s`` goes whole to slot
+``s % slots``: each shard is opened once in all. With fewer, the slots sharing a shard keep every
+``parts``-th of its samples (:func:`eval_slot_shards`). Either way every sample is read exactly once
+whatever the number of shards, ranks and workers, and every rank takes part in the gather.
 
 Corrupt samples are skipped and counted; each batch's ``skipped`` holds the counts since the same
 worker's previous batch.
@@ -42,7 +44,7 @@ from msmedcap.config import Config, ConfigError, expand_braces, parse_shard_spec
 from msmedcap.data.decode import IMAGE_KEYS, SkipCounter, decode_sample
 from msmedcap.data.transforms import stack_pixels
 from msmedcap.data.gpu_decode import gpu_decode_available
-from msmedcap.data.shards import check_spec_has_domain, check_tar_ends, iter_raw_samples, label_sample
+from msmedcap.data.shards import check_spec_has_domain, iter_raw_samples, label_sample
 from msmedcap.tokenization import encode_lm_captions, encode_qformer_text
 
 # Shards visited in a row without one sample before a source is declared unreadable (not an endless loop).
@@ -195,8 +197,8 @@ class TrainStream(IterableDataset):
 
         progress = _Progress(shard_set.pattern)
         shards = wds.ResampledShards(shard_set.urls, seed=seed, deterministic=True, worker_seed=_no_worker_seed)
-        checked = check_tar_ends(progress.shards(iter(shards)), counter.tar_handler)
-        raws = progress.samples(wds.tarfile_samples(checked, handler=counter.tar_handler))
+        urls = (shard["url"] for shard in progress.shards(iter(shards)))
+        raws = progress.samples(iter_raw_samples(urls, counter.tar_handler))
         return _labelled(raws, shard_set.domain, shard_set.source)
 
     def segment(self, processor: SampleProcessor, counter: SkipCounter, workers: int, role: int, index: int):
@@ -267,12 +269,29 @@ def _ignore(exn: Exception) -> bool:
     return True
 
 
+def eval_slot_shards(n_shards: int, slots: int, slot: int) -> list:
+    """What slot ``slot`` of ``slots`` reads of ``n_shards`` eval shards: ``[(shard, part, parts)]``, keep
+    the shard's samples ``i`` (counted in the shard, corrupt ones included) with ``i % parts == part``.
+
+    ``n_shards >= slots``: shard ``s`` goes whole to slot ``s % slots``; each shard is opened once in
+    all. Fewer shards than slots: shard ``slot % n_shards`` is shared by the slots with that remainder
+    (``parts`` of them, ``slots // n_shards`` or one more), each keeping every ``parts``-th sample; each
+    shard is then opened ``parts`` times, ``slots`` opens in all, and every slot has work."""
+    if n_shards >= slots:
+        return [(s, 0, 1) for s in range(slot, n_shards, slots)]
+    shard = slot % n_shards
+    parts = slots // n_shards + (1 if shard < slots % n_shards else 0)
+    return [(shard, slot // n_shards, parts)]
+
+
 class EvalStream(IterableDataset):
-    def __init__(self, cfg: Config, specs: list, rank: int, world_size: int, batch_size: int):
+    def __init__(self, cfg: Config, specs: list, rank: int, world_size: int, batch_size: int,
+                 count_batches: bool = False):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.rank, self.world_size, self.batch_size = cfg, rank, world_size, batch_size
+        self.count_batches = count_batches
         sets = parse_specs(specs, "data.eval")
         self.urls = [u for s in sets for u in s.urls]
         # a spec's DOMAIN/SOURCE by shard (the first spec naming a shard labels it)
@@ -281,21 +300,31 @@ class EvalStream(IterableDataset):
             for u in s.urls:
                 self.labels.setdefault(u, (s.domain, s.source))
 
+    def _raw(self, slot: int, slots: int, counter: SkipCounter):
+        for shard, part, parts in eval_slot_shards(len(self.urls), slots, slot):
+            # a shard shared by several slots: its first part counts shard-level errors, so they count once
+            raws = iter_raw_samples([self.urls[shard]], counter.tar_handler if part == 0 else _ignore)
+            yield from itertools.islice(raws, part, None, parts)
+
     def __iter__(self):
         import webdataset as wds
 
         worker, workers = _worker()
         slots, slot = self.world_size * workers, worker * self.world_size + self.rank
         processor, counter = SampleProcessor(self.cfg), SkipCounter()
-        # every slot reads every shard: only slot 0 counts shard-level errors, so they count once
-        raw = iter_raw_samples(self.urls, counter.tar_handler if slot == 0 else _ignore)
-        mine = itertools.islice(raw, slot, None, slots)
+        mine = self._raw(slot, slots, counter)
         if any(d is not None or src is not None for d, src in self.labels.values()):
             mine = (label_sample(r, *self.labels.get(r.get("__url__"), (None, None))) for r in mine)
         prepared = wds.map(processor.prepare, handler=counter.sample_handler)(mine)
         yield from _batches(prepared, self.batch_size, partial(processor.collate, counter=counter))
+        counts = counter.pop()  # left only when no batch was made: every sample of the slot skipped
+        if self.count_batches and counts:
+            yield {"key": [], "skipped": counts}
 
 
-def make_eval_loader(cfg: Config, specs: list, rank: int, world_size: int, batch_size: int) -> DataLoader:
-    """Finite batches of this rank's share of ``specs``; all ranks together see every sample once."""
-    return _loader(EvalStream(cfg, specs, rank, world_size, batch_size), cfg.data.num_workers)
+def make_eval_loader(cfg: Config, specs: list, rank: int, world_size: int, batch_size: int,
+                     count_batches: bool = False) -> DataLoader:
+    """Finite batches of this rank's share of ``specs``; all ranks together see every sample once.
+    ``count_batches``: a (rank, worker) slot that skipped samples but made no batch (all its samples
+    corrupt, or its only shard an empty tar) still hands its counts on, as ``{"key": [], "skipped"}``."""
+    return _loader(EvalStream(cfg, specs, rank, world_size, batch_size, count_batches), cfg.data.num_workers)
