@@ -263,3 +263,21 @@ def test_eval_opens_each_shard_once_over_2_ranks_x_2_workers(tmp_path, monkeypat
         assert workers == {u: 1 for u in urls}
     else:  # 3 shards, 4 slots: shard 0 split between two slots
         assert workers == {urls[0]: 2, urls[1]: 1, urls[2]: 1}
+
+
+def test_a_segment_reads_only_the_samples_its_batches_need(tmp_path, monkeypatch):
+    # segment: 4 batches of 4 = 16 samples; buffer 20, first yield at 5. The old refill (a full buffer
+    # before the first batch, dropped at the segment's end) read 20 + 16 = 36 samples per segment.
+    pattern = make_shards(tmp_path, "seg", 30, shard_size=10)
+    cfg = tiny_config(train=[pattern], data__shuffle_buffer=20, data__shuffle_initial=5)
+    reads = []
+    real_mix = loader_mod._weighted_mix
+
+    def counted(*args):
+        for sample in real_mix(*args):
+            reads.append(sample["__key__"])
+            yield sample
+
+    monkeypatch.setattr(loader_mod, "_weighted_mix", counted)
+    got = keys(itertools.islice(make_train_loader(cfg, 1, 0, 1), 8))  # two segments
+    assert len(reads) == 32 and sorted(got) == sorted(reads)  # every sample read is trained on, none dropped

@@ -10,7 +10,11 @@ Data position. Each DataLoader worker ``w`` of ``W`` (W = 1 without workers) yie
 steps ``s`` with ``s % W == w`` (the DataLoader takes batches round-robin). Worker role ``s % W``'s
 batches come in segments of ``data.segment_batches`` batches; segment ``k`` of a role is a pure
 function of (train.seed, stage, world size, rank, W, role, k): its shards, mixture draws and shuffle
-are seeded by that tuple, and it reads from fresh shard draws. So the batch at global step ``s`` on a
+are seeded by that tuple, and it reads from fresh shard draws. A segment reads the samples its
+batches need (segment_batches x micro batch, more only for skipped ones), shuffled through a buffer
+of at most ``data.shuffle_buffer`` samples that starts yielding at ``data.shuffle_initial`` and is
+drained by the segment's end: a worker holds at most that buffer, and no sample read is dropped (but
+for the end of a top-up read when skipped samples left the segment short). So the batch at global step ``s`` on a
 rank is fixed by (seed, s, world size, num_workers), and a run resumed at ``start_step`` starts each
 worker at its segment and skips at most ``segment_batches - 1`` batches to reach ``s``: it sees exactly
 the batches the uninterrupted run would have seen. (Resume with the same world size and
@@ -183,6 +187,34 @@ def _weighted_mix(streams: list, weights: list, rng: random.Random):
         yield next(streams[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])])
 
 
+def _shuffled_chunks(samples, size: int, bufsize: int, initial: int, rng: random.Random):
+    """``samples`` in chunks of ``size`` (a segment's worth), each through webdataset's shuffle buffer (at
+    most ``bufsize`` samples held, the first yielded once ``initial`` are in) and drained at the chunk's
+    end: every sample read is yielded, none is left in a buffer when the segment ends. A second chunk
+    is read only when skipped samples left the first one short of the segment's batches."""
+    import webdataset as wds
+
+    shuffle = wds.shuffle(bufsize, initial=min(initial, bufsize), rng=rng)
+    while True:
+        empty = True
+        for sample in shuffle(itertools.islice(samples, size)):
+            empty = False
+            yield sample
+        if empty:
+            return
+
+
+def _full_batches(samples, size: int, collate):
+    """Batches of ``size``, each made as its last sample arrives (webdataset's ``batched`` reads one sample
+    more first, which at a segment's end would start another chunk's read)."""
+    buf = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) == size:
+            yield collate(buf)
+            buf = []
+
+
 class TrainStream(IterableDataset):
     def __init__(self, cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0):
         super().__init__()
@@ -210,10 +242,10 @@ class TrainStream(IterableDataset):
                             f"{workers}/{role}/{index}")
         streams = [self._source_samples(s, rng.getrandbits(31), counter) for s in self.sources]
         mixed = _weighted_mix(streams, [s.weight for s in self.sources], rng)
-        shuffled = wds.shuffle(d.shuffle_buffer, initial=d.shuffle_buffer, rng=random.Random(rng.getrandbits(64)))(mixed)
+        shuffled = _shuffled_chunks(mixed, d.segment_batches * self.batch_size, d.shuffle_buffer,
+                                    d.shuffle_initial, random.Random(rng.getrandbits(64)))
         prepared = wds.map(processor.prepare, handler=counter.sample_handler)(shuffled)
-        batches = wds.batched(self.batch_size, collation_fn=partial(processor.collate, counter=counter),
-                              partial=False)(prepared)
+        batches = _full_batches(prepared, self.batch_size, partial(processor.collate, counter=counter))
         return itertools.islice(batches, d.segment_batches)
 
     def __iter__(self):
