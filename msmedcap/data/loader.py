@@ -270,16 +270,21 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    from msmedcap.data.memory import PREFETCH_FACTOR
+
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                      prefetch_factor=2 if num_workers else None, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=PREFETCH_FACTOR if num_workers else None, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=_ignore_stop_signals if num_workers else None)
 
 
 def make_train_loader(cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
     """Endless micro-batches for ``rank``. ``start_step`` counts micro-batches this rank's loader already
     yielded (optimizer step x grad_accum); the stream continues exactly from there (see module doc)."""
+    from msmedcap.data.memory import check_shm, ranks_per_node
+
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    check_shm(cfg, stage, ranks_per_node(world_size))  # ConfigError: /dev/shm too small for the workers' batches
     return _loader(TrainStream(cfg, stage, rank, world_size, start_step), cfg.data.num_workers)
 
 
