@@ -129,7 +129,10 @@ class DataConfig:
     eval: list = field(default_factory=lambda: [
         "shards/demo/general-eval-000.tar", "shards/demo/medical-eval-000.tar"])
     num_workers: int = 2
+    # Train shuffle: at most shuffle_buffer raw (encoded) samples per worker, first yield once
+    # shuffle_initial are in (at most shuffle_buffer); memory per worker: msmedcap.data.memory.
     shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
     max_image_pixels: int = 50_000_000  # decompression-bomb cap; larger images are skipped and counted
     # The train stream redraws its shards every segment_batches batches per worker (seeded by the
     # segment's index): a resumed run re-reads at most this many batches to reach its position.
@@ -450,7 +453,7 @@ BOUNDS = [
         ("lr", _POSITIVE), ("min_lr", _AT_LEAST_0), ("warmup_lr", _AT_LEAST_0), ("warmup_steps", _AT_LEAST_0),
         ("weight_decay", _AT_LEAST_0), ("grad_clip", _AT_LEAST_0),
         ("steps", _AT_LEAST_1), ("micro_batch_size", _AT_LEAST_1), ("grad_accum", _AT_LEAST_1))],
-    *[(f"data.{k}", *_AT_LEAST_1) for k in ("shuffle_buffer", "segment_batches", "max_image_pixels")],
+    *[(f"data.{k}", *_AT_LEAST_1) for k in ("shuffle_buffer", "shuffle_initial", "segment_batches", "max_image_pixels")],
     ("data.num_workers", *_AT_LEAST_0),
     ("data.jpeg_draft", (lambda v: v == 0 or 1 <= v < float("inf")), "0 (off) or >= 1"),
     ("train.log_every", *_AT_LEAST_1), ("train.ckpt_every", *_AT_LEAST_1), ("train.keep_last", *_AT_LEAST_1),

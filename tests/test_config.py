@@ -154,6 +154,7 @@ FIELD_CASES = {
     "data.eval": ("[a.tar]", ["{a: 1}", "3"]),
     "data.num_workers": ("0", ["-1", "x"]),
     "data.shuffle_buffer": ("1", ["0"]),
+    "data.shuffle_initial": ("10", ["0"]),
     "data.max_image_pixels": ("1000000", ["0"]),
     "data.segment_batches": ("10", ["0"]),
     "data.jpeg_draft": ("2", ["0.5", "-1", ".inf", "x"]),

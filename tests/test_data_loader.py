@@ -170,6 +170,8 @@ def test_corrupt_data_is_skipped_and_counted(tmp_path):
     assert sum(counts.values()) <= 1  # at most the sample cut in half
     batches = list(make_eval_loader(cfg, [empty], 0, 1, batch_size=2))  # nothing to yield, nothing to count
     assert batches == []
+    batches = list(make_eval_loader(cfg, [empty], 0, 1, batch_size=2, count_batches=True))  # the evaluation's
+    assert [b["key"] for b in batches] == [[]] and _skipped(batches) == {"bad_tar": 1}
     # the train stream goes on past the same data and hands the counts on in `skipped`
     cfg.data.train = [str(tmp_path / "{bad,empty}-000.tar")]
     batches = list(itertools.islice(make_train_loader(cfg, 1, 0, 1), 3))
@@ -205,7 +207,7 @@ def test_eval_covers_every_sample_exactly_once(tmp_path, monkeypatch, world_size
         for rank in range(world_size):
             for worker in range(workers):  # each (rank, worker) slot as the DataLoader worker would see it
                 monkeypatch.setattr(loader_mod, "_worker", lambda w=worker, n=workers: (w, n))
-                for b in EvalStream(cfg, specs, rank, world_size, batch_size=3):
+                for b in EvalStream(cfg, specs, rank, world_size, batch_size=3, count_batches=True):
                     seen += b["key"]
                     skipped += sum(b["skipped"].values())
         assert sorted(seen) == expected, (world_size, workers)
@@ -215,3 +217,67 @@ def test_eval_covers_every_sample_exactly_once(tmp_path, monkeypatch, world_size
         cfg.data.num_workers = 2
         seen = [k for rank in range(4) for k in keys(make_eval_loader(cfg, specs, rank, 4, batch_size=2))]
         assert sorted(seen) == expected
+
+
+def _count_opens(monkeypatch, root, log):
+    """Record every open of a tar under ``root`` as "pid path" lines in ``log`` (DataLoader workers are
+    forked from this process and inherit the patch; os-level appends, so their lines do not mix)."""
+    import builtins
+    import os
+
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, str) and file.startswith(str(root)) and file.endswith(".tar"):
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.write(fd, f"{os.getpid()} {file}\n".encode())
+            os.close(fd)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+
+
+@pytest.mark.parametrize("n_shards", [5, 3])
+def test_eval_opens_each_shard_once_over_2_ranks_x_2_workers(tmp_path, monkeypatch, n_shards):
+    import collections
+    import os
+
+    sizes = [4, 1, 6, 3, 5][:n_shards]
+    data = tmp_path / "data"
+    start, urls = 0, []  # uneven shards, one spec each
+    for s, n in enumerate(sizes):
+        write_shards((sample(f"op-{i:05d}", i) for i in range(start, start + n)), data, f"op{s}", shard_size=100)
+        urls.append(str(data / f"op{s}-000.tar"))
+        start += n
+    cfg = tiny_config(eval=urls, data__num_workers=2, model__variant="blip2")
+    log = tmp_path / "opens.log"
+    _count_opens(monkeypatch, data, str(log))
+    seen = [k for rank in range(2) for k in keys(make_eval_loader(cfg, urls, rank, 2, batch_size=2))]
+    assert sorted(seen) == [f"op-{i:05d}" for i in range(sum(sizes))]  # every sample once
+    lines = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    workers = collections.Counter(path for pid, path in lines if int(pid) != os.getpid())
+    # the domain probe (loader start, this process): the first shard of each spec, once per rank
+    probes = collections.Counter(path for pid, path in lines if int(pid) == os.getpid())
+    assert probes == {u: 2 for u in urls}
+    if n_shards >= 4:  # at least one shard per (rank, worker) slot: each shard opened once in all
+        assert workers == {u: 1 for u in urls}
+    else:  # 3 shards, 4 slots: shard 0 split between two slots
+        assert workers == {urls[0]: 2, urls[1]: 1, urls[2]: 1}
+
+
+def test_a_segment_reads_only_the_samples_its_batches_need(tmp_path, monkeypatch):
+    # segment: 4 batches of 4 = 16 samples; buffer 20, first yield at 5. The old refill (a full buffer
+    # before the first batch, dropped at the segment's end) read 20 + 16 = 36 samples per segment.
+    pattern = make_shards(tmp_path, "seg", 30, shard_size=10)
+    cfg = tiny_config(train=[pattern], data__shuffle_buffer=20, data__shuffle_initial=5)
+    reads = []
+    real_mix = loader_mod._weighted_mix
+
+    def counted(*args):
+        for sample in real_mix(*args):
+            reads.append(sample["__key__"])
+            yield sample
+
+    monkeypatch.setattr(loader_mod, "_weighted_mix", counted)
+    got = keys(itertools.islice(make_train_loader(cfg, 1, 0, 1), 8))  # two segments
+    assert len(reads) == 32 and sorted(got) == sorted(reads)  # every sample read is trained on, none dropped

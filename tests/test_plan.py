@@ -51,6 +51,9 @@ def test_plan_reports_each_stage_per_gpu_with_a_checked_extrapolation(demo_plan)
     assert s1["static"]["counts"]["lm"] == 0 < s2["static"]["counts"]["lm"]  # stage 1 holds no LM
     assert rows[1]["largest_micro_batch"] < rows[0]["largest_micro_batch"]  # 40 GB holds less than 80 GB
     assert "extrapolated from 1-2" in stdout
+    host = plan["host"]  # a data worker's memory and the node's /dev/shm need (msmedcap.data.memory)
+    assert [h["stage"] for h in host] == [1, 2] and all(h["total_bytes"] > h["buffer_bytes"] > 0 for h in host)
+    assert "a data worker holds up to" in stdout
 
 
 def test_preflight_refuses_a_micro_batch_that_cannot_fit(tmp_path):

@@ -335,6 +335,18 @@ def plan_config(cfg, stages: tuple, gpus: int, targets: list, mfu: float, dev: t
     return plans
 
 
+def host_memory(cfg, stages: tuple, ranks_per_node: int) -> list:
+    """Per stage: one data worker's memory and the node's /dev/shm need (msmedcap.data.memory)."""
+    from msmedcap.data.memory import shm_need_bytes, worker_memory
+
+    out = []
+    for stage in stages:
+        w = worker_memory(cfg, stage)
+        out.append({"stage": stage, **w, "worker_gib": w["total_bytes"] / GIB, "workers": cfg.data.num_workers,
+                    "ranks_per_node": ranks_per_node, "shm_need_gib": shm_need_bytes(cfg, stage, ranks_per_node) / GIB})
+    return out
+
+
 def resolve_gpu(name: Optional[str], memory_gib: Optional[float], peak_tflops: Optional[float]) -> Gpu:
     from msmedcap.config import ConfigError
 
@@ -418,11 +430,17 @@ def run(args) -> int:
         plans += plan_config(vcfg, tuple(int(s) for s in args.stages.split(",")), args.gpus, targets, args.mfu, dev,
                              sizes, args.precision, captions, log=console.print)
     table(plans, console)
+    host = host_memory(cfg, tuple(int(s) for s in args.stages.split(",")), min(args.gpus, 8))
+    for h in host:
+        console.print(f"host, stage {h['stage']}: a data worker holds up to {h['worker_gib']:.2f} GiB (shuffle buffer "
+                      f"{h['shuffle_buffer_samples']} x {h['sample_bytes'] / 1e6:.2f} MB ({h['sample_bytes_from']}) + "
+                      f"{h['batches_in_flight']} batches x {h['batch_bytes'] / 1e6:.0f} MB); /dev/shm for "
+                      f"{h['ranks_per_node']} ranks x {h['workers']} workers: {h['shm_need_gib']:.1f} GiB")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "config": args.config, "overrides": args.overrides, "random_weight_standins": standins,
             "measured_on": dev.type, "gpus": args.gpus, "mfu": args.mfu, "precision": args.precision,
             "reserved_gib": RESERVED_GIB, "fragmentation": FRAGMENTATION,
-            "plans": [p.to_dict() for p in plans]}, indent=2, default=str))
+            "plans": [p.to_dict() for p in plans], "host": host}, indent=2, default=str))
     return 0

@@ -10,15 +10,21 @@ Data position. Each DataLoader worker ``w`` of ``W`` (W = 1 without workers) yie
 steps ``s`` with ``s % W == w`` (the DataLoader takes batches round-robin). Worker role ``s % W``'s
 batches come in segments of ``data.segment_batches`` batches; segment ``k`` of a role is a pure
 function of (train.seed, stage, world size, rank, W, role, k): its shards, mixture draws and shuffle
-are seeded by that tuple, and it reads from fresh shard draws. So the batch at global step ``s`` on a
+are seeded by that tuple, and it reads from fresh shard draws. A segment reads the samples its
+batches need (segment_batches x micro batch, more only for skipped ones), shuffled through a buffer
+of at most ``data.shuffle_buffer`` samples that starts yielding at ``data.shuffle_initial`` and is
+drained by the segment's end: a worker holds at most that buffer, and no sample read is dropped (but
+for the end of a top-up read when skipped samples left the segment short). So the batch at global step ``s`` on a
 rank is fixed by (seed, s, world size, num_workers), and a run resumed at ``start_step`` starts each
 worker at its segment and skips at most ``segment_batches - 1`` batches to reach ``s``: it sees exactly
 the batches the uninterrupted run would have seen. (Resume with the same world size and
 ``data.num_workers``: they are part of the data order.)
 
-Eval (:func:`make_eval_loader`): the specs' shards in order, no resampling; sample ``i`` (counted over
-all shards, corrupt ones included) belongs to slot ``i % (world * W)``, one slot per (rank, worker), so
-every sample is read exactly once whatever the number of shards, ranks and workers.
+Eval (:func:`make_eval_loader`): the specs' shards in order, no resampling, one slot per (rank, worker),
+slot = worker x world + rank. With at least as many shards as slots, shard ``s`` goes whole to slot
+``s % slots``: each shard is opened once in all. With fewer, the slots sharing a shard keep every
+``parts``-th of its samples (:func:`eval_slot_shards`). Either way every sample is read exactly once
+whatever the number of shards, ranks and workers, and every rank takes part in the gather.
 
 Corrupt samples are skipped and counted; each batch's ``skipped`` holds the counts since the same
 worker's previous batch.
@@ -44,7 +50,7 @@ import numpy as np
 from msmedcap.data.decode import IMAGE_KEYS, SkipCounter, decode_sample, image_member, parse_caption, parse_meta
 from msmedcap.data.transforms import NATIVE_KEY, stack_pixels
 from msmedcap.data.gpu_decode import gpu_decode_available
-from msmedcap.data.shards import check_spec_has_domain, check_tar_ends, iter_raw_samples, label_sample
+from msmedcap.data.shards import check_spec_has_domain, iter_raw_samples, label_sample
 from msmedcap.tokenization import encode_lm_captions, encode_qformer_text
 
 # Shards visited in a row without one sample before a source is declared unreadable (not an endless loop).
@@ -225,6 +231,34 @@ def _weighted_mix(streams: list, weights: list, rng: random.Random):
         yield next(streams[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])])
 
 
+def _shuffled_chunks(samples, size: int, bufsize: int, initial: int, rng: random.Random):
+    """``samples`` in chunks of ``size`` (a segment's worth), each through webdataset's shuffle buffer (at
+    most ``bufsize`` samples held, the first yielded once ``initial`` are in) and drained at the chunk's
+    end: every sample read is yielded, none is left in a buffer when the segment ends. A second chunk
+    is read only when skipped samples left the first one short of the segment's batches."""
+    import webdataset as wds
+
+    shuffle = wds.shuffle(bufsize, initial=min(initial, bufsize), rng=rng)
+    while True:
+        empty = True
+        for sample in shuffle(itertools.islice(samples, size)):
+            empty = False
+            yield sample
+        if empty:
+            return
+
+
+def _full_batches(samples, size: int, collate):
+    """Batches of ``size``, each made as its last sample arrives (webdataset's ``batched`` reads one sample
+    more first, which at a segment's end would start another chunk's read)."""
+    buf = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) == size:
+            yield collate(buf)
+            buf = []
+
+
 class TrainStream(IterableDataset):
     def __init__(self, cfg: Config, stage: int, rank: int, world_size: int, start_step: int = 0,
                  feature_stores: Optional[dict] = None):
@@ -241,8 +275,8 @@ class TrainStream(IterableDataset):
 
         progress = _Progress(shard_set.pattern)
         shards = wds.ResampledShards(shard_set.urls, seed=seed, deterministic=True, worker_seed=_no_worker_seed)
-        checked = check_tar_ends(progress.shards(iter(shards)), counter.tar_handler)
-        raws = progress.samples(wds.tarfile_samples(checked, handler=counter.tar_handler))
+        urls = (shard["url"] for shard in progress.shards(iter(shards)))
+        raws = progress.samples(iter_raw_samples(urls, counter.tar_handler))
         return _labelled(raws, shard_set.domain, shard_set.source)
 
     def segment(self, processor: SampleProcessor, counter: SkipCounter, workers: int, role: int, index: int):
@@ -254,10 +288,10 @@ class TrainStream(IterableDataset):
                             f"{workers}/{role}/{index}")
         streams = [self._source_samples(s, rng.getrandbits(31), counter) for s in self.sources]
         mixed = _weighted_mix(streams, [s.weight for s in self.sources], rng)
-        shuffled = wds.shuffle(d.shuffle_buffer, initial=d.shuffle_buffer, rng=random.Random(rng.getrandbits(64)))(mixed)
+        shuffled = _shuffled_chunks(mixed, d.segment_batches * self.batch_size, d.shuffle_buffer,
+                                    d.shuffle_initial, random.Random(rng.getrandbits(64)))
         prepared = wds.map(processor.prepare, handler=counter.sample_handler)(shuffled)
-        batches = wds.batched(self.batch_size, collation_fn=partial(processor.collate, counter=counter),
-                              partial=False)(prepared)
+        batches = _full_batches(prepared, self.batch_size, partial(processor.collate, counter=counter))
         return itertools.islice(batches, d.segment_batches)
 
     def __iter__(self):
@@ -283,8 +317,10 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    from msmedcap.data.memory import PREFETCH_FACTOR
+
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                      prefetch_factor=2 if num_workers else None, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=PREFETCH_FACTOR if num_workers else None, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=_ignore_stop_signals if num_workers else None)
 
 
@@ -294,8 +330,11 @@ def make_train_loader(cfg: Config, stage: int, rank: int, world_size: int, start
     yielded (optimizer step x grad_accum); the stream continues exactly from there (see module doc).
     ``feature_stores``: the model's ``feature_cache.reader_spec()``: workers read stored rows and skip
     decoding those samples (models/feature_cache.py)."""
+    from msmedcap.data.memory import check_shm, ranks_per_node
+
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    check_shm(cfg, stage, ranks_per_node(world_size))  # ConfigError: /dev/shm too small for the workers' batches
     return _loader(TrainStream(cfg, stage, rank, world_size, start_step, feature_stores), cfg.data.num_workers)
 
 
@@ -317,12 +356,29 @@ def _ignore(exn: Exception) -> bool:
     return True
 
 
+def eval_slot_shards(n_shards: int, slots: int, slot: int) -> list:
+    """What slot ``slot`` of ``slots`` reads of ``n_shards`` eval shards: ``[(shard, part, parts)]``, keep
+    the shard's samples ``i`` (counted in the shard, corrupt ones included) with ``i % parts == part``.
+
+    ``n_shards >= slots``: shard ``s`` goes whole to slot ``s % slots``; each shard is opened once in
+    all. Fewer shards than slots: shard ``slot % n_shards`` is shared by the slots with that remainder
+    (``parts`` of them, ``slots // n_shards`` or one more), each keeping every ``parts``-th sample; each
+    shard is then opened ``parts`` times, ``slots`` opens in all, and every slot has work."""
+    if n_shards >= slots:
+        return [(s, 0, 1) for s in range(slot, n_shards, slots)]
+    shard = slot % n_shards
+    parts = slots // n_shards + (1 if shard < slots % n_shards else 0)
+    return [(shard, slot // n_shards, parts)]
+
+
 class EvalStream(IterableDataset):
-    def __init__(self, cfg: Config, specs: list, rank: int, world_size: int, batch_size: int):
+    def __init__(self, cfg: Config, specs: list, rank: int, world_size: int, batch_size: int,
+                 count_batches: bool = False):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.rank, self.world_size, self.batch_size = cfg, rank, world_size, batch_size
+        self.count_batches = count_batches
         sets = parse_specs(specs, "data.eval")
         self.urls = [u for s in sets for u in s.urls]
         # a spec's DOMAIN/SOURCE by shard (the first spec naming a shard labels it)
@@ -331,21 +387,31 @@ class EvalStream(IterableDataset):
             for u in s.urls:
                 self.labels.setdefault(u, (s.domain, s.source))
 
+    def _raw(self, slot: int, slots: int, counter: SkipCounter):
+        for shard, part, parts in eval_slot_shards(len(self.urls), slots, slot):
+            # a shard shared by several slots: its first part counts shard-level errors, so they count once
+            raws = iter_raw_samples([self.urls[shard]], counter.tar_handler if part == 0 else _ignore)
+            yield from itertools.islice(raws, part, None, parts)
+
     def __iter__(self):
         import webdataset as wds
 
         worker, workers = _worker()
         slots, slot = self.world_size * workers, worker * self.world_size + self.rank
         processor, counter = SampleProcessor(self.cfg), SkipCounter()
-        # every slot reads every shard: only slot 0 counts shard-level errors, so they count once
-        raw = iter_raw_samples(self.urls, counter.tar_handler if slot == 0 else _ignore)
-        mine = itertools.islice(raw, slot, None, slots)
+        mine = self._raw(slot, slots, counter)
         if any(d is not None or src is not None for d, src in self.labels.values()):
             mine = (label_sample(r, *self.labels.get(r.get("__url__"), (None, None))) for r in mine)
         prepared = wds.map(processor.prepare, handler=counter.sample_handler)(mine)
         yield from _batches(prepared, self.batch_size, partial(processor.collate, counter=counter))
+        counts = counter.pop()  # left only when no batch was made: every sample of the slot skipped
+        if self.count_batches and counts:
+            yield {"key": [], "skipped": counts}
 
 
-def make_eval_loader(cfg: Config, specs: list, rank: int, world_size: int, batch_size: int) -> DataLoader:
-    """Finite batches of this rank's share of ``specs``; all ranks together see every sample once."""
-    return _loader(EvalStream(cfg, specs, rank, world_size, batch_size), cfg.data.num_workers)
+def make_eval_loader(cfg: Config, specs: list, rank: int, world_size: int, batch_size: int,
+                     count_batches: bool = False) -> DataLoader:
+    """Finite batches of this rank's share of ``specs``; all ranks together see every sample once.
+    ``count_batches``: a (rank, worker) slot that skipped samples but made no batch (all its samples
+    corrupt, or its only shard an empty tar) still hands its counts on, as ``{"key": [], "skipped"}``."""
+    return _loader(EvalStream(cfg, specs, rank, world_size, batch_size, count_batches), cfg.data.num_workers)

@@ -103,24 +103,52 @@ class TruncatedTar(Exception):
     pass
 
 
-def check_tar_ends(shards: Iterable[dict], handler) -> Iterator[dict]:
-    """Pass shard dicts ({"url": ...}) on, reporting a local tar that lacks its end-of-archive blocks
-    to ``handler``: Python's streaming tar reader ends quietly at a cut between members, so a
-    truncated shard would otherwise go unnoticed. An empty file is reported and dropped."""
+def open_shard(url: str):
+    """The one place the loaders open a shard (webdataset's ``gopen``: a local path, ``file:``, ``pipe:``,
+    ``http(s):``, ...). Tests count the opens here."""
+    from webdataset.gopen import gopen
+
+    return gopen(url)
+
+
+def _tar_end_problem(stream) -> str | None:
+    """'empty' or 'truncated' when a seekable local tar lacks its end-of-archive blocks (Python's
+    streaming tar reader ends quietly at a cut between members, so a truncated shard would otherwise
+    go unnoticed); None when it has them. Read on the open stream, which is left at offset 0."""
+    size = os.fstat(stream.fileno()).st_size
+    stream.seek(max(0, size - 1024))
+    tail = stream.read()
+    stream.seek(0)
+    if size == 0 or size % 512 or tail != bytes(1024):
+        return "empty" if size == 0 else "truncated"
+    return None
+
+
+def shard_streams(urls: Iterable[str], handler) -> Iterator[dict]:
+    """``{"url", "stream"}`` for each shard, each opened once (:func:`open_shard`) and closed when the
+    next one is asked for. A local tar without its end-of-archive blocks is reported to ``handler``
+    (checked on the same open file); an empty one is reported and dropped. A shard that cannot be
+    opened goes to ``handler`` (True: go on with the next one)."""
     from msmedcap.config import is_local_shard
 
-    for shard in shards:
-        url = shard["url"]
-        if is_local_shard(url) and os.path.isfile(url):
-            size = os.path.getsize(url)
-            with open(url, "rb") as f:
-                f.seek(max(0, size - 1024))
-                tail = f.read()
-            if size == 0 or size % 512 or tail != bytes(1024):
-                handler(TruncatedTar(f"{url}: {'empty' if size == 0 else 'truncated'} tar"))
-                if size == 0:
-                    continue
-        yield shard
+    for url in urls:
+        try:
+            stream = open_shard(url)
+        except Exception as exn:  # noqa: BLE001  webdataset's convention: the handler decides
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            return
+        try:
+            problem = None
+            if is_local_shard(url) and getattr(stream, "seekable", lambda: False)():
+                problem = _tar_end_problem(stream)
+            if problem:
+                handler(TruncatedTar(f"{url}: {problem} tar"))
+            if problem != "empty":
+                yield {"url": url, "stream": stream}
+        finally:
+            stream.close()
 
 
 def label_sample(raw: dict, domain: str | None, source: str | None) -> dict:
@@ -132,11 +160,13 @@ def label_sample(raw: dict, domain: str | None, source: str | None) -> dict:
     return raw
 
 
-def iter_raw_samples(urls: list, handler) -> Iterator[dict]:
-    """Raw samples (member bytes by extension) of ``urls`` in order, via webdataset's tar reader."""
-    import webdataset as wds
+def iter_raw_samples(urls: Iterable[str], handler) -> Iterator[dict]:
+    """Raw samples (member bytes by extension) of ``urls`` in order, via webdataset's tar reader; each
+    shard opened once (:func:`shard_streams`)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    return wds.tarfile_samples(check_tar_ends(({"url": u} for u in urls), handler), handler=handler)
+    files = tar_file_expander(shard_streams(urls, handler), handler=handler)
+    return group_by_keys(files, handler=handler)
 
 
 # Samples read from a spec's first shard to tell whether its samples carry a domain.

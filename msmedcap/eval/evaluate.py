@@ -122,6 +122,8 @@ def generate_records(model, batches, gen_kwargs: dict, limit: int = 0, thumbnail
         for reason, n in (batch.get("skipped") or {}).items():
             if skipped is not None:
                 skipped[reason] = skipped.get(reason, 0) + int(n)
+        if not batch["key"]:  # skip counts only (make_eval_loader's count_batches)
+            continue
         inputs = to_device(batch, device)
         captions = model.generate(inputs, **gen_kwargs)
         if len(captions) != len(batch["key"]):
@@ -183,7 +185,7 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
     start = time.time()
     skipped: dict = {}
     try:
-        loader = make_eval_loader(cfg, specs, rank, world_size, cfg.eval.batch_size)
+        loader = make_eval_loader(cfg, specs, rank, world_size, cfg.eval.batch_size, count_batches=True)
         records = generate_records(model, loader, generation_kwargs(cfg),
                                    limit=rank_quota(cfg.eval.max_samples, rank, world_size),
                                    thumbnails=cfg.eval.gallery, skipped=skipped)
