@@ -201,7 +201,7 @@ class QFormer(nn.Module):
         loaded = {}
 
         def take(dst: str, src: str) -> None:
-            if src in bert and dst in mine:
+            if src in bert and dst in mine and bert[src].shape[1:] == mine[dst].shape[1:]:
                 value = bert[src]
                 if dst == "embeddings.word_embeddings.weight" or dst == "itg_bias":
                     n = min(value.shape[0], mine[dst].shape[0])  # our vocab adds [DEC]
