@@ -37,7 +37,8 @@ class ClipConfig:
     """open_clip image encoder (frozen). ``name`` is an open_clip model name, or a path to an
     open_clip model-config JSON (tiny presets ship theirs in the package)."""
     name: str = "EVA01-g-14"
-    pretrained: Optional[str] = None  # open_clip pretrained tag or a weights file; None = random init
+    # open_clip pretrained tag or weights file; None = random init, refused unless model.allow_random_weights
+    pretrained: Optional[str] = None
     image_size: int = 224
     # Which transformer block's output feeds the Q-Former; -2 = penultimate, as BLIP-2 does.
     feature_layer: int = -2
@@ -55,7 +56,9 @@ class ClipConfig:
 class SamConfig:
     """segment-anything image encoder (frozen)."""
     type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
-    checkpoint: Optional[str] = None  # SAM .pth (full model or image-encoder-only); None = random init
+    # SAM .pth (full model or image encoder only; vit_b: sam_vit_b_01ec64.pth from segment-anything's README);
+    # None = random init, refused unless model.allow_random_weights
+    checkpoint: Optional[str] = None
     image_size: int = 1024
     token_layout: Literal["channels", "spatial"] = "channels"
     # ImageEncoderViT kwargs overriding the registry type (tiny presets); empty = the registry's.
@@ -88,7 +91,9 @@ class QFormerConfig:
 
 @dataclass
 class LMConfig:
-    name_or_path: Optional[str] = "facebook/opt-2.7b"  # HF name or directory; None = random init from `config`
+    # HF name or directory; None = random init from `config`, refused unless model.allow_random_weights
+    # (or model.blip2_checkpoint provides the LM)
+    name_or_path: Optional[str] = "facebook/opt-2.7b"
     tokenizer: str = "facebook/opt-2.7b"
     config: dict = field(default_factory=dict)  # OPTConfig kwargs for random init (tiny presets)
     prompt: str = "Question: Describe the image. Answer:"
@@ -114,6 +119,10 @@ class ModelConfig:
     blip2_checkpoint: Optional[str] = None  # HF-format BLIP-2 directory imported into the CLIP branch
     # Directory caching frozen-encoder outputs by image sha256 (models/feature_cache.py); None = off.
     feature_cache: Optional[str] = None
+    # Build frozen parts that have no weights (SAM without sam.checkpoint, CLIP without clip.pretrained, an LM
+    # from a bare lm.config) with random weights: for tests and benchmarks, which measure shapes. Off: such a
+    # config is refused before any work (random_frozen_parts names each key and the file to set).
+    allow_random_weights: bool = False
 
     @property
     def branches(self) -> tuple:
@@ -627,6 +636,40 @@ def _dotted(cfg, key: str):
     return value
 
 
+# What a frozen part without weights needs, by key: the files users download (README, "The paper preset").
+SAM_CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+
+
+def random_frozen_parts(m: ModelConfig) -> dict:
+    """The frozen parts ``m`` would build with random weights: ``{key to set: what to set it to}``
+    (empty when every frozen part of its variant has weights). The CLIP tower and the LM count as having
+    weights when ``blip2_checkpoint`` provides them (msmedcap.models.loading.import_blip2 then checks that
+    it provides every tensor)."""
+    out = {}
+    if "sam" in m.branches and not m.sam.checkpoint:
+        name = SAM_CHECKPOINTS.get(m.sam.type)
+        out["model.sam.checkpoint"] = (
+            f"the SAM {m.sam.type} checkpoint ({name}, linked from segment-anything's README: "
+            f"https://dl.fbaipublicfiles.com/segment_anything/{name})" if name else
+            f"a checkpoint of this tiny SAM (e.g. one written by python -m msmedcap.train.demo_encoders sam)")
+    if "clip" in m.branches and not m.clip.pretrained and not m.blip2_checkpoint:
+        out["model.clip.pretrained"] = (f"an open_clip pretrained tag of {m.clip.name} (EVA01-g-14: "
+                                        "laion400m_s11b_b41k) or a weights file")
+    if not m.lm.name_or_path and not m.blip2_checkpoint:
+        out["model.lm.name_or_path"] = ("an OPT name or directory (facebook/opt-2.7b); model.lm.config alone "
+                                        "builds a random LM")
+    return out
+
+
+def check_weights_given(m: ModelConfig) -> None:
+    """A frozen part without weights is a configuration error unless ``model.allow_random_weights``."""
+    missing = random_frozen_parts(m)
+    if missing and not m.allow_random_weights:
+        parts = "; ".join(f"{k} must be set, to {what}" for k, what in missing.items())
+        raise ConfigError(f"a frozen part without weights would be random: {parts}. (For tests and benchmarks "
+                          "only, model.allow_random_weights=true builds such parts random.)")
+
+
 def validate(cfg: Config, check_files: bool = True) -> None:
     m, t = cfg.model, cfg.train
     for key, ok, allowed in BOUNDS:
@@ -660,6 +703,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                           f"the learning rate never reaches train.{name}.lr", ConfigWarning, stacklevel=2)
     if cfg.eval.min_len > cfg.eval.max_len:
         raise ConfigError("eval.min_len must be <= eval.max_len")
+    check_weights_given(m)
     if not check_files:
         return
     for section in ("train", "eval"):

@@ -72,7 +72,7 @@ def test_cached_features_equal_fresh_ones_and_a_hit_skips_the_encoder(tmp_path):
 
     # another encoder (other weights or size) gets its own store: never a stale hit
     changed = load_config("demo", [f"model.feature_cache={tmp_path / 'cache'}", "model.sam.image_size=64",
-                                   "model.sam.checkpoint=null"])  # the shipped SAM is for 128 px
+                                   "model.sam.checkpoint=null", "model.allow_random_weights=true"])  # the shipped SAM is for 128 px
     other_model = build_model(changed.model)
     assert other_model.feature_cache.stores["sam"].dir != cache.stores["sam"].dir
     assert len(other_model.feature_cache.stores["sam"]) == 0

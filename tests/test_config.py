@@ -17,7 +17,7 @@ def test_presets_load_and_overrides_apply(monkeypatch):
     demo = load_config("demo")  # files checked: the committed demo shards and tokenizers exist
     assert demo.model.clip.image_size == 32 and demo.model.sam.image_size == 128
     assert demo.model.branches == ("clip", "sam")
-    paper = load_config("paper", check_files=False)
+    paper = load_config("paper", ["model.sam.checkpoint=sam_vit_b_01ec64.pth"], check_files=False)
     assert (paper.model.clip.name, paper.model.sam.type, paper.model.lm.name_or_path) == (
         "EVA01-g-14", "vit_b", "facebook/opt-2.7b")
     assert paper.model.qformer.num_query_tokens == 32
@@ -105,14 +105,15 @@ def test_out_of_range_settings_fail_before_work_naming_the_key(override, key):
 FIELD_CASES = {
     "model.variant": ("blip2", ["vit", "1"]),
     "model.clip.name": ("pkg://assets/open_clip/tiny-vit.json", ["''", "[a]"]),
-    "model.clip.pretrained": ("null", ["''", "{a: 1}"]),
+    # null: a frozen part without weights (refused unless model.allow_random_weights)
+    "model.clip.pretrained": ("pkg://assets/open_clip/tiny-vit-demo.safetensors", ["''", "{a: 1}", "null"]),
     "model.clip.image_size": ("64", ["0", "30", "big"]),  # 30: not a multiple of the stand-in's patch 8
     "model.clip.feature_layer": ("-1", ["3", "-4", "x"]),  # the stand-in has 3 blocks
     "model.clip.ln_vision": ("false", ["maybe"]),
     "model.clip.stage1_checkpoint": ("null", ["''", "{a: 1}"]),
     "model.clip.stage1_skip": ("[encoder_side]", ["5", "{a: 1}"]),
     "model.sam.type": ("tiny", ["vit_x", "vit_b"]),  # vit_b: the demo's tiny encoder overrides are refused
-    "model.sam.checkpoint": ("null", ["''", "[a]"]),
+    "model.sam.checkpoint": ("pkg://assets/sam/tiny-demo.pth", ["''", "[a]", "null"]),
     "model.sam.image_size": ("256", ["0", "100", "-8"]),  # 100: not a multiple of patch 8
     "model.sam.token_layout": ("spatial", ["rows"]),
     "model.sam.encoder": ("{embed_dim: 64, depth: 2, num_heads: 2, patch_size: 16, out_chans: 32, "
@@ -134,7 +135,7 @@ FIELD_CASES = {
     "model.qformer.cross_attention_init": ("null", ["0", "-0.1", "x", ".inf"]),
     "model.qformer.tokenizer": ("pkg://assets/tokenizers/qformer", ["''", "{a: 1}"]),
     "model.qformer.init_from": ("null", ["''", "[a]"]),
-    "model.lm.name_or_path": ("null", ["''", "[a]"]),
+    "model.lm.name_or_path": ("pkg://assets/opt-demo", ["''", "[a]", "null"]),
     "model.lm.tokenizer": ("pkg://assets/tokenizers/lm", ["''", "[a]"]),
     "model.lm.config": ("{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, ffn_dim: 128, "
                         "max_position_embeddings: 128, word_embed_proj_dim: 64}",
@@ -150,6 +151,7 @@ FIELD_CASES = {
     "model.lm.dtype": ("fp32", ["fp8", "half"]),
     "model.blip2_checkpoint": ("null", ["''", "[a]"]),
     "model.feature_cache": ("/tmp/cache", ["''", "[a]"]),
+    "model.allow_random_weights": ("true", ["maybe", "1"]),
     "data.train": ("[a.tar::2, b.tar]", ["{a: 1}", "3"]),
     "data.eval": ("[a.tar]", ["{a: 1}", "3"]),
     "data.num_workers": ("0", ["-1", "x"]),

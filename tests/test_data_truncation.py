@@ -70,7 +70,7 @@ def test_trainer_window_reports_truncated_captions():
 
 
 def test_paper_preset_lengths_fit_real_medical_captions():
-    cfg = load_config("paper", check_files=False)
+    cfg = load_config("paper", ["model.sam.checkpoint=sam_vit_b_01ec64.pth"], check_files=False)  # the preset names none
     assert cfg.model.qformer.max_text_len == 320  # the reference code's Q-Former text length
     assert cfg.model.lm.max_caption_len == 128 and cfg.eval.max_len == 64
     with pytest.raises(ConfigError, match="model.qformer.max_text_len"):

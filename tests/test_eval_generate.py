@@ -16,7 +16,7 @@ import torch
 from msmedcap.cli import main as msmedcap_main
 from msmedcap.config import load_config
 
-OVERRIDES = ["model.frozen_dtype=fp32", "model.lm.name_or_path=null", "model.lm.config.init_std=0.5",
+OVERRIDES = ["model.frozen_dtype=fp32", "model.lm.name_or_path=null", "model.allow_random_weights=true", "model.lm.config.init_std=0.5",
              "eval.num_beams=3", "eval.min_len=3", "eval.max_len=10", "eval.batch_size=8", "data.num_workers=0"]
 
 

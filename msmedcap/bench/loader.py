@@ -131,7 +131,9 @@ def loader_bench(preset: str = "demo", overrides=(), workers: int = 2, batches=N
     overrides = list(overrides)
     if paper_sizes:
         overrides = PAPER_SIZES + overrides
-    cfg = load_config(preset, overrides + [f"data.num_workers={workers}"], check_files=not paper_sizes)
+    # only the data section is used: a preset's frozen parts need no weights here
+    cfg = load_config(preset, overrides + [f"data.num_workers={workers}", "model.allow_random_weights=true"],
+                      check_files=not paper_sizes)
     if paper_sizes:
         from msmedcap.bench.loader_images import paper_size_shards
 

@@ -52,6 +52,7 @@ def parse_eval_overrides(overrides: Sequence[str]) -> list:
             raise ConfigError(f"override {ov!r}: only eval.* and data.* can change at evaluation "
                               "(the model is built from the export's own config)")
     data = Config().to_dict()  # unknown keys and wrong types fail here, on a default config
+    data["model"]["allow_random_weights"] = True  # whose model (no weights given) is never built
     for p in parsed:
         data = _merge(data, p)
     config_from_dict(data, check_files=False)

@@ -18,23 +18,46 @@ from transformers.cache_utils import DynamicLayer
 
 from msmedcap.batch import CAPTION_EOS
 from msmedcap.config import ConfigError, LMConfig, resolve_asset
-from msmedcap.models.encoders import fixed_seed
+from msmedcap.models.encoders import built_in, fixed_seed, weights_mismatch
 
 log = logging.getLogger(__name__)
 
 
+def load_opt(name_or_path: str, dtype: torch.dtype) -> OPTForCausalLM:
+    """``OPTForCausalLM.from_pretrained`` in ``dtype`` (transformers builds it on the meta device and loads
+    each tensor cast), refused unless the directory provides every tensor of the OPT its config describes:
+    transformers itself only reports missing or unexpected tensors and leaves them random."""
+    path = resolve_asset(name_or_path)
+    try:
+        lm, info = OPTForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except (RuntimeError, ValueError) as e:  # e.g. tensors of another shape
+        raise ConfigError(f"model.lm.name_or_path: {name_or_path} does not load as OPT: {str(e)[:500]}") from e
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = [f"{k[0]} {tuple(k[1])} vs {tuple(k[2])}" if isinstance(k, tuple) and len(k) == 3 else str(k)
+                  for k in info.get("mismatched_keys", ())]
+    if missing or unexpected or mismatched:
+        kind = getattr(lm.config, "model_type", "opt")
+        raise weights_mismatch("model.lm.name_or_path", name_or_path, "OPTForCausalLM"
+                               + (f" (its config says model_type {kind!r})" if kind != "opt" else ""),
+                               missing, unexpected, mismatched)
+    return lm
+
+
 def build_opt(cfg: LMConfig, tokenizer, dtype: torch.dtype) -> OPTForCausalLM:
     """OPT from ``name_or_path`` (its own weights and vocabulary) or random init from ``cfg.config``
-    (vocabulary = ``config.vocab_size`` or the tokenizer's length)."""
+    (vocabulary = ``config.vocab_size`` or the tokenizer's length), built in ``dtype`` (no fp32 copy)."""
     if cfg.name_or_path:
-        lm = OPTForCausalLM.from_pretrained(resolve_asset(cfg.name_or_path), dtype=dtype)
+        lm = load_opt(cfg.name_or_path, dtype)
     else:
         kwargs = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **cfg.config}
         try:
-            lm = OPTForCausalLM(OPTConfig(**kwargs)).to(dtype)
+            config = OPTConfig(**kwargs)
+            with built_in(dtype):
+                lm = OPTForCausalLM(config)
         except TypeError as e:
             raise ConfigError(f"model.lm.config: {e}") from e
+        lm = lm.to(dtype)  # a no-op: built in dtype
     if len(tokenizer) > lm.config.vocab_size:
         raise ConfigError(f"model.lm.tokenizer has {len(tokenizer)} tokens, more than the LM's vocabulary "
                           f"({lm.config.vocab_size})")

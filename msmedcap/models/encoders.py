@@ -41,6 +41,58 @@ def frozen_dtype(name: str) -> torch.dtype:
 
 
 @contextmanager
+def built_in(dtype: torch.dtype):
+    """Modules constructed inside hold their floating parameters and buffers in ``dtype`` from the start:
+    torch's default dtype is ``dtype`` (initialisers write it directly), and a parameter or buffer
+    registered in another floating dtype (an explicit ``dtype=torch.float32``, a value computed before it is
+    registered) is cast as it is registered. So a frozen part built for bf16 never holds a full fp32 copy
+    of itself (EVA-g + OPT-2.7B are ~15 GB in fp32); weights loaded into it afterwards are rounded once, as
+    the fp32-then-cast build rounded them (equal bit for bit). ``float32`` changes nothing."""
+    if dtype == torch.float32 and torch.get_default_dtype() == torch.float32:
+        yield
+        return
+    from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                         register_module_parameter_registration_hook)
+
+    def cast(_module, _name, t):
+        if t is None or not t.is_floating_point() or t.dtype == dtype:
+            return None
+        if isinstance(t, nn.Parameter):
+            return nn.Parameter(t.detach().to(dtype), requires_grad=t.requires_grad)
+        return t.to(dtype)
+
+    before = torch.get_default_dtype()
+    handles = [register_module_parameter_registration_hook(cast), register_module_buffer_registration_hook(cast)]
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+        for h in handles:
+            h.remove()
+
+
+def warn_random(part: str, key: str) -> None:
+    """The loud line of a frozen part built without weights (``model.allow_random_weights``)."""
+    log.warning("RANDOM WEIGHTS: the frozen %s is random (%s is not set; model.allow_random_weights=true): "
+                "what it computes means nothing; for tests and benchmarks only", part, key)
+
+
+def weights_mismatch(key: str, path, what: str, missing=(), unexpected=(), mismatched=()) -> ConfigError:
+    """A ConfigError naming the tensors a weight file lacks, has in excess or has in another shape
+    (the first few of each, with counts)."""
+    def few(names) -> str:
+        names = list(names)
+        return ", ".join(map(str, names[:6])) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
+
+    parts = [f"{len(missing)} missing ({few(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+             f"{len(mismatched)} of another shape ({few(mismatched)})" if mismatched else ""]
+    return ConfigError(f"{key}: {path} does not provide every tensor of {what}: "
+                       + "; ".join(p for p in parts if p) + ". Give the weights of this architecture.")
+
+
+@contextmanager
 def fixed_seed(seed: int = 0):
     """Random-init frozen parts (tiny presets) come out the same in every build, so an export's config
     alone rebuilds them; the global RNG is left as it was."""
@@ -156,6 +208,12 @@ class ClipEncoder(FrozenEncoder):
         except (RuntimeError, AssertionError, KeyError) as e:
             if not pretrained:
                 raise
+            # open_clip loads a pretrained file strictly (load_checkpoint(strict=True)): torch's message lists
+            # every missing / unexpected / misshapen tensor
+            lists = _state_dict_error_lists(str(e))
+            if any(lists):
+                raise weights_mismatch("model.clip.pretrained", cfg.pretrained, f"open_clip {cfg.name} at image_size "
+                                       f"{cfg.image_size}", *lists) from e
             raise ConfigError(f"model.clip.pretrained: {cfg.pretrained} does not load into model.clip.name="
                               f"{cfg.name} at image_size {cfg.image_size}: {str(e)[:500]}") from e
         visual = clip.visual
@@ -184,6 +242,18 @@ class ClipEncoder(FrozenEncoder):
                                                 intermediates_only=True, output_fmt="NLC",
                                                 output_extra_tokens=True)
         return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+
+
+def _state_dict_error_lists(message: str) -> tuple:
+    """(missing, unexpected, mismatched) tensor names of torch's ``load_state_dict`` error message."""
+    import re
+
+    def names(label: str) -> list:
+        m = re.search(label + r" key\(s\) in state_dict: (.*?)\.\s*(\n|$)", message)
+        return re.findall(r'"([^"]+)"', m.group(1)) if m else []
+
+    mismatched = re.findall(r"size mismatch for ([^:]+):", message)
+    return names("Missing"), names("Unexpected"), mismatched
 
 
 # --------------------------------------------------------------------------- SAM
@@ -219,20 +289,35 @@ def build_sam_tiny(image_size: int = 128, checkpoint: str | None = None, **encod
     return sam
 
 
-def load_sam_state(path: str) -> dict:
+SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")  # a full Sam's state dict
+
+
+def load_sam_state(path: str, with_extra: bool = False):
     """A SAM ``.pth`` (full model or image encoder only; a ``pkg://`` path is a packaged asset), read
-    with ``weights_only=True``, as the image encoder's state dict."""
+    with ``weights_only=True``, as the image encoder's state dict. ``with_extra``: also the names of a
+    full model's tensors that are neither image encoder, prompt encoder nor mask decoder (unexpected)."""
     path = resolve_asset(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format file (torch's legacy format cannot be mapped)
+        state = None
     except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
         raise ConfigError(f"model.sam.checkpoint: cannot read {path}: {e}") from e
+    if state is None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"model.sam.checkpoint: cannot read {path}: {e}") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.sam.checkpoint: {path} is not a state dict")
     prefix = "image_encoder."
+    extra = []
     if any(k.startswith(prefix) for k in state):
+        extra = sorted(k for k in state if not k.startswith(SAM_PARTS))
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
+    return (state, extra) if with_extra else state
 
 
 class SamEncoder(FrozenEncoder):
@@ -255,11 +340,17 @@ class SamEncoder(FrozenEncoder):
                 raise ConfigError(f"model.sam.image_size: SAM {cfg.type} takes 1024, got {cfg.image_size}")
             self.encoder = sam_model_registry[cfg.type](checkpoint=None).image_encoder
         if cfg.checkpoint:
-            try:
-                self.encoder.load_state_dict(load_sam_state(cfg.checkpoint))
-            except RuntimeError as e:  # weights of another shape: name the keys that must match them
-                raise ConfigError(f"model.sam.checkpoint: {cfg.checkpoint} does not fit model.sam.type={cfg.type} "
-                                  f"(image_size {cfg.image_size}, encoder {cfg.encoder}): {str(e)[:500]}") from e
+            state, extra = load_sam_state(cfg.checkpoint, with_extra=True)
+            mine = self.encoder.state_dict()
+            missing = [k for k in mine if k not in state]
+            unexpected = extra + [f"image_encoder.{k}" for k in state if k not in mine]
+            mismatched = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in state.items()
+                          if k in mine and v.shape != mine[k].shape]
+            if missing or unexpected or mismatched:
+                raise weights_mismatch("model.sam.checkpoint", cfg.checkpoint, f"model.sam.type={cfg.type}'s image "
+                                       f"encoder (image_size {cfg.image_size}, encoder {cfg.encoder})",
+                                       missing, unexpected, mismatched)
+            self.encoder.load_state_dict(state)  # strict; each tensor rounded once to the encoder's dtype
             log.info("SAM %s image encoder loaded from %s", cfg.type, cfg.checkpoint)
         grid = self.encoder.img_size // self.encoder.patch_embed.proj.kernel_size[0]
         chans = self.encoder.neck[0].out_channels

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 import yaml
 
 from msmedcap.config import ConfigError, ModelConfig, config_from_dict, resolve_asset
+from msmedcap.models.encoders import weights_mismatch
 from msmedcap.models.msmedcap_model import MSMedCap
 from msmedcap.models.stage1_import import import_stage1
 from msmedcap.models.weights_io import (CONFIG_FILE, TRAINABLE_FILE, load_trainable, read_state_dict,  # noqa: F401
@@ -120,11 +122,26 @@ def eva_vision_key_map(state: dict, prefix: str = "encoders.clip.visual.trunk.")
     return out
 
 
+BLIP2_PARTS = ("query_tokens", "qformer.", "vision_model.", "language_projection.", "language_model.")
+_TEXT_FFN = re.compile(r"qformers\.clip\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.")
+
+
+def blip2_expected(model: MSMedCap) -> list:
+    """The model's tensors a ``Blip2ForConditionalGeneration`` checkpoint provides: the CLIP branch's
+    Q-Former (queries, ``ln_vision`` if any, its layers but the text FFN: BLIP-2's captioner has no text
+    input), the CLIP projection and the whole LM (but a head tied to the input embeddings)."""
+    tied = "captioner.lm.lm_head.weight" if model.captioner.lm.config.tie_word_embeddings else None
+    return [k for k in model.state_dict() if k != tied and not _TEXT_FFN.match(k) and k.startswith((
+        "qformers.clip.query_tokens", "qformers.clip.ln_vision.", "qformers.clip.bert.",
+        "captioner.projections.clip.", "captioner.lm."))]
+
+
 def import_blip2(model: MSMedCap, directory) -> None:
     """An HF-format BLIP-2 checkpoint (``Blip2ForConditionalGeneration.save_pretrained``, e.g.
     Salesforce/blip2-opt-2.7b) into the CLIP branch: Q-Former, query tokens, ``ln_vision``, language
-    projection and OPT must match the config's shapes; the vision tower loads into open_clip's EVA
-    where names and shapes match."""
+    projection and OPT must match the config's shapes and be there, every one (:func:`blip2_expected`); the
+    vision tower loads into open_clip's EVA where names and shapes match, and must provide all of it when
+    ``model.clip.pretrained`` is not set. Tensors of none of these parts are refused."""
     from transformers import Blip2Config
 
     directory = Path(resolve_asset(str(directory)))
@@ -152,6 +169,14 @@ def import_blip2(model: MSMedCap, directory) -> None:
     if bad:
         raise ConfigError(f"model.blip2_checkpoint {directory}: {len(bad)} tensors do not fit: {bad[:5]}")
     vision = {k: v for k, v in eva_vision_key_map(state).items() if k in mine and mine[k].shape == v.shape}
+    missing = [k for k in blip2_expected(model) if k not in main]
+    if not model.cfg.clip.pretrained:  # the tower's weights come from here alone: every tensor of it
+        missing += [k for k in mine if k.startswith("encoders.clip.") and k not in vision]
+    unexpected = [k for k in state if not k.startswith(BLIP2_PARTS)]
+    if missing or unexpected:
+        raise weights_mismatch("model.blip2_checkpoint", directory, f"the {model.cfg.variant} model's CLIP branch, "
+                               f"LM{'' if model.cfg.clip.pretrained else ' and CLIP tower (model.clip.pretrained is null)'}",
+                               missing, unexpected)
     model.load_state_dict({**main, **vision}, strict=False)
     if model.qformers["clip"].ln_vision is not None:
         model.qformers["clip"].ln_vision.eps = hf.vision_config.layer_norm_eps  # BLIP-2's post_layernorm

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from msmedcap.batch import DOMAINS
-from msmedcap.config import ModelConfig
+from msmedcap.config import ModelConfig, check_weights_given, random_frozen_parts
 from msmedcap.models.captioner import Captioner
 from msmedcap.data.transforms import NATIVE_KEY, resize_pending
 from msmedcap.models.feature_cache import KEY as CACHE_KEY, batch_rows
-from msmedcap.models.encoders import DTYPES, fixed_seed, frozen_dtype
+from msmedcap.models.encoders import DTYPES, built_in, fixed_seed, frozen_dtype, warn_random
 from msmedcap.models.qformer import QFormer
 from msmedcap.models.stage1 import stage1_branch_loss, touch
 from msmedcap.registry import encoder_spec
@@ -49,16 +49,22 @@ class MSMedCap(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.branches = tuple(cfg.branches)
+        check_weights_given(cfg)  # config validation did already; a ModelConfig built in code too
         dtype = frozen_dtype(cfg.frozen_dtype)
         qtok = load_qformer_tokenizer(cfg.qformer.tokenizer)
         self.dec_token_id = qtok.bos_token_id
-        with fixed_seed():
+        with fixed_seed(), built_in(dtype):  # each frozen part built and loaded in its run dtype (no fp32 copy)
             self.encoders = nn.ModuleDict({b: encoder_spec(b).build(getattr(cfg, b)).freeze(dtype) for b in self.branches})
         self.qformers = nn.ModuleDict({
             b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id,
                        ln_vision=getattr(cfg, b).ln_vision) for b in self.branches})
         self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches},
                                    load_lm_tokenizer(cfg.lm.tokenizer), lm_dtype(cfg), with_lm=with_lm)
+        parts = {"model.sam.checkpoint": f"SAM {cfg.sam.type} image encoder",
+                 "model.clip.pretrained": f"CLIP tower {cfg.clip.name}", "model.lm.name_or_path": "LM (OPT)"}
+        for key in random_frozen_parts(cfg):  # refused by config validation unless model.allow_random_weights
+            if with_lm or key != "model.lm.name_or_path":
+                warn_random(parts[key], key)
         # routing[d, i] = samples of domain d train branch i in stage 1
         routing = [[b in cfg.routing.get(d, []) for b in self.branches] for d in DOMAINS]
         self.register_buffer("routing", torch.tensor(routing, dtype=torch.bool), persistent=False)

@@ -36,6 +36,12 @@ def qformer_hf_config(cfg: QFormerConfig, encoder_width: int, vocab_size: int, p
         attn_implementation="sdpa")
 
 
+# What BLIP-2 adds to BERT (random at init, whatever BERT gives): learned queries, the LayerNorm on the image
+# tokens, the ITC projections and temperature, the ITM head; and every layer's cross-attention. Every other
+# Q-Former tensor comes from BERT when model.qformer.init_from is set (the query FFN as a copy of the text FFN).
+BLIP2_ADDS = ("query_tokens", "ln_vision.", "vision_proj.", "text_proj.", "temp", "itm_head.")
+
+
 class QFormer(nn.Module):
     """Learned queries cross-attending one encoder's tokens (after a trainable LayerNorm, BLIP-2's
     ``ln_vision``, unless ``ln_vision=False``: then ``self.ln_vision`` is None and the tokens go in as
@@ -193,14 +199,20 @@ class QFormer(nn.Module):
         from the text FFN), embeddings and the LM head; cross-attention stays random."""
         from transformers import BertForMaskedLM
 
-        from msmedcap.config import resolve_asset
+        from msmedcap.config import ConfigError, resolve_asset
+        from msmedcap.models.encoders import weights_mismatch
 
-        bert = BertForMaskedLM.from_pretrained(resolve_asset(name_or_path)).state_dict()
+        try:
+            bert, info = BertForMaskedLM.from_pretrained(resolve_asset(name_or_path), output_loading_info=True)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ConfigError(f"model.qformer.init_from: {name_or_path} does not load as BERT: {str(e)[:500]}") from e
+        absent = set(info.get("missing_keys", ()))  # random in `bert`: not from the file
+        bert = {k: v for k, v in bert.state_dict().items() if k not in absent}
         mine = self.state_dict()
         loaded = {}
 
         def take(dst: str, src: str) -> None:
-            if src in bert and dst in mine:
+            if src in bert and dst in mine and bert[src].shape[1:] == mine[dst].shape[1:]:
                 value = bert[src]
                 if dst == "embeddings.word_embeddings.weight" or dst == "itg_bias":
                     n = min(value.shape[0], mine[dst].shape[0])  # our vocab adds [DEC]
@@ -229,5 +241,14 @@ class QFormer(nn.Module):
                     take(f"{dst}intermediate{suffix}.dense.{p}", f"{src}intermediate.dense.{p}")
                     take(f"{dst}output{suffix}.dense.{p}", f"{src}output.dense.{p}")
                     take(f"{dst}output{suffix}.LayerNorm.{p}", f"{src}output.LayerNorm.{p}")
+        expected = [k for k in mine if not k.startswith(BLIP2_ADDS) and ".crossattention." not in k]
+        missing = [k for k in expected if k not in loaded]
+        if missing:
+            lacks = (f" (the file lacks {len(absent)} of BertForMaskedLM's tensors: {', '.join(sorted(absent)[:4])}"
+                     + (", ..." if len(absent) > 4 else "") + ")") if absent else ""
+            raise weights_mismatch("model.qformer.init_from", name_or_path,
+                                   f"the BERT the Q-Former starts from (hidden_size {self.bert.config.hidden_size}, "
+                                   f"{len(self.bert.encoder.layer)} layers, with its masked-LM head for ITG){lacks}; "
+                                   "Q-Former tensors it leaves random are", missing)
         self.load_state_dict(loaded, strict=False)
         log.info("Q-Former: %d of %d tensors initialised from BERT %s", len(loaded), len(mine), name_or_path)

@@ -35,7 +35,9 @@ DROP_P = 0.1  # share of training prefixes with one caption token left out (the 
 
 
 def demo_lm_config():
-    return load_config("demo", ["model.lm.name_or_path=null"], check_files=False).model
+    # the LM this module trains starts random (the shipped one is its result)
+    return load_config("demo", ["model.lm.name_or_path=null", "model.allow_random_weights=true"],
+                       check_files=False).model
 
 
 def prefix_lengths(model_cfg) -> tuple:
