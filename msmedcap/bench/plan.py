@@ -46,7 +46,7 @@ GPUS = {
 RESERVED_GIB = 2.0
 FRAGMENTATION = 0.90
 ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
-RANDOM_OK = []  # the planner measures shapes: stand-ins of the real weights' sizes are allowed
+RANDOM_OK = ["model.allow_random_weights=true"]  # the planner measures shapes: stand-ins of the real weights' sizes
 
 
 def usable_bytes(memory_gib: float) -> float:
