@@ -10,7 +10,7 @@ from msmedcap.data.loader import make_train_loader
 
 
 def test_paper_figures():
-    cfg = load_config("paper", check_files=False)
+    cfg = load_config("paper", ["model.sam.checkpoint=sam_vit_b_01ec64.pth"], check_files=False)
     b = cfg.train.stage1.micro_batch_size
     pixels = 3 * (224 ** 2 + 1024 ** 2)
     assert pixels * b <= memory.batch_bytes(cfg, 1) < (pixels + 8000) * b
@@ -31,7 +31,7 @@ def test_sample_size_from_the_manifest():
 
 
 def test_shm_too_small_is_a_config_error_naming_the_fixes(monkeypatch):
-    cfg = load_config("paper", ["data.num_workers=8"], check_files=False)
+    cfg = load_config("paper", ["data.num_workers=8", "model.sam.checkpoint=sam_vit_b_01ec64.pth"], check_files=False)
     with pytest.raises(ConfigError) as e:
         memory.check_shm(cfg, 1, 8, available=64 * 2**20)  # docker's default --shm-size
     msg = str(e.value)

@@ -265,10 +265,26 @@ def plan_stage(model, cfg, stage: int, measured: dict, gpus: int, memory_gib: fl
         budget=usable_bytes(memory_gib), gpus=gpus, peak_tflops=peak_tflops, mfu=mfu)
 
 
-def build_for_stage(cfg, stage: int, dev: torch.device):
+def measurement_dtype(dev: torch.device, precision: str) -> torch.dtype:
+    """The trainables' dtype to measure in: the engine's where this device runs it natively (as the
+    engine would cast them), else fp32 (activations then scaled to the engine's element size)."""
+    from msmedcap.models.encoders import DTYPES, cpu_has_native_bf16
+
+    if precision == "fp32":
+        return torch.float32
+    native = dev.type == "cuda" or (precision == "bf16" and cpu_has_native_bf16())
+    return DTYPES[precision] if native else torch.float32
+
+
+def build_for_stage(cfg, stage: int, dev: torch.device, dtype: torch.dtype = torch.float32):
+    """The stage's model on ``dev``, its trainables and LM in ``dtype`` (what the engine runs them in)."""
     from msmedcap.models import build_model
 
+    cfg = copy.deepcopy(cfg)
+    cfg.model.lm.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     model = build_model(cfg.model, with_lm=stage == 2)
+    for _, p in model.trainable_named_parameters():
+        p.data = p.data.to(dtype)
     return model.to(dev)
 
 
@@ -278,13 +294,23 @@ def _elem(params) -> int:
 
 
 def preflight(model, cfg, stage: int, world_size: int, dev: torch.device, memory_gib: float, precision: str) -> dict:
-    """The plan of this stage on this device, measured on the model before its engine is built (the
-    trainables still fp32: their activations scaled to the engine's dtype); a micro batch that cannot
-    fit is a ConfigError naming the largest that does and the accumulation that keeps the global batch."""
+    """The plan of this stage on this device, measured on the model before its engine is built (its
+    trainables cast for the measurement as the engine will cast them, then given back their values); a
+    micro batch that cannot fit is a ConfigError naming the largest that does and the accumulation that
+    keeps the global batch."""
     from msmedcap.config import ConfigError
 
-    measured = measure_stage(model, cfg, stage, (1, 2), dev)
-    work = _elem(p for _, p in model.trainable_named_parameters())
+    dtype = measurement_dtype(dev, precision)
+    params = model.trainable_named_parameters()
+    kept = [p.data for _, p in params]
+    try:
+        for _, p in params:
+            p.data = p.data.to(dtype)
+        measured = measure_stage(model, cfg, stage, (1, 2), dev)
+    finally:
+        for (_, p), data in zip(params, kept):
+            p.data = data
+    work = dtype.itemsize
     plan = plan_stage(model, cfg, stage, measured, world_size, memory_gib, peak_tflops=1.0, mfu=1.0,
                       precision=precision, frozen_elem=_elem(model.encoders.parameters()),
                       act_scale=ELEMENT[precision] / work, enc_scale=1.0)
@@ -319,7 +345,7 @@ def plan_config(cfg, stages: tuple, gpus: int, targets: list, mfu: float, dev: t
     plans = []
     for stage in stages:
         t = time.time()
-        model = build_for_stage(copy.deepcopy(cfg), stage, dev)
+        model = build_for_stage(cfg, stage, dev, measurement_dtype(dev, precision))
         measured = measure_stage(model, cfg, stage, sizes, dev, captions)
         log(f"{cfg.model.variant} stage {stage}: measured at micro batch {', '.join(map(str, sizes))} on {dev.type} "
             f"in {time.time() - t:.0f} s")
