@@ -179,6 +179,20 @@ def measure_stage(model, cfg, stage: int, sizes: tuple, dev: torch.device, capti
     return out
 
 
+def captions_with_longest(cfg, tokens: int, pool: list) -> list:
+    """``pool`` with a first caption of at least ``tokens`` tokens for both tokenizers (up to their
+    limits): every measured batch holds it, so its text is padded as a large micro batch's would be."""
+    from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
+
+    m = cfg.model
+    qtok, lmtok = load_qformer_tokenizer(m.qformer.tokenizer), load_lm_tokenizer(m.lm.tokenizer)
+    want_q, want_lm = min(tokens, m.qformer.max_text_len), min(tokens, m.lm.max_caption_len)
+    long, words = pool[0], " ".join(pool).split()
+    while (len(qtok(long).input_ids) < want_q or len(lmtok(long).input_ids) < want_lm) and len(long) < 100 * tokens:
+        long += " " + " ".join(words)
+    return [long] + list(pool)
+
+
 def linear_fit(points: dict) -> tuple:
     """(per unit, fixed) through the two smallest sizes of ``{size: bytes}``."""
     (a, ya), (b, yb) = sorted(points.items())[:2]
@@ -397,6 +411,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="the engine's (bf16)")
     p.add_argument("--stages", default="1,2")
     p.add_argument("--variants", default="", help="comma-separated (default: the config's)")
+    p.add_argument("--caption-tokens", type=int, default=123,
+                   help="length of the longest caption in each measured batch (default 123: ROCO's p99, what a "
+                        "micro batch of ~100 holds)")
     p.add_argument("--measure", default="1,2,4", help="micro batches measured: the first two fit, the last checks")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -447,7 +464,9 @@ def run(args) -> int:
         raise ConfigError(f"--measure {args.measure}: at least two increasing micro batches")
     work = tempfile.TemporaryDirectory(prefix="msmedcap-plan-")
     cfg, standins = bench_config(args.config, [*RANDOM_OK, *args.overrides], Path(work.name))
-    captions = captions_from_shards(cfg, 256) or None
+    from msmedcap.bench.common import CAPTIONS
+
+    captions = captions_with_longest(cfg, args.caption_tokens, captions_from_shards(cfg, 256) or CAPTIONS)
     dev = device()
     plans = []
     for variant in [v for v in args.variants.split(",") if v] or [cfg.model.variant]:
@@ -466,7 +485,7 @@ def run(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "config": args.config, "overrides": args.overrides, "random_weight_standins": standins,
-            "measured_on": dev.type, "gpus": args.gpus, "mfu": args.mfu, "precision": args.precision,
+            "measured_on": dev.type, "caption_tokens": args.caption_tokens, "gpus": args.gpus, "mfu": args.mfu, "precision": args.precision,
             "reserved_gib": RESERVED_GIB, "fragmentation": FRAGMENTATION,
             "plans": [p.to_dict() for p in plans], "host": host}, indent=2, default=str))
     return 0
