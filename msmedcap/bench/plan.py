@@ -46,6 +46,8 @@ GPUS = {
 RESERVED_GIB = 2.0
 FRAGMENTATION = 0.90
 ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+# The longest caption a measured batch holds: ROCO's p99 in BERT WordPieces, what a micro batch of ~100 holds.
+LONGEST_CAPTION_TOKENS = 123
 RANDOM_OK = ["model.allow_random_weights=true"]  # the planner measures shapes: stand-ins of the real weights' sizes
 
 
@@ -179,18 +181,24 @@ def measure_stage(model, cfg, stage: int, sizes: tuple, dev: torch.device, capti
     return out
 
 
-def captions_with_longest(cfg, tokens: int, pool: list) -> list:
-    """``pool`` with a first caption of at least ``tokens`` tokens for both tokenizers (up to their
-    limits): every measured batch holds it, so its text is padded as a large micro batch's would be."""
+def captions_with_longest(cfg, stage: int, tokens: int, pool: list) -> list:
+    """``pool`` with a first caption of at least ``tokens`` tokens (up to the limit) for the tokenizer
+    the stage pads by: the Q-Former's in stage 1, the LM's in stage 2. Every measured batch holds it, so
+    its text is padded as a large micro batch's would be."""
     from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
 
     m = cfg.model
-    qtok, lmtok = load_qformer_tokenizer(m.qformer.tokenizer), load_lm_tokenizer(m.lm.tokenizer)
-    want_q, want_lm = min(tokens, m.qformer.max_text_len), min(tokens, m.lm.max_caption_len)
-    long, words = pool[0], " ".join(pool).split()
-    while (len(qtok(long).input_ids) < want_q or len(lmtok(long).input_ids) < want_lm) and len(long) < 100 * tokens:
-        long += " " + " ".join(words)
-    return [long] + list(pool)
+    if stage == 1:
+        tok, want = load_qformer_tokenizer(m.qformer.tokenizer), min(tokens, m.qformer.max_text_len)
+    else:
+        tok, want = load_lm_tokenizer(m.lm.tokenizer), min(tokens, m.lm.max_caption_len)
+    words = " ".join(pool).split()
+    long = []
+    for word in words * (tokens + 1):  # one word at a time: stop at the length, not a caption later
+        if len(tok(" ".join(long)).input_ids) >= want:
+            break
+        long.append(word)
+    return [" ".join(long)] + list(pool)
 
 
 def linear_fit(points: dict) -> tuple:
@@ -320,7 +328,10 @@ def preflight(model, cfg, stage: int, world_size: int, dev: torch.device, memory
     try:
         for _, p in params:
             p.data = p.data.to(dtype)
-        measured = measure_stage(model, cfg, stage, (1, 2), dev)
+        from msmedcap.bench.common import CAPTIONS
+
+        captions = captions_with_longest(cfg, stage, LONGEST_CAPTION_TOKENS, CAPTIONS)
+        measured = measure_stage(model, cfg, stage, (1, 2), dev, captions)
     finally:
         for (_, p), data in zip(params, kept):
             p.data = data
@@ -346,7 +357,8 @@ def preflight(model, cfg, stage: int, world_size: int, dev: torch.device, memory
 
 
 def plan_config(cfg, stages: tuple, gpus: int, targets: list, mfu: float, dev: torch.device,
-                sizes: tuple = (1, 2, 4), precision: str = "bf16", captions=None, log=print) -> list:
+                sizes: tuple = (1, 2, 4), precision: str = "bf16", captions=None, caption_tokens: int = 0,
+                log=print) -> list:
     """Measure ``cfg``'s stages on ``dev`` (one model per stage, released before the next) and plan them
     for each GPU of ``targets``: frozen encoders in fp16 unless ``model.frozen_dtype`` names another
     dtype, the LM and the trainables' activations in ``precision``. Returns StagePlans."""
@@ -360,7 +372,8 @@ def plan_config(cfg, stages: tuple, gpus: int, targets: list, mfu: float, dev: t
     for stage in stages:
         t = time.time()
         model = build_for_stage(cfg, stage, dev, measurement_dtype(dev, precision))
-        measured = measure_stage(model, cfg, stage, sizes, dev, captions)
+        pool = captions_with_longest(cfg, stage, caption_tokens, captions) if caption_tokens else captions
+        measured = measure_stage(model, cfg, stage, sizes, dev, pool)
         log(f"{cfg.model.variant} stage {stage}: measured at micro batch {', '.join(map(str, sizes))} on {dev.type} "
             f"in {time.time() - t:.0f} s")
         work = _elem(p for _, p in model.trainable_named_parameters())
@@ -411,7 +424,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="the engine's (bf16)")
     p.add_argument("--stages", default="1,2")
     p.add_argument("--variants", default="", help="comma-separated (default: the config's)")
-    p.add_argument("--caption-tokens", type=int, default=123,
+    p.add_argument("--caption-tokens", type=int, default=LONGEST_CAPTION_TOKENS,
                    help="length of the longest caption in each measured batch (default 123: ROCO's p99, what a "
                         "micro batch of ~100 holds)")
     p.add_argument("--measure", default="1,2,4", help="micro batches measured: the first two fit, the last checks")
@@ -466,14 +479,14 @@ def run(args) -> int:
     cfg, standins = bench_config(args.config, [*RANDOM_OK, *args.overrides], Path(work.name))
     from msmedcap.bench.common import CAPTIONS
 
-    captions = captions_with_longest(cfg, args.caption_tokens, captions_from_shards(cfg, 256) or CAPTIONS)
+    captions = captions_from_shards(cfg, 256) or CAPTIONS
     dev = device()
     plans = []
     for variant in [v for v in args.variants.split(",") if v] or [cfg.model.variant]:
         vcfg = copy.deepcopy(cfg)
         vcfg.model.variant = variant
         plans += plan_config(vcfg, tuple(int(s) for s in args.stages.split(",")), args.gpus, targets, args.mfu, dev,
-                             sizes, args.precision, captions, log=console.print)
+                             sizes, args.precision, captions, args.caption_tokens, log=console.print)
     table(plans, console)
     host = host_memory(cfg, tuple(int(s) for s in args.stages.split(",")), min(args.gpus, 8))
     for h in host:
