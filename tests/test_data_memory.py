@@ -17,8 +17,8 @@ def test_paper_figures():
     w = memory.worker_memory(cfg, 1, sample_bytes=200_000)
     assert w["shuffle_buffer_samples"] == 1000 and w["buffer_bytes"] == 200_000_000
     assert w["batches_in_flight"] == 3 and w["total_bytes"] == memory.worker_memory_bytes(cfg, 1, 200_000)
-    # 8 ranks x 8 workers x 2 prefetched batches of ~330 MB (micro batch 100)
-    assert 40e9 < memory.shm_need_bytes(cfg, 1, 8) < 45e9
+    # 8 ranks x 8 workers x 2 prefetched batches of ~165 MB (micro batch 50)
+    assert b == 50 and 20e9 < memory.shm_need_bytes(cfg, 1, 8) < 22.5e9
     assert memory.shm_need_bytes(cfg, 1, 8) == 8 * memory.shm_need_bytes(cfg, 1, 1)
 
 
@@ -35,7 +35,7 @@ def test_shm_too_small_is_a_config_error_naming_the_fixes(monkeypatch):
     with pytest.raises(ConfigError) as e:
         memory.check_shm(cfg, 1, 8, available=64 * 2**20)  # docker's default --shm-size
     msg = str(e.value)
-    for part in ("/dev/shm has 64.0 MiB free", "need up to 39.38 GiB", "8 rank(s)", "data.num_workers=8", "prefetch 2",
+    for part in ("/dev/shm has 64.0 MiB free", "need up to 19.69 GiB", "8 rank(s)", "data.num_workers=8", "prefetch 2",
                  "--ipc=host", "--shm-size=", "fewer data.num_workers", "train.stage1.micro_batch_size"):
         assert part in msg, (part, msg)
     assert memory.check_shm(cfg, 1, 8, available=64 * 2**30) > 0  # enough: the need, no error

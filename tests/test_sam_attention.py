@@ -16,17 +16,13 @@ from torch import nn
 from msmedcap.config import SamConfig
 from msmedcap.models import sam_patches
 from msmedcap.models.encoders import SamEncoder
+from test_model_kit import one_thread
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 # segment-anything's vit_b geometry at 1024 px (patch 16: a 64 x 64 global grid, 14 x 14 windows with

@@ -5,7 +5,7 @@ Sections (each records its numbers or its error; none starts once the budget is 
   relative error), SAM's neck LayerNorm2d input deviation against fp16's 255.9, ms per image;
 - ``steps``: stage 1 and 2 through the trainer's DeepSpeed engine (msmedcap.bench.step.bench_step) at
   each micro batch (16 and 32 by default): s/step, samples/s, FLOPs/sample, MFU, peak memory, with the
-  planner's prediction (msmedcap.bench.plan, measured at micro batch 1-2) beside it;
+  planner's prediction (msmedcap.bench.plan, measured at micro batch 2 and 4) beside it;
 - ``generate``: batched beam search at each batch (16 and 64) against batch 1, captions per second;
 - ``collectives``: the process group's object and tensor collectives in a world of one (NCCL on GPUs).
 Writes ``gpu_check.json`` and ``gpu_check.md`` (for docs/benchmarks.md) after every section.
@@ -125,7 +125,7 @@ def steps_section(cfg, dev, sizes: tuple, peak_tflops: float, iters: int = 2, ca
     for stage in (1, 2):
         torch.manual_seed(0)
         model = build_model(cfg.model, with_lm=stage == 2).to(dev)
-        measured = measure_stage(model, cfg, stage, (1, 2), dev, captions)
+        measured = measure_stage(model, cfg, stage, (2, 4), dev, captions)
         engine, ds = ds_engine(StageLoss(model, stage), model, cfg, stage, 2, 1)  # the engine's precision
         precision = precision_of(ds)
         engine.destroy()

@@ -100,10 +100,12 @@ def main(argv=None) -> int:
             done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             rows[impl] = json.loads(done.stdout.strip().splitlines()[-1])
         outs = {i: torch.load(Path(tmp, f"{i}.pt")) for i in impls}
+    from msmedcap.bench.common import device_name
+
     result = {"type": args.type, "image_size": 1024, "dtype": "fp32", "device": "cpu", "rows": rows,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "segment_anything": metadata.version("segment_anything"),
-                           "cpu": _cpu_name(), "cores": os.cpu_count()},
+                           "cpu": device_name(torch.device("cpu")), "cores": os.cpu_count()},
               "command": " ".join(["python -m msmedcap.bench.sam_attention", *(argv or sys.argv[1:])])}
     print("| attention | peak MiB (all images) | peak MiB per image | s per forward | s per image |")
     print("|---|---|---|---|---|")
@@ -123,16 +125,6 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
