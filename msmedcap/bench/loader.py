@@ -30,6 +30,7 @@ import json
 import statistics
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "--paper-sizes)")
     ap.add_argument("--paper-sizes", action="store_true", help="CLIP 224 / SAM 1024 on generated paper-size images")
     ap.add_argument("--samples", type=int, default=240, help="--paper-sizes: samples generated")
+    ap.add_argument("--figures-only", action="store_true",
+                    help="--paper-sizes: ~700 x 500 PNG figures alone (ROCO/MedICaT), not mixed with photo sizes")
     ap.add_argument("--data-dir", default=DATA_DIR, help="--paper-sizes: where they go")
     ap.add_argument("--repeats", type=int, default=1, help="runs per loader; medians reported")
     ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def loader_bench(preset: str = "demo", overrides=(), workers: int = 2, batches=None, paper_sizes: bool = False,
-                 samples: int = 240, data_dir: str = DATA_DIR, repeats: int = 1) -> dict:
+                 samples: int = 240, data_dir: str = DATA_DIR, repeats: int = 1, figures_only: bool = False) -> dict:
     """The three loaders' rates (medians over ``repeats``), bytes per sample and ratios."""
     overrides = list(overrides)
     if paper_sizes:
@@ -135,9 +138,10 @@ def loader_bench(preset: str = "demo", overrides=(), workers: int = 2, batches=N
     cfg = load_config(preset, overrides + [f"data.num_workers={workers}", "model.allow_random_weights=true"],
                       check_files=not paper_sizes)
     if paper_sizes:
-        from msmedcap.bench.loader_images import paper_size_shards
+        from msmedcap.bench.loader_images import FIGURE_KINDS, KINDS, paper_size_shards
 
-        cfg.data.train = [paper_size_shards(data_dir, samples)]
+        where = str(Path(data_dir) / "figures") if figures_only else data_dir
+        cfg.data.train = [paper_size_shards(where, samples, kinds=FIGURE_KINDS if figures_only else KINDS)]
     batches = batches or (15 if paper_sizes else 100)
     batch_size = cfg.train.stage1.micro_batch_size
     urls = [u for shard_set in parse_specs(cfg.data.train) for u in shard_set.urls]
@@ -161,7 +165,7 @@ def loader_bench(preset: str = "demo", overrides=(), workers: int = 2, batches=N
     rate = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in runs.items()}
     return {
         "workers": workers, "batch_size": batch_size, "batches": batches, "repeats": repeats,
-        "paper_sizes": paper_sizes, "overrides": overrides,
+        "paper_sizes": paper_sizes, "figures_only": figures_only, "overrides": overrides,
         "samples_per_s": {k: round(v, 1) for k, v in rate.items()},
         "samples_per_s_per_worker": {k: round(v / max(workers, 1), 1) for k, v in rate.items()},
         "samples_per_s_runs": {k: [round(r["samples_per_s"], 1) for r in v] for k, v in runs.items()},
@@ -209,6 +213,6 @@ def device_resize_cost(cfg, batches: int = 3) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     report = loader_bench(args.preset, args.overrides, args.workers, args.batches, args.paper_sizes, args.samples,
-                          args.data_dir, args.repeats)
+                          args.data_dir, args.repeats, args.figures_only)
     print(json.dumps(report, indent=1))
     return 0

@@ -18,6 +18,8 @@ SIZES = ((700, 500), (2000, 1500))
 MODES = ("RGB", "L")
 FORMATS = ("JPEG", "PNG")
 KINDS = list(itertools.product(SIZES, MODES, FORMATS))
+# ROCO / MedICaT figures alone: ~700 x 500 PNG, RGB and grey
+FIGURE_KINDS = list(itertools.product(SIZES[:1], MODES, ("PNG",)))
 
 
 def figure(index: int, size: tuple, mode: str) -> Image.Image:
@@ -39,9 +41,9 @@ def figure(index: int, size: tuple, mode: str) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode)
 
 
-def encoded(index: int) -> tuple:
-    """(extension, bytes, kind) of sample ``index``."""
-    size, mode, fmt = KINDS[index % len(KINDS)]
+def encoded(index: int, kinds: list = KINDS) -> tuple:
+    """(extension, bytes, kind) of sample ``index``, cycling through ``kinds``."""
+    size, mode, fmt = kinds[index % len(kinds)]
     buf = io.BytesIO()
     image = figure(index, size, mode)
     if fmt == "JPEG":
@@ -51,14 +53,14 @@ def encoded(index: int) -> tuple:
     return ("jpg" if fmt == "JPEG" else "png"), buf.getvalue(), f"{size[0]}x{size[1]} {mode} {fmt}"
 
 
-def paper_size_shards(out_dir, n: int = 240, shard_size: int = 40) -> str:
-    """Write (once; reused when ``out_dir`` already holds the same set) ``n`` samples; returns the
-    shard pattern with a domain spec, ready for ``data.train``."""
+def paper_size_shards(out_dir, n: int = 240, shard_size: int = 40, kinds: list = KINDS) -> str:
+    """Write (once; reused when ``out_dir`` already holds the same set) ``n`` samples of ``kinds``;
+    returns the shard pattern with a domain spec, ready for ``data.train``."""
     from msmedcap.data.shards import write_shards
 
     out = Path(out_dir)
     stamp = out / "loader_images.json"
-    want = {"n": n, "shard_size": shard_size, "kinds": [list(map(str, k)) for k in KINDS], "version": 1}
+    want = {"n": n, "shard_size": shard_size, "kinds": [list(map(str, k)) for k in kinds], "version": 1}
     shards = (n + shard_size - 1) // shard_size
     pattern = f"{out}/paper-{{000..{shards - 1:03d}}}.tar::1::medical::bench"
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
@@ -66,7 +68,7 @@ def paper_size_shards(out_dir, n: int = 240, shard_size: int = 40) -> str:
 
     def samples():
         for i in range(n):
-            ext, data, kind = encoded(i)
+            ext, data, kind = encoded(i, kinds)
             yield {"__key__": f"paper-{i:05d}", ext: data, "txt": f"synthetic figure {i}: {kind}",
                    "json": {"domain": "medical", "source": "bench", "kind": kind}}
 
