@@ -45,19 +45,16 @@ def load_opt(name_or_path: str, dtype: torch.dtype) -> OPTForCausalLM:
 
 def build_opt(cfg: LMConfig, tokenizer, dtype: torch.dtype) -> OPTForCausalLM:
     """OPT from ``name_or_path`` (its own weights and vocabulary) or random init from ``cfg.config``
-    (vocabulary = ``config.vocab_size`` or the tokenizer's length), built in ``dtype`` (no fp32 copy)."""
+    (:func:`lm_config`), built in ``dtype`` (no fp32 copy)."""
     if cfg.name_or_path:
         lm = load_opt(cfg.name_or_path, dtype)
     else:
-        kwargs = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **cfg.config}
+        config = lm_config(cfg, tokenizer)
         try:
-            config = OPTConfig(**kwargs)
             with built_in(dtype):
                 lm = OPTForCausalLM(config)
-        except TypeError as e:
+        except TypeError as e:  # a config value the model cannot be built with
             raise ConfigError(f"model.lm.config: {e}") from e
-        lm = lm.to(dtype)  # a no-op: built in dtype
     if len(tokenizer) > lm.config.vocab_size:
         raise ConfigError(f"model.lm.tokenizer has {len(tokenizer)} tokens, more than the LM's vocabulary "
                           f"({lm.config.vocab_size})")
@@ -66,7 +63,7 @@ def build_opt(cfg: LMConfig, tokenizer, dtype: torch.dtype) -> OPTForCausalLM:
 
 def lm_config(cfg: LMConfig, tokenizer) -> OPTConfig:
     """The LM's architecture without building it: ``name_or_path``'s config, or ``cfg.config`` with the
-    tokenizer's vocabulary and special tokens (what :func:`build_opt` builds)."""
+    tokenizer's vocabulary and special tokens (vocabulary = ``config.vocab_size`` or the tokenizer's length)."""
     if cfg.name_or_path:
         return OPTConfig.from_pretrained(resolve_asset(cfg.name_or_path))
     kwargs = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
