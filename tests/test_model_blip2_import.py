@@ -84,6 +84,19 @@ def test_imported_blip2_gives_transformers_logits_and_greedy_caption(tokenizers,
     assert any(ours_text)
 
 
+def test_stage_1_imports_blip2_without_building_the_lm(tokenizers, hf_dir):
+    """Stage 1 builds no LM (``with_lm=False``): the checkpoint's Q-Former and projection still load, and
+    every trainable comes out as in the whole model (same seed)."""
+    cfg = blip2_config(tokenizers, hf_dir)
+    torch.manual_seed(0)
+    stage1 = build_model(cfg.model, with_lm=False)
+    torch.manual_seed(0)
+    whole = build_model(cfg.model)
+    assert stage1.captioner.lm is None
+    for name, p in stage1.trainable_named_parameters():
+        assert torch.equal(p, dict(whole.trainable_named_parameters())[name]), name
+
+
 def test_blip2_import_rejects_a_config_that_does_not_fit(tokenizers, hf_dir):
     with pytest.raises(ConfigError, match="qformer.num_layers"):
         build_model(blip2_config(tokenizers, hf_dir, "model.qformer.num_layers=4").model)

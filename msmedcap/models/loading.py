@@ -129,8 +129,9 @@ _TEXT_FFN = re.compile(r"qformers\.clip\.bert\.encoder\.layer\.\d+\.(intermediat
 def blip2_expected(model: MSMedCap) -> list:
     """The model's tensors a ``Blip2ForConditionalGeneration`` checkpoint provides: the CLIP branch's
     Q-Former (queries, ``ln_vision`` if any, its layers but the text FFN: BLIP-2's captioner has no text
-    input), the CLIP projection and the whole LM (but a head tied to the input embeddings)."""
-    tied = "captioner.lm.lm_head.weight" if model.captioner.lm.config.tie_word_embeddings else None
+    input), the CLIP projection and the whole LM when it is built (but a head tied to the input embeddings)."""
+    lm = model.captioner.lm
+    tied = "captioner.lm.lm_head.weight" if lm is not None and lm.config.tie_word_embeddings else None
     return [k for k in model.state_dict() if k != tied and not _TEXT_FFN.match(k) and k.startswith((
         "qformers.clip.query_tokens", "qformers.clip.ln_vision.", "qformers.clip.bert.",
         "captioner.projections.clip.", "captioner.lm."))]
