@@ -221,6 +221,16 @@ def timed(fn: Callable, dev: torch.device, iters: int, warmup: int) -> float:
     return best
 
 
+def packaged_ds_config(cfg, stage: int, world_size: int) -> dict:
+    """The packaged copy of ds_configs/zero2.json (an installed wheel has no checkout) filled from
+    ``cfg``'s stage for this machine's accelerator."""
+    from msmedcap.config import resolve_asset
+    from msmedcap.train.ds_config import read_ds_json
+    from msmedcap.train.engine import stage_ds_config
+
+    return stage_ds_config(read_ds_json(Path(resolve_asset("pkg://ds_configs/zero2.json"))), cfg, stage, world_size)
+
+
 def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, micro_batch: int):
     """The trainer's engine (msmedcap.train.engine.build_engine: trainable parameters only, its LR
     schedule, frozen parts back in their dtype) on the packaged ds_configs/zero2.json filled from ``cfg``, with ZeRO
@@ -228,8 +238,7 @@ def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, 
     set one up."""
     import copy
 
-    from msmedcap.train.ds_config import read_ds_json
-    from msmedcap.train.engine import build_engine, stage_ds_config
+    from msmedcap.train.engine import build_engine
     from msmedcap.train.world import init_world, single_process_env
 
     single_process_env()
@@ -237,10 +246,7 @@ def ds_engine(module: torch.nn.Module, model, cfg, stage: int, zero_stage: int, 
     cfg = copy.deepcopy(cfg)
     st = getattr(cfg.train, f"stage{stage}")
     st.micro_batch_size, st.grad_accum = micro_batch, 1
-    from msmedcap.config import resolve_asset
-
-    # the packaged copy of ds_configs/zero2.json: an installed wheel has no checkout
-    ds = stage_ds_config(read_ds_json(Path(resolve_asset("pkg://ds_configs/zero2.json"))), cfg, stage, world.size)
+    ds = packaged_ds_config(cfg, stage, world.size)
     ds["zero_optimization"]["stage"] = zero_stage
     engine, _ = build_engine(model, cfg, stage, ds, module=module)
     return engine, ds

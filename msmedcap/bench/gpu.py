@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from msmedcap.bench.common import device_name, ds_engine, synthetic_batch, to_device
-from msmedcap.bench.plan import ELEMENT, GIB, measure_stage, plan_stage
+from msmedcap.bench.common import device_name, synthetic_batch, to_device
+from msmedcap.bench.plan import GIB, LONGEST_CAPTION_TOKENS, captions_with_longest, plan_before_engine
 
 FP16_MAX_SQUARE_ROOT = 255.9  # (x - u)^2 overflows fp16 above this deviation
 
@@ -116,25 +116,21 @@ def loader_shaped_batch(cfg, size: int, dev, captions=None) -> dict:
 
 
 def steps_section(cfg, dev, sizes: tuple, peak_tflops: float, iters: int = 2, captions=None, log=print) -> list:
+    from msmedcap.bench.common import CAPTIONS, packaged_ds_config
     from msmedcap.bench.step import bench_step
     from msmedcap.models import build_model
     from msmedcap.train.ds_config import precision_of
-    from msmedcap.train.engine import StageLoss
 
     rows = []
     for stage in (1, 2):
         torch.manual_seed(0)
         model = build_model(cfg.model, with_lm=stage == 2).to(dev)
-        measured = measure_stage(model, cfg, stage, (2, 4), dev, captions)
-        engine, ds = ds_engine(StageLoss(model, stage), model, cfg, stage, 2, 1)  # the engine's precision
-        precision = precision_of(ds)
-        engine.destroy()
-        work = next(p for _, p in model.trainable_named_parameters()).element_size()
-        plan = plan_stage(model, cfg, stage, measured, 1, 1e6, peak_tflops, 1.0, precision,
-                          frozen_elem=next(model.encoders.parameters()).element_size(),
-                          act_scale=ELEMENT[precision] / work, enc_scale=1.0)
+        precision = precision_of(packaged_ds_config(cfg, stage, 1))
+        plan = plan_before_engine(model, cfg, stage, 1, dev, 1e6, precision, peak_tflops)
+        # the steps' batches hold the caption the plan measured with, so the two peaks compare
+        pool = captions_with_longest(cfg, stage, LONGEST_CAPTION_TOKENS, captions or CAPTIONS)
         for size in sizes:
-            batch = loader_shaped_batch(cfg, size, torch.device("cpu"), captions)
+            batch = loader_shaped_batch(cfg, size, torch.device("cpu"), pool)
             row = bench_step(model, cfg, stage, batch, dev, iters, 1, {"tflops": peak_tflops})
             row["planned_peak_gib"] = plan.peak_bytes(size) / GIB
             if row.get("peak_memory_mib"):

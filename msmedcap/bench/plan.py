@@ -173,9 +173,10 @@ def measure_stage(model, cfg, stage: int, sizes: tuple, dev: torch.device, capti
             if "flops_per_sample" not in out:
                 _, flops = count_flops(lambda: _step(model, stage, batch))
                 out["flops_per_sample"] = flops / size
-        with torch.no_grad():
-            _, enc_flops = count_flops(lambda: [model.encode(batch, b) for b in model.branches])
-        out.setdefault("encoder_flops_per_sample", enc_flops / size)
+        if "encoder_flops_per_sample" not in out:  # once, as the step's: the encoders run again for it
+            with torch.no_grad():
+                _, enc_flops = count_flops(lambda: [model.encode(batch, b) for b in model.branches])
+            out["encoder_flops_per_sample"] = enc_flops / size
         del features, batch
     model.set_stage(None)
     return out
@@ -315,12 +316,12 @@ def _elem(params) -> int:
     return next(iter(params)).element_size()
 
 
-def preflight(model, cfg, stage: int, world_size: int, dev: torch.device, memory_gib: float, precision: str) -> dict:
-    """The plan of this stage on this device, measured on the model before its engine is built (its
-    trainables cast for the measurement as the engine will cast them, then given back their values); a
-    micro batch that cannot fit is a ConfigError naming the largest that does and the accumulation that
-    keeps the global batch."""
-    from msmedcap.config import ConfigError
+def plan_before_engine(model, cfg, stage: int, world_size: int, dev: torch.device, memory_gib: float, precision: str,
+                       peak_tflops: float = 1.0, mfu: float = 1.0) -> StagePlan:
+    """The plan of this stage on this device, measured on the model before its engine is built: its
+    trainables cast for the measurement as the engine will cast them, then given back their values; each
+    measured batch holds a caption of :data:`LONGEST_CAPTION_TOKENS`."""
+    from msmedcap.bench.common import CAPTIONS
 
     dtype = measurement_dtype(dev, precision)
     params = model.trainable_named_parameters()
@@ -328,17 +329,22 @@ def preflight(model, cfg, stage: int, world_size: int, dev: torch.device, memory
     try:
         for _, p in params:
             p.data = p.data.to(dtype)
-        from msmedcap.bench.common import CAPTIONS
-
         captions = captions_with_longest(cfg, stage, LONGEST_CAPTION_TOKENS, CAPTIONS)
         measured = measure_stage(model, cfg, stage, (2, 4), dev, captions)  # even: the same domain mix
     finally:
         for (_, p), data in zip(params, kept):
             p.data = data
-    work = dtype.itemsize
-    plan = plan_stage(model, cfg, stage, measured, world_size, memory_gib, peak_tflops=1.0, mfu=1.0,
-                      precision=precision, frozen_elem=_elem(model.encoders.parameters()),
-                      act_scale=ELEMENT[precision] / work, enc_scale=1.0)
+    return plan_stage(model, cfg, stage, measured, world_size, memory_gib, peak_tflops, mfu, precision,
+                      frozen_elem=_elem(model.encoders.parameters()), act_scale=ELEMENT[precision] / dtype.itemsize,
+                      enc_scale=1.0)
+
+
+def preflight(model, cfg, stage: int, world_size: int, dev: torch.device, memory_gib: float, precision: str) -> dict:
+    """:func:`plan_before_engine` for ``msmedcap train``: a micro batch that cannot fit is a ConfigError
+    naming the largest that does and the accumulation that keeps the global batch."""
+    from msmedcap.config import ConfigError
+
+    plan = plan_before_engine(model, cfg, stage, world_size, dev, memory_gib, precision)
     summary = plan.to_dict()
     if not summary["fits"]:
         micro, accum, _ = stage_settings(cfg, stage)

@@ -83,12 +83,12 @@ def build_engine(model: nn.Module, cfg: Config, stage: int, ds_config: dict, mod
 
     st = getattr(cfg.train, f"stage{stage}")
     module = StageLoss(model, stage) if module is None else module
-    hidden = model.without_frozen_parts() if hasattr(model, "without_frozen_parts") else nullcontext()
-    with hidden:
+    has_frozen = hasattr(model, "without_frozen_parts")  # MSMedCap; a bare module has no frozen parts
+    with model.without_frozen_parts() if has_frozen else nullcontext():
         engine, _, _, scheduler = deepspeed.initialize(
             model=module, model_parameters=param_groups(model, st.weight_decay, stage), config=ds_config,
             lr_scheduler=None if "scheduler" in ds_config else warmup_cosine(st))
-    if hasattr(model, "frozen_to"):
+    if has_frozen:
         model.frozen_to(engine.device)
         model.restore_held()
     return engine, scheduler
