@@ -47,7 +47,7 @@ from msmedcap.batch import DOMAIN_INDEX
 from msmedcap.config import Config, ConfigError, expand_braces, parse_shard_spec
 import numpy as np
 
-from msmedcap.data.decode import IMAGE_KEYS, SkipCounter, decode_sample, image_member, parse_caption, parse_meta
+from msmedcap.data.decode import SkipCounter, decode_sample, image_member, parse_caption, parse_meta
 from msmedcap.data.transforms import NATIVE_KEY, stack_pixels
 from msmedcap.data.gpu_decode import gpu_decode_available
 from msmedcap.data.shards import check_spec_has_domain, iter_raw_samples, label_sample
@@ -173,7 +173,7 @@ class SampleProcessor:
             if self.cache is not None:
                 sample["image_sha256"], sample["cached"] = self._found
             else:
-                sample["image_sha256"] = hashlib.sha256(raw[next(k for k in IMAGE_KEYS if k in raw)]).hexdigest()
+                sample["image_sha256"] = hashlib.sha256(raw[image_member(raw)]).hexdigest()
         return sample
 
     def collate(self, samples: list, counter: SkipCounter) -> dict:
