@@ -90,6 +90,18 @@ class QFormerConfig:
 
 
 @dataclass
+class LMLoraConfig:
+    """LoRA on the frozen LM (peft): low-rank adapters beside ``target_modules``, trained in stage 2 and
+    merged into the LM for inference (msmedcap.models.lora, docs/lora.md)."""
+    r: int = 8  # rank
+    alpha: float = 16.0  # peft's lora_alpha: the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapters' input (the frozen LM itself runs without dropout)
+    # Names (or name suffixes) of the LM's modules to adapt, peft's list matching; ["all-linear"]: every
+    # linear layer but the output head; empty: peft's default for the LM's family (OPT, Llama: q_proj, v_proj).
+    target_modules: list = field(default_factory=list)
+
+
+@dataclass
 class LMConfig:
     # HF name or directory; None = random init from `config`, refused unless model.allow_random_weights
     # (or model.blip2_checkpoint provides the LM)
@@ -103,6 +115,7 @@ class LMConfig:
     # auto = train.precision's (written into the run's config.yaml); fp16 only under the fp16 engine,
     # whose dynamic loss scale keeps small gradients. Without an engine (evaluate, caption) auto = frozen_dtype.
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    lora: Optional[LMLoraConfig] = None  # None: the LM stays frozen as it is
 
 
 @dataclass
@@ -298,6 +311,9 @@ def _build(cls, data: dict, prefix: str = ""):
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
+        if "lora" in unknown and prefix.startswith("model"):  # e.g. model.clip.lora: only the LM takes adapters
+            raise ConfigError(f"{where}lora: LoRA adapts the language model only (model.lm.lora); the image encoders "
+                              "stay frozen and the Q-Formers are trained whole")
         raise ConfigError(f"unknown config key '{where}{unknown[0]}' (known keys there: {', '.join(sorted(names))})")
     obj = cls()
     for name, value in data.items():
@@ -608,6 +624,19 @@ def _check_fields(cfg: "Config") -> None:
     if hidden and heads and hidden % heads:
         raise ConfigError(f"model.lm.config.hidden_size must be divisible by model.lm.config.num_attention_heads "
                           f"({heads}), got {hidden}")
+    if lm.lora is not None:  # which modules exist is checked against the LM itself (models.lora.check_lora)
+        lo = lm.lora
+        if lo.r < 1:
+            raise ConfigError(f"model.lm.lora.r must be an integer >= 1, got {lo.r!r}")
+        if not lo.alpha > 0:
+            raise ConfigError(f"model.lm.lora.alpha must be > 0, got {lo.alpha!r}")
+        if not 0 <= lo.dropout < 1:
+            raise ConfigError(f"model.lm.lora.dropout must be in [0, 1), got {lo.dropout!r}")
+        names = lo.target_modules
+        if not all(isinstance(t, str) and t.strip() for t in names) or len(set(names)) != len(names):
+            raise ConfigError(f"model.lm.lora.target_modules must be distinct module names, got {names!r}")
+        if "all-linear" in names and len(names) > 1:
+            raise ConfigError(f"model.lm.lora.target_modules: all-linear stands alone, got {names!r}")
     positions = lm.config.get("max_position_embeddings")
     prefix = lm.num_soft_prompts + m.qformer.num_query_tokens * len(m.branches)
     if positions and prefix + lm.max_caption_len > positions:

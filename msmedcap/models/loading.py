@@ -15,6 +15,7 @@ import yaml
 
 from msmedcap.config import ConfigError, ModelConfig, config_from_dict, resolve_asset
 from msmedcap.models.encoders import weights_mismatch
+from msmedcap.models.lora import add_lora, check_lora, merge_lora
 from msmedcap.models.msmedcap_model import MSMedCap
 from msmedcap.models.stage1_import import import_stage1
 from msmedcap.models.weights_io import (CONFIG_FILE, TRAINABLE_FILE, load_trainable, read_state_dict,  # noqa: F401
@@ -35,6 +36,8 @@ def build_model(cfg: ModelConfig, init_trainables: bool = True, with_lm: bool = 
     if cfg.blip2_checkpoint and not cfg.lm.name_or_path and not cfg.lm.config:
         cfg = copy.deepcopy(cfg)
         cfg.lm.config = blip2_text_config(cfg.blip2_checkpoint)
+    if with_lm:
+        check_lora(cfg)  # a LoRA target the LM lacks fails before any weight is read
     model = MSMedCap(cfg, with_lm=with_lm)
     if cfg.qformer.init_from and init_trainables:
         for qformer in model.qformers.values():
@@ -47,6 +50,7 @@ def build_model(cfg: ModelConfig, init_trainables: bool = True, with_lm: bool = 
                                                          branch_cfg.stage1_skip)
     if cfg.blip2_checkpoint:
         import_blip2(model, cfg.blip2_checkpoint)
+    add_lora(model)  # after every LM weight is loaded (under the LM's own tensor names)
     if cfg.feature_cache:
         from msmedcap.models.feature_cache import attach_feature_cache
 
@@ -57,8 +61,9 @@ def build_model(cfg: ModelConfig, init_trainables: bool = True, with_lm: bool = 
     return model
 
 
-def load_from_export(path_dir) -> tuple:
-    """Rebuild the model of an export (frozen parts from their original weights) -> (model, Config)."""
+def load_from_export(path_dir, merge: bool = True) -> tuple:
+    """Rebuild the model of an export (frozen parts from their original weights) -> (model, Config), for
+    inference: an LM's LoRA is merged into its weights (``merge=False`` keeps the adapters apart)."""
     path_dir = Path(path_dir)
     try:
         cfg = config_from_dict(yaml.safe_load((path_dir / CONFIG_FILE).read_text()))
@@ -66,6 +71,8 @@ def load_from_export(path_dir) -> tuple:
         raise FileNotFoundError(f"{path_dir} is not an export: no {CONFIG_FILE}") from None
     model = build_model(cfg.model, init_trainables=False)
     model.load_trainable(path_dir, strict=True)
+    if merge:
+        merge_lora(model)
     return model, cfg
 
 

@@ -71,7 +71,7 @@ class MSMedCap(nn.Module):
         self.feature_cache = None  # a models.feature_cache.FeatureCache when model.feature_cache is set
         # The model's trainables (exported, loaded, hashed, whatever the stage): fixed here. A stage trains
         # a subset of them (set_stage); the others are frozen for that stage only.
-        self._trainable_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
+        self.note_trainables()
         self._held: dict = {}  # stage-frozen trainables' values while an engine may cast them (set_stage)
         self.stage = None
         name = lambda t: str(t).replace("torch.", "")  # noqa: E731
@@ -85,6 +85,11 @@ class MSMedCap(nn.Module):
         super().train(mode)  # encoders and the LM override train() and stay in eval mode
         return self
 
+    def note_trainables(self) -> None:
+        """Fix the model's trainables: the parameters that require a gradient now (at build, before any
+        stage scopes them; again when LoRA adapters are added to the LM or merged into it)."""
+        self._trainable_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
+
     def frozen_parts(self) -> list:
         """``(parent, name)`` of each frozen module: the image encoders and, when built, the LM."""
         parts = [(self, "encoders")]
@@ -96,12 +101,18 @@ class MSMedCap(nn.Module):
     def without_frozen_parts(self):
         """The frozen encoders and LM out of the module tree (same order after): a DeepSpeed engine casts
         and moves every parameter it can see, and would leave the frozen weights rounded to its dtype."""
+        from msmedcap.models.lora import adapter_modules
+
         parts = [(parent, name, parent._modules[name]) for parent, name in self.frozen_parts()]
+        adapters = adapter_modules(self.captioner.lm)  # the LM's LoRA stays in sight: it trains
         for parent, name, _ in parts:
             parent._modules[name] = None  # a None child keeps its place and owns no parameters
+        if len(adapters):
+            self.captioner._modules["lm_adapters"] = adapters
         try:
             yield
         finally:
+            self.captioner._modules.pop("lm_adapters", None)
             for parent, name, module in parts:
                 parent._modules[name] = module
 
@@ -185,10 +196,10 @@ class MSMedCap(nn.Module):
         (``stage1.touch``): a whole-tensor fp16 sum can overflow, and 0 x inf would log the loss as NaN."""
         return touch(p for _, p in self.trainable_named_parameters() if p.requires_grad)
 
-    def load_trainable(self, path, strict: bool = True) -> None:
+    def load_trainable(self, path, strict: bool = True, fresh=()) -> None:
         from msmedcap.models.weights_io import load_trainable
 
-        load_trainable(self, Path(path), strict=strict)
+        load_trainable(self, Path(path), strict=strict, fresh=fresh)
 
     # ----------------------------------------------------------------- forward pieces
     @property

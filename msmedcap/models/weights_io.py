@@ -34,16 +34,17 @@ def save_trainable(model, path_dir, cfg) -> Path:
     return path_dir
 
 
-def load_trainable(model, path, strict: bool = True) -> None:
+def load_trainable(model, path, strict: bool = True, fresh=()) -> None:
     """Load an export's trainable weights (a directory or the ``.safetensors`` file). ``strict=False``
-    allows missing and extra names (e.g. stage 2 starting from another variant's stage 1)."""
+    allows missing and extra names (e.g. stage 2 starting from another variant's stage 1); names in
+    ``fresh`` may be missing and keep their initialisation (the LM's LoRA, which stage 1 has not)."""
     path = Path(path)
     file = path / TRAINABLE_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no trainable weights at {file}")
     state = load_file(str(file))
     params = dict(model.trainable_named_parameters())
-    missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    missing, unexpected = sorted(params.keys() - state.keys() - set(fresh)), sorted(state.keys() - params.keys())
     if strict and (missing or unexpected):
         raise ValueError(f"{file}: {len(missing)} trainable tensors missing {missing[:5]}, "
                          f"{len(unexpected)} unexpected {unexpected[:5]}")

@@ -84,9 +84,10 @@ def build_engine(model: nn.Module, cfg: Config, stage: int, ds_config: dict, mod
     st = getattr(cfg.train, f"stage{stage}")
     module = StageLoss(model, stage) if module is None else module
     has_frozen = hasattr(model, "without_frozen_parts")  # MSMedCap; a bare module has no frozen parts
+    groups = param_groups(model, st.weight_decay, stage)  # by name, with the LM (and its LoRA) in the tree
     with model.without_frozen_parts() if has_frozen else nullcontext():
         engine, _, _, scheduler = deepspeed.initialize(
-            model=module, model_parameters=param_groups(model, st.weight_decay, stage), config=ds_config,
+            model=module, model_parameters=groups, config=ds_config,
             lr_scheduler=None if "scheduler" in ds_config else warmup_cosine(st))
     if has_frozen:
         model.frozen_to(engine.device)

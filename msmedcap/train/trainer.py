@@ -175,13 +175,15 @@ class Trainer:
     # ------------------------------------------------------------------ one stage
     def build(self, stage: int) -> nn.Module:
         from msmedcap.models import build_model
+        from msmedcap.models.lora import lora_parameter_names
 
         seed_everything(self.cfg.train.seed)  # identical frozen weights and initial trainables on all ranks
         init = export_dir(self.cfg, 1)
         if stage == 2 and init.is_dir():
             self.print0(f"stage 2 starts from stage 1's export {init}")
             model = build_model(self.cfg.model, init_trainables=False)
-            model.load_trainable(init, strict=True)
+            # stage 1 builds no LM: the LM's LoRA starts at its initialisation (B = 0, the LM unchanged)
+            model.load_trainable(init, strict=True, fresh=lora_parameter_names(model))
         else:
             if stage == 2:
                 self.print0(f"warning: no stage-1 export at {init}; stage 2 starts from the model config's weights")
@@ -210,6 +212,10 @@ class Trainer:
         for s in stages:
             self.ds_config(s)  # a contradicting JSON fails before any work
         self.resolve_lm_dtype()
+        if 2 in stages:
+            from msmedcap.models.lora import check_lora
+
+            check_lora(cfg.model)  # model.lm.lora against the LM's modules, before stage 1 runs
         if cfg.train.eval_at_end and stages[-1] == 2:
             from msmedcap.eval.scoring import JavaMissing, require_java
 
