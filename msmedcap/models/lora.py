@@ -43,8 +43,12 @@ def _inject(lm: nn.Module, lora: LMLoraConfig, low_cpu_mem_usage: bool = False):
     try:
         return LoraModel(lm, peft_config(lora), ADAPTER, low_cpu_mem_usage=low_cpu_mem_usage)
     except ValueError as e:  # no target found, an unsupported module type, no default for this family
+        text = str(e)
+        if " is not supported. " in text:  # peft prints the whole module: its class name says enough
+            kind = text.partition("Target module ")[2].partition("(")[0]
+            text = f"a {kind} cannot be adapted. {text.partition(' is not supported. ')[2]}"
         raise ConfigError(f"model.lm.lora.target_modules={lora.target_modules or '(peft default)'}: "
-                          f"{str(e)[:500]}") from e
+                          f"{text[:500]}") from e
 
 
 def _skeleton(cfg: ModelConfig) -> nn.Module:
