@@ -188,6 +188,10 @@ class Trainer:
             if stage == 2:
                 self.print0(f"warning: no stage-1 export at {init}; stage 2 starts from the model config's weights")
             model = build_model(self.cfg.model, with_lm=stage == 2)  # stage 1 never runs the LM
+        lora = lora_parameter_names(model)
+        if lora:
+            count = sum(model.get_parameter(n).numel() for n in lora)
+            self.print0(f"stage {stage}: LoRA on the LM (model.lm.lora): {count} trainable parameters in {len(lora)} tensors")
         if self.cfg.train.activation_checkpointing:
             model.checkpoint_activations()
         return model

@@ -68,6 +68,9 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "reference"
     rc, log = launch(pretrain(out), out.parent / "reference.log")
     assert rc == 0, log[-3000:]
+    # peft's count for r=4 on the demo OPT's q_proj and v_proj: 2 layers x 2 x 4 x (64 + 64)
+    assert "stage 2: LoRA on the LM (model.lm.lora): 2048 trainable parameters in 8 tensors" in log
+    assert "stage 1: LoRA" not in log
     return out
 
 
