@@ -33,9 +33,7 @@ def build_model(cfg: ModelConfig, init_trainables: bool = True, with_lm: bool = 
 
     With ``blip2_checkpoint`` and neither ``lm.name_or_path`` nor ``lm.config``, OPT's architecture comes
     from the checkpoint's ``text_config`` (its weights from the checkpoint)."""
-    if cfg.blip2_checkpoint and not cfg.lm.name_or_path and not cfg.lm.config:
-        cfg = copy.deepcopy(cfg)
-        cfg.lm.config = blip2_text_config(cfg.blip2_checkpoint)
+    cfg = with_lm_architecture(cfg)
     if with_lm:
         check_lora(cfg)  # a LoRA target the LM lacks fails before any weight is read
     model = MSMedCap(cfg, with_lm=with_lm)
@@ -59,6 +57,15 @@ def build_model(cfg: ModelConfig, init_trainables: bool = True, with_lm: bool = 
     log.info("parameters: %s", ", ".join(f"{k} {v['trainable'] / 1e6:.1f}M trainable + {v['frozen'] / 1e6:.1f}M "
                                          "frozen" for k, v in counts.items()))
     return model
+
+
+def with_lm_architecture(cfg: ModelConfig) -> ModelConfig:
+    """``cfg``, or with ``blip2_checkpoint`` and neither ``lm.name_or_path`` nor ``lm.config`` a copy whose
+    ``lm.config`` is the checkpoint's ``text_config``: what the LM is built from."""
+    if cfg.blip2_checkpoint and not cfg.lm.name_or_path and not cfg.lm.config:
+        cfg = copy.deepcopy(cfg)
+        cfg.lm.config = blip2_text_config(cfg.blip2_checkpoint)
+    return cfg
 
 
 def load_from_export(path_dir, merge: bool = True) -> tuple:

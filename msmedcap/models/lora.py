@@ -13,13 +13,13 @@ empty (meta-device) copy of the LM first, so a target that matches nothing fails
 """
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 from torch import nn
 
-from msmedcap.config import ConfigError, LMLoraConfig, ModelConfig
+from msmedcap.errors import ConfigError
+from msmedcap.models.lora_settings import LMLoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +51,25 @@ def _inject(lm: nn.Module, lora: LMLoraConfig, low_cpu_mem_usage: bool = False):
                           f"{text[:500]}") from e
 
 
-def _skeleton(cfg: ModelConfig) -> nn.Module:
-    """The LM of ``cfg`` on the meta device: its module tree, no weights allocated or read."""
+def _skeleton(cfg) -> nn.Module:
+    """The LM of ``cfg`` (a ModelConfig whose LM architecture is given: loading.with_lm_architecture) on
+    the meta device: its module tree, no weights allocated or read."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from msmedcap.models.captioner import lm_config
     from msmedcap.tokenization import load_lm_tokenizer
 
-    if cfg.blip2_checkpoint and not cfg.lm.name_or_path and not cfg.lm.config:  # as build_model does
-        from msmedcap.models.loading import blip2_text_config
-
-        cfg = copy.deepcopy(cfg)
-        cfg.lm.config = blip2_text_config(cfg.blip2_checkpoint)
     config = lm_config(cfg.lm, load_lm_tokenizer(cfg.lm.tokenizer))
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with torch.device("meta"):
         return auto.from_config(config)
 
 
-def check_lora(cfg: ModelConfig) -> None:
-    """``model.lm.lora`` against the LM it would adapt, before any weight is read: every entry of
-    ``target_modules`` must name modules of the LM (a typo would otherwise leave part of the intended
-    adaptation out silently), and peft must accept them (types it can adapt). No-op without LoRA."""
+def check_lora(cfg) -> None:
+    """``model.lm.lora`` (``cfg``: a ModelConfig through loading.with_lm_architecture) against the LM it
+    would adapt, before any weight is read: every entry of ``target_modules`` must name modules of the
+    LM (a typo would otherwise leave part of the intended adaptation out silently), and peft must accept
+    them (types it can adapt). No-op without LoRA."""
     lora = cfg.lm.lora
     if lora is None:
         return

@@ -217,9 +217,10 @@ class Trainer:
             self.ds_config(s)  # a contradicting JSON fails before any work
         self.resolve_lm_dtype()
         if 2 in stages:
+            from msmedcap.models.loading import with_lm_architecture
             from msmedcap.models.lora import check_lora
 
-            check_lora(cfg.model)  # model.lm.lora against the LM's modules, before stage 1 runs
+            check_lora(with_lm_architecture(cfg.model))  # model.lm.lora against the LM's modules, before stage 1
         if cfg.train.eval_at_end and stages[-1] == 2:
             from msmedcap.eval.scoring import JavaMissing, require_java
 

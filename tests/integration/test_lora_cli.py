@@ -10,7 +10,6 @@ and the default precision (bf16 on a CPU with native bf16, else fp32):
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -23,12 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.runs import TINY_RUN, losses, with_overrides
+
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
-RUN = ["model.lm.lora.r=4", "model.lm.lora.alpha=8", "train.stage1.steps=2", "train.stage2.steps=6",
-       "train.stage1.micro_batch_size=4", "train.stage2.micro_batch_size=4", "train.stage1.warmup_steps=0",
-       "train.stage2.warmup_steps=0", "train.stage2.lr=3e-3", "train.log_every=1", "train.ckpt_every=2",
-       "train.keep_last=2", "data.shuffle_buffer=16", "data.num_workers=1", "eval.max_samples=8", "eval.num_beams=2",
-       "eval.gallery=false"]
+RUN = with_overrides(TINY_RUN, "model.lm.lora.r=4", "model.lm.lora.alpha=8", "train.stage1.steps=2",
+                     "train.stage2.steps=6", "train.ckpt_every=2", "eval.num_beams=2")
 
 
 def env(fault: str | None = None) -> dict:
@@ -51,11 +51,6 @@ def pretrain(out: Path, *args) -> list:
 
 def msmedcap(*args) -> list:
     return [sys.executable, "-m", "msmedcap.cli", *args]
-
-
-def losses(out: Path) -> dict:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {(r["stage"], r["step"]): {k: v for k, v in r.items() if k.startswith("loss")} for r in records}
 
 
 def predictions(path: Path) -> dict:

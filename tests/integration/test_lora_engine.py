@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 R, ALPHA = 4, 8
 BASE = ["data.num_workers=0", "data.shuffle_buffer=1", "train.stage2.micro_batch_size=8", "train.stage2.lr=3e-3",
@@ -24,7 +26,7 @@ def peft_count(cfg) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import OPTForCausalLM
 
-    from msmedcap.config import resolve_asset
+    from msmedcap.paths import resolve_asset
 
     lm = OPTForCausalLM.from_pretrained(resolve_asset(cfg.model.lm.name_or_path))
     trainable, _ = get_peft_model(lm, LoraConfig(r=R, lora_alpha=ALPHA)).get_nb_trainable_parameters()

@@ -90,6 +90,7 @@ def test_the_check_builds_no_weights_even_for_a_large_lm():
         check_lora(cfg.model)
 
 
+@pytest.mark.slow
 def test_the_train_command_refuses_a_bad_target_before_stage_1(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "msmedcap.cli", "train", f"train.output_dir={out}",
