@@ -33,8 +33,8 @@ def test_lora_is_off_by_default_and_an_override_turns_it_on_with_peft_defaults()
 
 @pytest.mark.parametrize("override, message", [
     ("model.lm.lora.rank=4", "unknown config key 'model.lm.lora.rank' (known keys there: alpha, dropout, r, target_modules)"),
-    ("model.lm.lora.r=0", "model.lm.lora.r must be an integer >= 1, got 0"),
-    ("model.lm.lora.r=-2", "model.lm.lora.r must be an integer >= 1, got -2"),
+    ("model.lm.lora.r=0", "model.lm.lora.r must be >= 1, got 0"),
+    ("model.lm.lora.r=-2", "model.lm.lora.r must be >= 1, got -2"),
     ("model.lm.lora.r=2.5", "model.lm.lora.r: expected an integer"),
     ("model.lm.lora.alpha=0", "model.lm.lora.alpha must be > 0"),
     ("model.lm.lora.dropout=1", "model.lm.lora.dropout must be in [0, 1)"),
