@@ -6,7 +6,8 @@
   subcommand, each --flag, each value of an option with choices, each section.key=value override
   against the config's keys, each --config preset); `launch/*.py`, `python -m msmedcap.*` and
   `deepspeed` against the flags their own `--help` prints (run here: these are the real programs);
-  `sbatch launch/slurm/*.sbatch ARGS` as the `msmedcap` subcommand its script runs;
+  `sbatch launch/slurm/*.sbatch ARGS` as the `msmedcap` subcommand its script runs; the test paths
+  `python -m pytest` is given; every `python -m msmedcap.X` named anywhere (prose too) is a module;
 - every launch/, ds_configs/, msmedcap/, docs/, tests/ and shards/demo path the README names exists;
 - the folder map (the one fenced block under "## The folder map") names only paths that exist, and every
   subpackage of msmedcap/ and every folder of tests/;
@@ -257,7 +258,10 @@ def check_command(tokens: list) -> list:
                     problems.append(f"no module {module}")
                 else:
                     check_with_help(("module", module), rest[2:], problems)
-            # python -m pytest / pip / pycocoevalcap...: other projects' programs
+            elif module == "pytest":  # the test files it names must be there
+                problems += [f"no test path {a}" for a in rest[2:]
+                             if a.startswith("tests") and not (ROOT / a.split("::")[0]).exists()]
+            # python -m pip / pycocoevalcap...: other projects' programs
         elif rest and rest[0].endswith(".py") and rest[0].split("/")[0] in ("launch", "tests"):
             check_script(rest[0], rest[1:], problems)
     elif program == "deepspeed":
@@ -430,6 +434,8 @@ def test_the_checks_catch_a_wrong_command():
     assert check_command(["msmedcap", "score", "P.jsonl", "--spice", "auto|sometimes"])  # not a choice
     assert check_command(["sbatch", "--nodes=2", "launch/slurm/pretrain.sbatch", "--resume", "auto"]) == []
     assert check_command(["python", "launch/nosuch.py"])
+    assert check_command(["python", "-m", "pytest", "-q", "tests/nosuch_test.py"])
+    assert check_command(["python", "-m", "pytest", "-q", "tests"]) == []
     assert check_command(["deepspeed", "--num_gpuz", "2", "launch/pretrain.py"])  # the launcher's own flags
     assert check_command(["python", "launch/compare_variants.py", "--seedz", "3"])  # a script's, from its --help
     assert check_command(["msmedcap", "train", "--deepspeed", "pkg://ds_configs/nosuch.json"])
