@@ -20,6 +20,7 @@ import concurrent.futures
 import functools
 import glob
 import importlib.util
+import os
 import re
 import shlex
 import subprocess
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
 MAX_README_LINES = 250
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # this tree's msmedcap
 
 # Shims whose parser is an `msmedcap` subcommand's (they call msmedcap.cli.main with it).
 SCRIPT_SUBCOMMAND = {"launch/pretrain.py": ("train",), "launch/evaluate.py": ("evaluate",),
@@ -153,7 +155,7 @@ def help_flags(key: tuple) -> frozenset:
         if "ArgumentParser" not in source:  # it would not honour --help: it takes no options
             return frozenset()
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                         env=SUBPROCESS_ENV)
     assert run.returncode == 0, f"{' '.join(cmd[1:])} failed:\n{run.stdout}\n{run.stderr}"
     return frozenset(FLAG.findall(run.stdout))
 
@@ -417,7 +419,7 @@ def test_the_cli_help_runs():
     """The README's `msmedcap` commands run here: the top-level help and a subcommand's."""
     for args in ([], ["plan"]):
         run = subprocess.run([sys.executable, "-m", "msmedcap.cli", *args, "--help"], capture_output=True,
-                             text=True, timeout=120, cwd=ROOT)
+                             text=True, timeout=120, cwd=ROOT, env=SUBPROCESS_ENV)
         assert run.returncode == 0, run.stderr
         assert "usage: msmedcap" in run.stdout
 
