@@ -84,29 +84,31 @@ def expand_braces(pattern: str) -> list:
 # ---------------------------------------------------------------------------------------- commands
 
 def shell_commands(block: str) -> list:
-    """Each command line of a code block whose program is one of PROGRAMS, as tokens: continuation lines
-    joined, comments dropped, `a && b` split, leading VAR=value assignments and [optional] brackets dropped."""
+    """Each command of a code block whose program is one of PROGRAMS, as tokens: continuation lines joined,
+    comments dropped, `a && b` and `a; b` split (the right side of a pipe is another program's input),
+    leading VAR=value assignments and [optional] brackets dropped. A line is a command line when it starts
+    with a program or chains commands with && or ;: tables and output that name a program are not."""
     out = []
     for line in block.replace("\\\n", " ").splitlines():
         words = line.split()
         while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
             words = words[1:]
-        if not PROGRAMS & set(words):
+        if not words or words[0] not in PROGRAMS and not ({"&&", ";"} & set(words) and PROGRAMS & set(words)):
             continue
         try:
             tokens = shlex.split(line, comments=True)
-        except ValueError:  # prose or output in a code block, unless it starts like a command
+        except ValueError:  # output in a code block, unless it starts like a command
             if words[0] in PROGRAMS:
                 raise
             continue
-        segment = []
+        segment, piped = [], False
         for tok in tokens + ["&&"]:
             if tok in ("&&", ";", "|", "||"):
                 while segment and re.match(r"^[A-Z_][A-Z0-9_]*=", segment[0]):
                     segment = segment[1:]
-                if segment and segment[0] in PROGRAMS:
+                if segment and segment[0] in PROGRAMS and not piped:
                     out.append(segment)
-                segment = []
+                segment, piped = [], tok in ("|", "||")
             else:
                 tok = tok.strip("[]")
                 if tok:

@@ -105,6 +105,7 @@ def test_the_checks_catch_a_wrong_command():
     assert check_command(["python", "-m", "pytest", "-q", "tests"]) == []
     assert shell_commands("FOO=1 msmedcap plan \\\n  --gpus 8  # comment\ncat x && msmedcap score A [--out B]") == [
         ["msmedcap", "plan", "--gpus", "8"], ["msmedcap", "score", "A", "--out", "B"]]
+    assert shell_commands("| blip2 | msmedcap |\necho a | msmedcap plan\nmsmedcap: error: x") == []  # not commands
 
 
 def test_the_map_parser_and_slugs():
