@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = [
     "msmedcap.data.cli",      # shards write / inspect / demo
     "msmedcap.bench",         # bench
     "msmedcap.bench.plan",    # plan
+    "msmedcap.export.cli",    # export
 ]
 
 
