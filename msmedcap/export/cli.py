@@ -20,7 +20,8 @@ model = Blip2ForConditionalGeneration.from_pretrained("{path}").eval()
 processor = Blip2Processor.from_pretrained("{path}")
 inputs = processor(images=Image.open("image.png").convert("RGB"), text={prompt!r}, return_tensors="pt")
 with torch.no_grad():
-    out = model.generate(**inputs, num_beams=1)  # generation_config.json holds the run's eval settings
+    # BLIP-2's generate passes on only what it is given: generation_config.json holds the run's eval settings
+    out = model.generate(**inputs, generation_config=model.generation_config)
 caption = processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)[0].strip()
 ```
 """
