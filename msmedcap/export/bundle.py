@@ -20,7 +20,6 @@ FORMAT = "msmedcap-model"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 QFORMER_TOKENIZER, LM_TOKENIZER = "qformer_tokenizer", "lm_tokenizer"
-_LM_META = ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
 
 
 def is_bundle(path) -> bool:
@@ -33,17 +32,29 @@ def is_bundle(path) -> bool:
         return False
 
 
+def lm_architecture(config) -> dict:
+    """``model.lm.config`` of the built OPT: every OPTConfig argument with a plain value (vocabulary and
+    special tokens included, so the tokenizer's length does not decide them)."""
+    import inspect
+
+    from transformers import OPTConfig
+
+    args = set(inspect.signature(OPTConfig.__init__).parameters) - {"self", "kwargs"} - _NOT_ARCHITECTURE
+    return {k: v for k, v in config.to_dict().items()
+            if k in args and (v is None or isinstance(v, (bool, int, float, str)))}
+
+
+_NOT_ARCHITECTURE = {"transformers_version", "dtype", "torch_dtype", "output_hidden_states", "output_attentions",
+                     "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type"}
+
+
 def bundle_config(model, cfg: Config) -> dict:
     """The config a bundle stores: weights from ``model.safetensors`` alone (no original file, no
     warm start, no feature cache), the LM's architecture written out, tokenizers and the open_clip
     model config as names inside the directory."""
     data = copy.deepcopy(cfg.to_dict())
     m = data["model"]
-    lm = model.captioner.lm.config.to_dict()
-    for key in _LM_META:
-        lm.pop(key, None)
-    lm.pop("model_type", None)
-    m["lm"].update(name_or_path=None, config=lm, tokenizer=LM_TOKENIZER)
+    m["lm"].update(name_or_path=None, config=lm_architecture(model.captioner.lm.config), tokenizer=LM_TOKENIZER)
     m["qformer"].update(tokenizer=QFORMER_TOKENIZER, init_from=None)
     m["clip"]["pretrained"] = None
     if m["clip"]["name"].endswith(".json"):

@@ -27,10 +27,10 @@ caption = processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_specia
 """
 BUNDLE_LOAD = """```python
 import msmedcap
-
-model, cfg = msmedcap.from_pretrained("{path}")  # every tensor from model.safetensors; no other weight file
+{download}
+model, cfg = msmedcap.from_pretrained({path})  # every tensor from model.safetensors; no other weight file
 ```
-or from the command line: `msmedcap caption {path} image.png`, `msmedcap evaluate --checkpoint {path}`.
+or from the command line: `msmedcap caption DIR image.png`, `msmedcap evaluate --checkpoint DIR` (DIR: this directory).
 """
 
 
@@ -90,7 +90,9 @@ def run(args) -> int:
             from msmedcap.export.bundle import write_bundle
 
             write_bundle(model, cfg, tmp)
-            how = BUNDLE_LOAD.format(path=out)
+            how = BUNDLE_LOAD.format(
+                download=f"from huggingface_hub import snapshot_download\n\npath = snapshot_download({args.push_to_hub!r})"
+                if args.push_to_hub else "", path="path" if args.push_to_hub else repr(str(out)))
         summary = card.find_summary(Path(args.source), export)
         (tmp / "README.md").write_text(card.render_card(cfg, how, summary, args.push_to_hub), encoding="utf-8")
 
