@@ -126,3 +126,17 @@ def test_hf_export_refuses_what_blip2_cannot_hold_before_any_work(tmp_path_facto
     assert main(["export", str(export), "--hf", str(parent / "out")]) == 2
     assert "num_soft_prompts=4" in capsys.readouterr().err
     assert list(parent.iterdir()) == []  # nothing half-written, no hidden leftovers
+
+
+def test_hf_export_refuses_an_open_clip_vit_tower(tmp_path, capsys):
+    """The demo's CLIP tower (open_clip's native ViT, packaged weights) has ln_pre: refused after the build,
+    before anything is written."""
+    from msmedcap.config import load_config
+
+    cfg = load_config("demo", ["model.variant=blip2", "model.lm.num_soft_prompts=0"])
+    save_trainable(build_model(cfg.model), tmp_path / "export", cfg)
+    parent = tmp_path / "outs"
+    parent.mkdir()
+    assert main(["export", str(tmp_path / "export"), "--hf", str(parent / "out")]) == 2
+    assert "ln_pre" in capsys.readouterr().err
+    assert list(parent.iterdir()) == []
