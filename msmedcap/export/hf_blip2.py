@@ -103,23 +103,18 @@ def hf_state_dict(model) -> dict:
     """This model's tensors under ``Blip2ForConditionalGeneration``'s names (inverse of
     ``blip2_key_map`` and ``eva_vision_key_map``): what BLIP-2 has; the Q-Former's text side and stage-1
     heads, which its captioner never runs, are left out."""
-    from msmedcap.models.loading import _TEXT_FFN
+    from msmedcap.models.loading import _TEXT_FFN, BLIP2_PREFIXES
 
     out = {}
     for key, value in model.state_dict().items():
         value = value.detach().to("cpu")
-        if key == "qformers.clip.query_tokens":
-            out["query_tokens"] = value
-        elif key.startswith("qformers.clip.bert.") and not _TEXT_FFN.match(key):
-            out["qformer." + key[len("qformers.clip.bert."):]] = value
-        elif key.startswith("qformers.clip.ln_vision."):
-            out["vision_model.post_layernorm." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("captioner.projections.clip."):
-            out["language_projection." + key[len("captioner.projections.clip."):]] = value
-        elif key.startswith("captioner.lm."):
-            out["language_model." + key[len("captioner.lm."):]] = value
-        elif key.startswith(TRUNK):
+        if key.startswith(TRUNK):
             out.update(_vision_tensor(key[len(TRUNK):], value, model))
+            continue
+        for theirs, ours in BLIP2_PREFIXES:
+            if key.startswith(ours) and not _TEXT_FFN.match(key):
+                out[theirs + key[len(ours):]] = value
+                break
     return out
 
 
