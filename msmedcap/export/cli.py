@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 model = Blip2ForConditionalGeneration.from_pretrained("{path}").eval()
-processor = Blip2Processor.from_pretrained("{path}")
+processor = Blip2Processor.from_pretrained("{path}", backend="pil")  # msmedcap's resize, pixel for pixel
 inputs = processor(images=Image.open("image.png").convert("RGB"), text={prompt!r}, return_tensors="pt")
 with torch.no_grad():
     # BLIP-2's generate passes on only what it is given: generation_config.json holds the run's eval settings

@@ -58,13 +58,13 @@ def blip2_export(tmp_path_factory, tiny_eva_json, *extra):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """PNGs at the tower's input size (28 px): both pipelines' resize and crop are then the identity."""
+    """PNGs at the tower's input size (28 px) and others (resized and cropped, odd margins included)."""
     out = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     paths = []
-    for i in range(4):
+    for i, (w, h) in enumerate([(28, 28), (40, 33), (33, 61), (100, 29)]):
         p = out / f"im{i}.png"
-        Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(p)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
 
@@ -73,7 +73,7 @@ def hf_captions(out_dir, paths, prompt) -> list:
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     model = Blip2ForConditionalGeneration.from_pretrained(out_dir).eval()
-    processor = Blip2Processor.from_pretrained(out_dir)
+    processor = Blip2Processor.from_pretrained(out_dir, backend="pil")  # PIL's resize, as msmedcap's
     inputs = processor(images=[Image.open(p).convert("RGB") for p in paths], text=[prompt] * len(paths),
                        return_tensors="pt")
     with torch.no_grad():
