@@ -43,7 +43,10 @@ def atomic_directory(path, write: Callable[[Path], None], overwrite: bool = Fals
     old = None
     try:
         write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
+        umask = _umask()  # the umask's permissions, as atomic_write: mkdtemp's 0700 would hide the result
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
         if path.exists() and overwrite:
             old = path.parent / f"{tmp.name}.old"
             os.replace(path, old)

@@ -94,20 +94,26 @@ def _absolute(data: dict, directory: Path) -> dict:
     return data
 
 
+# What building the frozen parts empty logs, false here: they are filled from the bundle at once.
+_BUILD_NOISE = ("RANDOM WEIGHTS", "No pretrained weights loaded")
+
+
 @contextmanager
 def _no_random_weight_warnings():
-    """The frozen parts are built random and overwritten from the bundle at once: the build's
-    RANDOM WEIGHTS warning would be false here."""
-    logger = logging.getLogger("msmedcap.models.encoders")
+    """msmedcap's RANDOM WEIGHTS warning and open_clip's "No pretrained weights loaded" (root logger)
+    silenced while the model is built empty."""
+    loggers = [logging.getLogger("msmedcap.models.encoders"), logging.getLogger()]
 
     def keep(record) -> bool:
-        return not record.getMessage().startswith("RANDOM WEIGHTS")
+        return not record.getMessage().startswith(_BUILD_NOISE)
 
-    logger.addFilter(keep)
+    for logger in loggers:
+        logger.addFilter(keep)
     try:
         yield
     finally:
-        logger.removeFilter(keep)
+        for logger in loggers:
+            logger.removeFilter(keep)
 
 
 def stored_config(path) -> Config:
@@ -121,29 +127,16 @@ def stored_config(path) -> Config:
 def load_bundle(path) -> tuple:
     """A bundle directory -> (MSMedCap in eval mode, its Config). Every tensor comes from
     ``model.safetensors`` and must be there (none missing, none in excess, same shapes)."""
-    import open_clip
     from safetensors.torch import load_model
 
     from msmedcap.models.loading import build_model
 
     directory = Path(path)
     cfg = stored_config(directory)
-    with _no_random_weight_warnings(), _quiet(open_clip):
+    with _no_random_weight_warnings():
         model = build_model(cfg.model, init_trainables=False)
     try:
         load_model(model, str(directory / WEIGHTS), strict=True)
     except RuntimeError as e:
         raise ConfigError(f"{directory / WEIGHTS} does not fit the model of its {CONFIG}: {str(e)[:800]}") from None
     return model.eval(), cfg
-
-
-@contextmanager
-def _quiet(open_clip):
-    """open_clip warns "No pretrained weights loaded" for a tower built without a tag; here they follow."""
-    logger = logging.getLogger()
-    keep = (lambda r: not r.getMessage().startswith("No pretrained weights loaded"))  # noqa: E731
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)

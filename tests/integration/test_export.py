@@ -125,6 +125,23 @@ def test_bad_inputs_exit_2_with_nothing_written(run_dir, bundle, tmp_path, capsy
     assert list(parent.iterdir()) == []
 
 
+def test_a_bundle_missing_a_tensor_is_refused(bundle, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import msmedcap
+    from msmedcap.config import ConfigError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    state = load_file(broken / "model.safetensors")
+    del state["encoders.sam.encoder.neck.0.weight"]
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(ConfigError, match="neck.0.weight"):
+        msmedcap.from_pretrained(broken)
+
+
 class LocalHub(BaseHTTPRequestHandler):
     """The Hub endpoints huggingface_hub's create_repo and upload_folder call, answering "regular" for
     every file (content inline in the commit's NDJSON, no LFS/xet), keeping what each commit adds."""
