@@ -14,21 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.runs import TINY_RUN
 
 from msmedcap.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["train.stage1.steps=4", "train.stage2.steps=8", "train.stage1.micro_batch_size=4",
-        "train.stage2.micro_batch_size=4", "train.stage1.warmup_steps=0", "train.stage2.warmup_steps=0",
-        "train.log_every=1", "train.ckpt_every=100", "data.shuffle_buffer=16", "data.num_workers=1",
-        "eval.max_samples=8", "eval.num_beams=1", "eval.gallery=false"]
+pytestmark = pytest.mark.slow  # one real training run (~1 min here)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "launch/pretrain.py", f"train.output_dir={out}", *TINY], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "launch/pretrain.py", f"train.output_dir={out}", *TINY_RUN], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

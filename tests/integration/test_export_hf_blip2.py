@@ -3,46 +3,30 @@
 caption` does, and imported back (model.blip2_checkpoint) bit for bit. The CLIP tower is a tiny timm EVA
 inside open_clip, as open_clip builds EVA01-g-14 (BLIP-2's tower; tests/test_model_blip2_import.py)."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.model_kit import demo_config, one_thread, tiny_eva_clip_json
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test helpers live in tests/
-from test_model_blip2_import import msmedcap_tiny_eva  # noqa: E402
-from test_model_kit import demo_config, one_thread, tokenizer_dirs  # noqa: E402
-
-from msmedcap.cli import main  # noqa: E402
-from msmedcap.eval.caption import caption_files  # noqa: E402
-from msmedcap.models import build_model, load_from_export, save_trainable  # noqa: E402
-from msmedcap.models.loading import blip2_expected  # noqa: E402
+from msmedcap.cli import main
+from msmedcap.eval.caption import caption_files
+from msmedcap.models import build_model, load_from_export, save_trainable
+from msmedcap.models.loading import blip2_expected
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @pytest.fixture(scope="module")
 def tiny_eva_json(tmp_path_factory):
-    import timm
-
-    if not timm.list_models("msmedcap_tiny_eva"):
-        timm.models.register_model(msmedcap_tiny_eva)
-    path = tmp_path_factory.mktemp("eva") / "tiny-eva.json"
-    path.write_text(json.dumps({
-        "embed_dim": 16, "custom_text": True,
-        "vision_cfg": {"image_size": 28, "timm_model_name": "msmedcap_tiny_eva", "timm_model_pretrained": False,
-                       "timm_pool": "token", "timm_proj": None},
-        "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}))
-    return path
+    return tiny_eva_clip_json(tmp_path_factory.mktemp("eva"))
 
 
-def blip2_export(tmp_path_factory, tiny_eva_json, *extra):
+def blip2_export(tmp_path_factory, tokenizers, tiny_eva_json, *extra):
     """A blip2 model (fp32, random frozen parts of fixed seed, trained-looking random trainables) saved as
     the trainer saves its exports."""
-    toks = tokenizer_dirs(tmp_path_factory)
-    cfg = demo_config(toks, "model.variant=blip2", "model.frozen_dtype=fp32", "model.lm.dtype=fp32",
+    cfg = demo_config(tokenizers, "model.variant=blip2", "model.frozen_dtype=fp32", "model.lm.dtype=fp32",
                       f"model.clip.name={tiny_eva_json}", "model.clip.pretrained=null", "model.clip.image_size=28",
                       "model.lm.num_soft_prompts=0", "eval.num_beams=1", "eval.min_len=2", "eval.max_len=12", *extra)
     torch.manual_seed(0)
@@ -82,11 +66,12 @@ def hf_captions(out_dir, paths, prompt) -> list:
 
 
 @pytest.mark.parametrize("vocab", ["spare", "grown"])
-def test_hf_export_captions_as_msmedcap_and_imports_back_bit_for_bit(tmp_path_factory, tiny_eva_json, images, vocab):
+def test_hf_export_captions_as_msmedcap_and_imports_back_bit_for_bit(tmp_path_factory, tokenizers, tiny_eva_json, images,
+                                                                      vocab):
     """``spare``: the LM's vocabulary has an unused row (OPT-2.7B has 7: 50272 for 50265 tokens), the image
     token takes it; ``grown``: none, the export adds a row whose token generation suppresses."""
     extra = ["model.lm.config.vocab_size=401"] if vocab == "spare" else []
-    export, cfg = blip2_export(tmp_path_factory, tiny_eva_json, *extra)
+    export, cfg = blip2_export(tmp_path_factory, tokenizers, tiny_eva_json, *extra)
     out = tmp_path_factory.mktemp("hf") / "blip2-hf"
     assert main(["export", str(export), "--hf", str(out)]) == 0
     assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json", "tokenizer.json",
@@ -103,12 +88,10 @@ def test_hf_export_captions_as_msmedcap_and_imports_back_bit_for_bit(tmp_path_fa
     # export -> import: every tensor BLIP-2 holds comes back as it was
     original, _ = load_from_export(export)  # the export's model (frozen parts of fixed seed)
     before = original.state_dict()
-    back_cfg = demo_config(tokenizer_dirs(tmp_path_factory), "model.variant=blip2", "model.frozen_dtype=fp32",
+    back_cfg = demo_config(tokenizers, "model.variant=blip2", "model.frozen_dtype=fp32",
                            "model.lm.dtype=fp32", f"model.clip.name={tiny_eva_json}", "model.clip.pretrained=null",
                            "model.clip.image_size=28", "model.lm.num_soft_prompts=0", f"model.blip2_checkpoint={out}")
     back_cfg.model.lm.config = {}  # OPT's architecture from the checkpoint's text_config
-    back_cfg.model.lm.tokenizer = cfg.model.lm.tokenizer
-    back_cfg.model.qformer.tokenizer = cfg.model.qformer.tokenizer
     back = build_model(back_cfg.model).state_dict()
     keys = blip2_expected(original) + [k for k in before if k.startswith("encoders.clip.")]
     assert len(keys) > 50
@@ -120,8 +103,8 @@ def test_hf_export_captions_as_msmedcap_and_imports_back_bit_for_bit(tmp_path_fa
             "captioner.lm.model.decoder.embed_tokens.weight"].shape
 
 
-def test_hf_export_refuses_what_blip2_cannot_hold_before_any_work(tmp_path_factory, tiny_eva_json, capsys):
-    export, _ = blip2_export(tmp_path_factory, tiny_eva_json, "model.lm.num_soft_prompts=4")
+def test_hf_export_refuses_what_blip2_cannot_hold_before_any_work(tmp_path_factory, tokenizers, tiny_eva_json, capsys):
+    export, _ = blip2_export(tmp_path_factory, tokenizers, tiny_eva_json, "model.lm.num_soft_prompts=4")
     parent = tmp_path_factory.mktemp("refused")
     assert main(["export", str(export), "--hf", str(parent / "out")]) == 2
     assert "num_soft_prompts=4" in capsys.readouterr().err
