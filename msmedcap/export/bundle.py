@@ -55,6 +55,8 @@ def bundle_config(model, cfg: Config) -> dict:
     data = copy.deepcopy(cfg.to_dict())
     m = data["model"]
     m["lm"].update(name_or_path=None, config=lm_architecture(model.captioner.lm.config), tokenizer=LM_TOKENIZER)
+    if not any(n.startswith("captioner.lm.") for n, _ in model.trainable_named_parameters()):
+        m["lm"]["lora"] = None  # merged into the LM's weights (models.lora.merge_lora): the LM is plain again
     m["qformer"].update(tokenizer=QFORMER_TOKENIZER, init_from=None)
     m["clip"]["pretrained"] = None
     if m["clip"]["name"].endswith(".json"):

@@ -4,7 +4,7 @@ and the default precision (bf16 on a CPU with native bf16, else fp32):
 - ``launch/pretrain.py`` trains stage 1 (no LM), then stage 2 with the LoRA starting fresh from stage 1's
   export; its end-of-training evaluation runs the unmerged model;
 - ``msmedcap evaluate --checkpoint`` and ``msmedcap caption`` on the export (LoRA merged into the LM)
-  give the same captions;
+  give the same captions, and so does the self-contained directory of ``msmedcap export --bundle``;
 - a SIGKILL mid-step (after a checkpoint) and ``--resume auto``: losses and final weights, LoRA
   included, equal the uninterrupted run's (as tests/test_faults.py does for the model without LoRA).
 """
@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.runs import TINY_RUN, losses, with_overrides
+from msmedcap.cli import main
+from msmedcap.eval.caption import caption_files
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +100,14 @@ def test_the_export_carries_the_lora_and_captions_merged_as_the_trained_model(re
     assert rc == 0, log[-3000:]
     captioned = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert [c["caption"] for c in captioned] == [trained[p.name.partition(".")[0]] for p in images]
+
+    # msmedcap export --bundle: every tensor, the LM's with the LoRA merged in, and a config without LoRA
+    assert main(["export", str(reference), "--bundle", str(tmp_path / "bundle")]) == 0
+    stored = json.loads((tmp_path / "bundle/config.json").read_text())["config"]["model"]["lm"]
+    assert stored["lora"] is None
+    assert not any(".lora_" in k or ".base_layer." in k for k in load_file(tmp_path / "bundle/model.safetensors"))
+    assert [c for _, c in caption_files(list(map(str, images)), str(tmp_path / "bundle"))] == \
+        [c["caption"] for c in captioned]
 
 
 def test_a_kill_mid_step_then_resume_auto_is_exact(reference, tmp_path):
