@@ -167,3 +167,48 @@ def test_a_stage_1_export_starts_stage_2_with_fresh_adapters(tmp_path):
     assert all(not loaded[n].any() for n in lora_parameter_names(model) if ".lora_B." in n)
     with pytest.raises(ValueError, match="1 trainable tensors missing"):
         model.load_trainable(tmp_path / "stage1", strict=True, fresh=lora_parameter_names(model)[:-1])
+
+
+def test_the_transformers_blip2_export_of_a_lora_model_holds_the_merged_lm(tokenizers, tmp_path):
+    """`msmedcap export --hf` of a blip2 export with LoRA: a plain transformers BLIP-2 (no adapter
+    tensors: its OPT is the LM with the LoRA merged in), captioning as `msmedcap caption` does (the
+    export's own check compared their logits before writing). Set-up as tests/integration/
+    test_export_hf_blip2.py (tiny timm EVA tower, random frozen parts); the LoRA's B is drawn away from
+    its zero init, as a trained one is."""
+    import numpy as np
+    from helpers.model_kit import demo_config, tiny_eva_clip_json
+    from PIL import Image
+    from safetensors.torch import load_file
+    from test_export_hf_blip2 import hf_captions
+
+    from msmedcap.cli import main
+    from msmedcap.eval.caption import caption_files
+    from msmedcap.models import build_model, save_trainable
+    from msmedcap.models.lora import lora_parameter_names
+
+    cfg = demo_config(tokenizers, "model.variant=blip2", "model.frozen_dtype=fp32", "model.lm.dtype=fp32",
+                      f"model.clip.name={tiny_eva_clip_json(tmp_path)}", "model.clip.pretrained=null",
+                      "model.clip.image_size=28", "model.lm.num_soft_prompts=0", "eval.num_beams=1", "eval.min_len=2",
+                      "eval.max_len=12", f"model.lm.lora.r={R}", "model.lm.lora.target_modules=[q_proj, v_proj, fc1]")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    lora = lora_parameter_names(model)
+    with torch.no_grad():
+        for n in lora:
+            if ".lora_B." in n:
+                model.get_parameter(n).normal_(std=0.5)
+    save_trainable(model, tmp_path / "export", cfg)
+    assert main(["export", str(tmp_path / "export"), "--hf", str(tmp_path / "hf")]) == 0
+    hf = load_file(tmp_path / "hf/model.safetensors")
+    assert not any("lora_" in k or "base_layer" in k for k in hf)
+    q = "model.decoder.layers.0.self_attn.q_proj.weight"
+    frozen = model.captioner.lm.get_submodule("model.decoder.layers.0.self_attn.q_proj").base_layer.weight
+    assert not torch.allclose(hf[f"language_model.{q}"], frozen, atol=1e-3)  # the LoRA is in the LM's weights
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i, (w, h) in enumerate([(28, 28), (40, 33), (100, 29)]):
+        images.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images[-1])
+    ours = [c for _, c in caption_files([str(p) for p in images], str(tmp_path / "export"))]
+    assert hf_captions(tmp_path / "hf", images, cfg.model.lm.prompt) == ours and any(ours)
