@@ -328,16 +328,18 @@ BOUNDS = [
 # Strings that may be empty; every other str / Optional[str] field must be non-empty when set.
 EMPTY_STRING_OK = {"model.lm.prompt"}
 def config_fields(cls=None, prefix: str = "") -> dict:
-    """Every leaf field of the config: dotted key -> annotation (nested dataclasses walked)."""
+    """Every leaf field of the config: dotted key -> annotation (nested dataclasses walked, optional
+    sections such as model.lm.lora too)."""
     cls = cls or Config
     out = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(config_fields(hints[f.name], key + "."))
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        section = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+        if len(section) == 1 and dataclasses.is_dataclass(section[0]):
+            out.update(config_fields(section[0], key + "."))
         else:
-            out[key] = hints[f.name]
+            out[key] = tp
     return out
 
 
@@ -360,9 +362,10 @@ def _check_fields(cfg: "Config") -> None:
 
 
 def _dotted(cfg, key: str):
+    """The value at ``key``; None inside an optional section that is not set."""
     value = cfg
     for part in key.split("."):
-        value = getattr(value, part)
+        value = None if value is None else getattr(value, part)
     return value
 
 

@@ -26,4 +26,4 @@ class LMLoraConfig:
         if not all(isinstance(t, str) and t.strip() for t in names) or len(set(names)) != len(names):
             raise ConfigError(f"{key}.target_modules must be distinct module names, got {names!r}")
         if "all-linear" in names and len(names) > 1:
-            raise ConfigError(f"{key}.target_modules: all-linear stands alone, got {names!r}")
+            raise ConfigError(f"{key}.target_modules: all-linear must be the only entry, got {names!r}")

@@ -150,8 +150,10 @@ FIELD_CASES = {
                        "{general: [clip, clip]}", "{medical: [{a: 1}]}"]),
     "model.frozen_dtype": ("bf16", ["fp8"]),
     "model.lm.dtype": ("fp32", ["fp8", "half"]),
-    "model.lm.lora": ("{r: 4, alpha: 8, dropout: 0.1, target_modules: [q_proj, v_proj]}",
-                      ["0", "{r: 0}", "{rank: 4}", "{alpha: -1}", "{dropout: 1.5}", "{target_modules: [q_proj, '']}"]),
+    "model.lm.lora.r": ("4", ["0", "-1", "2.5"]),  # the optional section: setting any of its keys turns LoRA on
+    "model.lm.lora.alpha": ("8", ["0", "-1", ".nan"]),
+    "model.lm.lora.dropout": ("0.1", ["1", "-0.1"]),
+    "model.lm.lora.target_modules": ("[q_proj, v_proj]", ["[q_proj, q_proj]", "[q_proj, '']", "[all-linear, q_proj]"]),
     "model.blip2_checkpoint": ("null", ["''", "[a]"]),
     "model.feature_cache": ("/tmp/cache", ["''", "[a]"]),
     "model.allow_random_weights": ("true", ["maybe", "1"]),

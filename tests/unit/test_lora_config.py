@@ -39,7 +39,7 @@ def test_lora_is_off_by_default_and_an_override_turns_it_on_with_peft_defaults()
     ("model.lm.lora.alpha=0", "model.lm.lora.alpha must be > 0"),
     ("model.lm.lora.dropout=1", "model.lm.lora.dropout must be in [0, 1)"),
     ("model.lm.lora.target_modules=[q_proj, q_proj]", "model.lm.lora.target_modules must be distinct module names"),
-    ("model.lm.lora.target_modules=[all-linear, q_proj]", "model.lm.lora.target_modules: all-linear stands alone"),
+    ("model.lm.lora.target_modules=[all-linear, q_proj]", "model.lm.lora.target_modules: all-linear must be the only entry"),
     ("model.lm.lora=8", "model.lm.lora: expected a mapping"),
     # anything but the LM: the frozen encoders (and the Q-Formers, trained whole) take no adapters
     ("model.clip.lora.r=4", "model.clip.lora: LoRA adapts the language model only (model.lm.lora)"),
