@@ -222,10 +222,15 @@ def concept_scores(keys: Sequence[str], concepts: str, predicted: str) -> dict:
 
 
 # --------------------------------------------------------------------------- the protocol
-def skip_reasons(settings, keys: Sequence[str]) -> dict:
-    """metric -> why it cannot run with these settings (None: it runs). Files are read and models
-    checked here, so that bad input fails before any scoring."""
+def check_settings(settings, keys: Sequence[str] = ()) -> dict:
+    """metric -> why it cannot run with these settings (None: it runs). Models are checked and files
+    read here (a ConfigError naming the key), so that bad input fails before any scoring; ``keys``: the
+    samples the images and concept files must cover."""
     s = settings
+    for name in ("bertscore_model", "clip_pretrained", "images", "concepts", "concepts_predicted"):
+        path = getattr(s, name)
+        if path and not Path(path).exists():
+            raise ConfigError(f"eval.imageclef.{name}: not found: {path}")
     why: dict = {"rouge1": None, "bleu1": None, **NOT_BUILT_IN}
     if s.bertscore_model:
         check_bertscore_model(s.bertscore_model)
@@ -256,11 +261,6 @@ def skip_reasons(settings, keys: Sequence[str]) -> dict:
     return why
 
 
-def check_settings(settings, keys: Sequence[str] = ()) -> dict:
-    """Fail now (ConfigError) on unusable models or files; -> metric -> skip reason or None."""
-    return skip_reasons(settings, keys)
-
-
 def _mean(values) -> Optional[float]:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
@@ -272,30 +272,34 @@ def score_imageclef(records: Sequence[Mapping], settings, device: str = "cpu") -
     "per_sample": {key: {metric: value}}}``. ``settings``: a :class:`msmedcap.config.ImageclefConfig`."""
     pairs = _pairs(records)
     keys = list(pairs)
-    why = skip_reasons(settings, keys)
+    why = check_settings(settings, keys)
     s = settings
-    run = {
-        "rouge1": (lambda: rouge1_scores(pairs), "rouge-score (rouge1, no stemmer)"),
-        "bleu1": (lambda: bleu1_scores(pairs), "pycocoevalcap BLEU-1 on preprocessed words (not in the evaluator)"),
-        "bertscore": (lambda: bertscore_scores(pairs, s.bertscore_model, s.bertscore_layers, device),
-                      f"bert-score F1, idf, {s.bertscore_model}"
-                      + (f" layer {bertscore_layer(s.bertscore_model, s.bertscore_layers)}" if s.bertscore_model else "")),
+    layer = bertscore_layer(s.bertscore_model, s.bertscore_layers) if why["bertscore"] is None else None
+    run = {  # metric -> (compute, model, how)
+        "rouge1": (lambda: rouge1_scores(pairs), "rouge-score", "ROUGE-1 F-measure, no stemmer"),
+        "bleu1": (lambda: bleu1_scores(pairs), "pycocoevalcap", "BLEU-1 of the preprocessed words (msmedcap's; "
+                  "the pinned evaluator computes no BLEU)"),
+        "bertscore": (lambda: bertscore_scores(pairs, s.bertscore_model, layer, device), s.bertscore_model,
+                      f"bert-score F1, idf from the references, layer {layer}"),
         "similarity": (lambda: similarity_scores(pairs, s.images, s.clip_model, s.clip_pretrained, device),
-                       f"open_clip {s.clip_model} ({s.clip_pretrained})"),
-        "concept_f1": (lambda: concept_scores(keys, s.concepts, s.concepts_predicted),
-                       f"CUIs {s.concepts} vs {s.concepts_predicted}"),
+                       f"{s.clip_model} ({s.clip_pretrained})" if s.clip_pretrained else s.clip_model,
+                       f"open_clip, {SIMILARITY_WEIGHT} x max(cos, 0) of image {s.images}/KEY and the raw caption"),
+        "concept_f1": (lambda: concept_scores(keys, s.concepts, s.concepts_predicted), None,
+                       f"per-image F1 of {s.concepts_predicted} vs {s.concepts}, images without reference CUIs "
+                       "left out"),
     }
     metrics, per_sample = {}, {k: {} for k in keys}
     for metric in METRICS:
         if why.get(metric) is not None or metric not in run:
-            metrics[metric] = {"ran": False, "value": None, "n": 0, "model": None, "skipped": why[metric]}
+            metrics[metric] = {"ran": False, "value": None, "n": 0, "model": None, "how": None, "skipped": why[metric]}
             continue
-        compute, model = run[metric]
+        compute, model, how = run[metric]
         values = compute()
         for k, v in values.items():
             per_sample[k][metric] = v
         scored = [v for v in values.values() if v is not None]
-        metrics[metric] = {"ran": True, "value": _mean(scored), "n": len(scored), "model": model, "skipped": None}
+        metrics[metric] = {"ran": True, "value": _mean(scored), "n": len(scored), "model": model, "how": how,
+                           "skipped": None}
     out = {"protocol": "imageclef", "evaluator": EVALUATOR, "metrics": metrics}
     for name, parts in AGGREGATES.items():
         missing = [p for p in parts if not metrics[p]["ran"]]

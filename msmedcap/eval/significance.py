@@ -189,24 +189,33 @@ def paired_significance(a: Sequence[Mapping], b: Sequence[Mapping], a_name: str 
 
 
 # --------------------------------------------------------------------------- files and tables
-def predictions_next_to(scores_path) -> "Path":
-    from pathlib import Path
-
-    return Path(scores_path).parent / "predictions.jsonl"
-
-
-def read_run(path) -> list:
+def compare_significance(paths: Sequence[str], resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> list:
+    """Each run (a run directory or scores.json, as `msmedcap evaluate --compare` takes them) after the
+    first against the first, from the predictions.jsonl beside each scores.json -> [result]."""
     from msmedcap.eval.io import read_predictions
+    from msmedcap.eval.report import find_scores, run_names
 
-    return read_predictions(path)
-
-
-def compare_significance(paths: Sequence[str], names: Sequence[str], resamples: int = DEFAULT_RESAMPLES,
-                         seed: int = 0) -> list:
-    """Each run after the first against the first, from the predictions.jsonl files -> [result]."""
-    runs = [read_run(p) for p in paths]
+    files = [find_scores(p).parent / "predictions.jsonl" for p in paths]
+    runs = [read_predictions(f) for f in files]  # every file read and checked before any test
+    names = run_names(paths)
+    for i in range(1, len(runs)):
+        _check_pair(runs[0], runs[i], str(files[0]), str(files[i]))
     return [paired_significance(runs[0], runs[i], names[0], names[i], resamples=resamples, seed=seed)
             for i in range(1, len(runs))]
+
+
+def print_compare_significance(paths: Sequence[str], resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+                               markdown: bool = False, console=None) -> list:
+    from msmedcap.eval.report import make_console
+
+    console = console or make_console()
+    results = compare_significance(paths, resamples=resamples, seed=seed)
+    for r in results:
+        if markdown:
+            console.print(significance_markdown(r), markup=False, highlight=False)
+        else:
+            console.print(significance_table(r))
+    return results
 
 
 def _fmt(v: Optional[float], digits: int = 4) -> str:
