@@ -121,3 +121,45 @@ def test_compare_and_table1_report_significance_against_the_first(tmp_path, caps
     assert msmedcap_main(["evaluate", "--compare", a, b, "--resamples", "40"]) == 2
     err = capsys.readouterr().err
     assert "predictions.jsonl are not the same samples" in err and "1 key(s) only in" in err and "'k23'" in err
+
+
+TINY = ["model.frozen_dtype=fp32", "model.lm.name_or_path=null", "model.allow_random_weights=true",
+        "eval.num_beams=1", "eval.min_len=2", "eval.max_len=6", "eval.batch_size=4", "data.num_workers=0",
+        "eval.gallery=false"]
+
+
+def test_evaluate_and_training_take_eval_protocol(tmp_path, capsys, monkeypatch):
+    """A tiny random model's export evaluated under eval.protocol=imageclef: the protocol block in
+    scores.json, each sample's protocol scores in predictions.jsonl; a bad model path stops evaluate
+    before generation and training before its first step."""
+    import torch
+
+    from msmedcap.config import load_config
+    from msmedcap.models import build_model, save_trainable
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the demo preset's shard paths are relative
+    cfg = load_config("demo", TINY)
+    torch.manual_seed(0)
+    save_trainable(build_model(cfg.model), tmp_path / "run" / "stage2" / "export", cfg)
+    run = tmp_path / "run"
+    assert msmedcap_main(["evaluate", "--checkpoint", str(run), "eval.max_samples=6", "eval.protocol=imageclef",
+                          f"eval.imageclef.bertscore_model={minilm_dir()}"]) == 0
+    preds = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    scores = json.loads((run / "eval" / "scores.json").read_text())
+    assert len(preds) == 6 and all(set(p["imageclef"]) == {"rouge1", "bleu1", "bertscore"} for p in preds)
+    m = scores["imageclef"]["metrics"]["bertscore"]
+    assert m["ran"] and m["n"] == 6 and m["value"] == pytest.approx(sum(p["imageclef"]["bertscore"] for p in preds) / 6)
+    assert scores["config"]["eval"]["protocol"] == "imageclef"
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    out = tmp_path / "eval2"
+    assert msmedcap_main(["evaluate", "--checkpoint", str(run), "--out", str(out), "eval.protocol=imageclef",
+                          f"eval.imageclef.bertscore_model={not_a_model}"]) == 2
+    assert "eval.imageclef.bertscore_model" in capsys.readouterr().err and not out.exists()
+
+    train_out = tmp_path / "train"
+    rc = msmedcap_main(["train", *TINY, "train.stage=2", "train.stage2.steps=1", "train.stage2.warmup_steps=0", f"train.output_dir={train_out}",
+                        "eval.protocol=imageclef", f"eval.imageclef.bertscore_model={not_a_model}"])
+    assert rc == 2 and "eval.imageclef.bertscore_model" in capsys.readouterr().err
+    assert not (train_out / "stage2").exists()
