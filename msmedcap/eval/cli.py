@@ -14,11 +14,14 @@ EVALUATE_DOC = """Evaluate a trained captioner: distributed generation, gather o
     deepspeed --num_gpus 4 launch/evaluate.py --checkpoint runs/demo        # 4 ranks, one job
     msmedcap evaluate --checkpoint runs/demo/.../export --data 'shards/roco-test-{000..009}.tar' \\
         eval.num_beams=5 eval.max_len=40
-    msmedcap evaluate --compare runs/blip2 runs/sam-blip2 runs/msmedcap [--markdown]
+    msmedcap evaluate --compare runs/blip2 runs/sam-blip2 runs/msmedcap [--markdown] [--resamples 1000]
+    msmedcap evaluate --checkpoint runs/roco eval.protocol=imageclef eval.imageclef.bertscore_model=DIR
 
 --checkpoint takes an export directory (trainable.safetensors + config.yaml) or a run directory,
 where the newest export is used. Writes predictions.jsonl, scores.json and gallery.html to --out
 (default: <run dir>/eval, or <export>/eval). Options and overrides come in any order.
+--compare also tests each run against the first (paired bootstrap CI, approximate randomization p);
+eval.protocol=imageclef adds the ImageCLEFmedical caption protocol (docs/evaluation-protocols.md).
 """
 
 

@@ -176,7 +176,8 @@ def similarity_scores(pairs: Mapping, images: str, name: str, pretrained: Option
 
     @torch.no_grad()
     def one(key, pred):
-        image = preprocess(Image.open(image_file(images, key)).convert("RGB")).unsqueeze(0).to(device)
+        with Image.open(image_file(images, key)) as img:
+            image = preprocess(img.convert("RGB")).unsqueeze(0).to(device)
         v = model.encode_image(image)[0].double()
         c = model.encode_text(tokenizer([pred]).to(device))[0].double()
         cos = float(torch.dot(c, v) / (c.norm() * v.norm()))
