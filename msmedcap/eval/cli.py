@@ -142,6 +142,9 @@ def run_evaluate(args) -> int:
     if args.compare:
         from msmedcap.eval.report import print_compare
 
+        if args.resamples < 0:
+            return _error("evaluate", "--resamples must be at least 0")
+
         from msmedcap.eval.io import InputError
         from msmedcap.eval.significance import print_compare_significance
 
@@ -195,6 +198,9 @@ def run_score(args) -> int:
     from msmedcap.eval.report import print_scores
     from msmedcap.eval.scoring import ScoringError, check_keys, score_records
 
+    given = [f"--{n.replace('_', '-')}" for n in IMAGECLEF_FLAGS if getattr(args, n) is not None]
+    if given and args.protocol != "imageclef":
+        return _error("score", f"{', '.join(given)}: only with --protocol imageclef")
     try:
         preds = read_predictions(args.predictions)
         if args.refs:

@@ -57,6 +57,8 @@ def test_bad_input_fails_before_scoring(tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'clef2030'" in capsys.readouterr().err
     not_a_model = tmp_path / "model"
     not_a_model.mkdir()
+    assert msmedcap_main(["score", str(preds), "--refs", str(refs), "--bertscore-model", str(not_a_model)]) == 2
+    assert "--bertscore-model: only with --protocol imageclef" in capsys.readouterr().err
     cases = [
         (["--refs", str(refs)], f"1 key(s) in {refs} have no prediction in {preds}: 'c'"),
         (["--refs", str(refs), "--bertscore-model", str(tmp_path / "absent")], "have no prediction"),
