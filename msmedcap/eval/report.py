@@ -175,17 +175,18 @@ def load_run(path: str) -> tuple:
     return variant or Path(path).name, scores
 
 
-def run_names(paths: Sequence[str]) -> list:
-    """The runs' row names: the model variant, with the run directory where a variant repeats (two
-    seeds, two budgets)."""
-    names = [load_run(p)[0] for p in paths]
+def run_names(paths: Sequence[str], names: Optional[Sequence[str]] = None) -> list:
+    """The runs' row names: the model variant (``names``: as load_run gives them), with the run
+    directory where a variant repeats (two seeds, two budgets)."""
+    names = names or [load_run(p)[0] for p in paths]
     return [n if names.count(n) == 1 else f"{n} ({Path(p).name})" for n, p in zip(names, paths)]
 
 
 def compare_rows(paths: Sequence[str]) -> dict:
     """{dataset: [(model, metrics)]}; datasets = "all", each domain, and each source any run has
     (a source that is its domain's only one is not repeated)."""
-    runs = list(zip(run_names(paths), (s for _, s in map(load_run, paths))))
+    runs = [load_run(p) for p in paths]
+    runs = list(zip(run_names(paths, [n for n, _ in runs]), (s for _, s in runs)))
     datasets = {"all": [(n, s["overall"]) for n, s in runs]}
     sole = {}  # source -> its domain, where it is that domain's only source
     for group in GROUPS:
