@@ -80,7 +80,8 @@ def add_parser(subparsers) -> None:
                               description="Score {\"key\", \"prediction\"} JSONL lines against "
                               "{\"key\", \"captions\": [...]} JSONL lines: n-gram scores and findings accuracy "
                               "(per field, by the source's parser; lexicon P/R/F1 for free text); per "
-                              "domain/source when the lines carry those fields.")
+                              "domain/source when the lines carry those fields. --protocol imageclef adds the "
+                              "ImageCLEFmedical caption protocol (docs/evaluation-protocols.md).")
     p.add_argument("predictions", help="PRED.jsonl: {\"key\", \"prediction\"} per line (evaluate's "
                    "predictions.jsonl works as is)")
     p.add_argument("--refs", help="REFS.jsonl: {\"key\", \"captions\": [...]} per line; default: the "

@@ -232,6 +232,10 @@ def check_settings(settings, keys: Sequence[str] = ()) -> dict:
         path = getattr(s, name)
         if path and not Path(path).exists():
             raise ConfigError(f"eval.imageclef.{name}: not found: {path}")
+    clip = s.clip_model or ""
+    local = clip[len("local-dir:"):] if clip.startswith("local-dir:") else clip if clip.endswith(".json") else None
+    if local and not Path(local).exists():
+        raise ConfigError(f"eval.imageclef.clip_model: not found: {local}")
     why: dict = {"rouge1": None, "bleu1": None, **NOT_BUILT_IN}
     if s.bertscore_model:
         check_bertscore_model(s.bertscore_model)

@@ -206,5 +206,8 @@ def test_bad_settings_fail_before_scoring_naming_the_key(tmp_path):
     write_concepts(tmp_path / "pred.csv", [("roco_00000", ("C1",)), ("roco_00000", ("C2",))])
     with pytest.raises(ConfigError, match=r"eval.imageclef.concepts_predicted: .*pred.csv:3: ID 'roco_00000' repeats"):
         C.check_settings(settings, ["roco_00000"])
+    cfg, _ = tiny_open_clip(tmp_path)
     with pytest.raises(ConfigError, match=r"eval.imageclef.images: .* no image for 1 key\(s\), e.g. 'roco_00000'"):
-        C.check_settings(ImageclefConfig(clip_model="x.json", images=str(tmp_path)), ["roco_00000"])
+        C.check_settings(ImageclefConfig(clip_model=cfg, images=str(tmp_path)), ["roco_00000"])
+    with pytest.raises(ConfigError, match=r"eval.imageclef.clip_model: not found: /nowhere/BiomedCLIP"):
+        C.check_settings(ImageclefConfig(clip_model="local-dir:/nowhere/BiomedCLIP", images=str(tmp_path)))
