@@ -241,7 +241,7 @@ def check_settings(settings, keys: Sequence[str] = ()) -> dict:
         check_bertscore_model(s.bertscore_model)
         why["bertscore"] = None
     else:
-        why["bertscore"] = ("no eval.imageclef.bertscore_model (a local transformers model directory; the task "
+        why["bertscore"] = ("no eval.imageclef.bertscore_model / --bertscore-model (a local transformers model directory; the task "
                             "uses microsoft/deberta-xlarge-mnli)")
     if s.clip_model and s.images:
         lacking = [k for k in keys if image_file(s.images, k) is None]
@@ -250,8 +250,8 @@ def check_settings(settings, keys: Sequence[str] = ()) -> dict:
                               f"{lacking[0]!r} (looked for KEY{' or KEY'.join(IMAGE_SUFFIXES)})")
         why["similarity"] = None
     else:
-        why["similarity"] = ("needs eval.imageclef.clip_model (a local open_clip model: BiomedCLIP in practice; the "
-                             "task uses MedImageInsight) and eval.imageclef.images (KEY.jpg files)")
+        why["similarity"] = ("needs eval.imageclef.clip_model / --clip-model (a local open_clip model: BiomedCLIP in practice; the "
+                             "task uses MedImageInsight) and eval.imageclef.images / --images (KEY.jpg files)")
     if s.concepts and s.concepts_predicted:
         for key, path, predicted in (("eval.imageclef.concepts", s.concepts, False),
                                      ("eval.imageclef.concepts_predicted", s.concepts_predicted, True)):
@@ -261,8 +261,8 @@ def check_settings(settings, keys: Sequence[str] = ()) -> dict:
                 raise ConfigError(f"{key}: {path} has no row for {len(lacking)} scored key(s), e.g. {lacking[0]!r}")
         why["concept_f1"] = None
     else:
-        why["concept_f1"] = ("needs eval.imageclef.concepts and eval.imageclef.concepts_predicted (CUI files in the "
-                             "concept-detection task's CSV format)")
+        why["concept_f1"] = ("needs eval.imageclef.concepts and eval.imageclef.concepts_predicted / --concepts, --concepts-predicted "
+                             "(CUI files in the concept-detection task's CSV format)")
     return why
 
 
