@@ -101,9 +101,11 @@ class TrainState:
 
     def client_state(self) -> dict:
         """What DeepSpeed stores with the engine (``trainer_state.json``: the same without the config)."""
-        return {"stage": self.stage, "step": self.step, "world_size": self.data.world_size, "seed": self.data.seed,
-                "data": {"micro_batches": self.data.micro_batches, "num_workers": self.data.num_workers},
-                "validation": self.validation, "config": self.config}
+        state = {"stage": self.stage, "step": self.step, "world_size": self.data.world_size, "seed": self.data.seed,
+                 "data": {"micro_batches": self.data.micro_batches, "num_workers": self.data.num_workers}}
+        if self.validation is not None:
+            state["validation"] = self.validation
+        return {**state, "config": self.config}
 
     @classmethod
     def from_client_state(cls, state: dict, rng: Optional[dict] = None) -> "TrainState":

@@ -196,7 +196,7 @@ def test_two_ranks_validate_uneven_shares_exactly_once_and_stop_early_together(t
     out = tmp_path / "run"
     args = ["train.stage1.steps=2", "train.stage2.steps=6", "eval.batch_size=6", "eval.val_max_samples=37",
             "data.val=[shards/demo/general-eval-000.tar,shards/demo/medical-eval-000.tar]", "train.eval_every=2",
-            "train.eval_generate_every=2", "train.keep_best_by=val/loss:min", "train.early_stop_patience=1"]
+            "train.eval_generate_every=2", "train.keep_best_by=val/loss:max", "train.early_stop_patience=1"]
     port, procs = str(free_port()), []
     for rank in (0, 1):
         e = env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -210,16 +210,17 @@ def test_two_ranks_validate_uneven_shares_exactly_once_and_stop_early_together(t
     assert [(r["stage"], r["step"]) for r in vals if r["stage"] == 1] == [(1, 2)]
     stage2 = [r for r in vals if r["stage"] == 2]
     assert all("val/cider" in r for r in stage2)
-    # patience 1: the stage ends at the first validation without a lower val/loss, if any
+    # patience 1: the stage ends at the first validation without a higher val/loss (it falls: one comes)
     best, stop = None, None
     for r in stage2:
-        if best is not None and not r["val/loss"] < best:
+        if best is not None and not r["val/loss"] > best:
             stop = r["step"]
             break
         best = r["val/loss"]
     result = {s["stage"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}[2]
-    assert result["early_stopped_at"] == stop
-    assert result["steps_done"] == (stop or 6) == stage2[-1]["step"]
+    assert stop is not None and stop < 6, [r["val/loss"] for r in stage2]
+    assert result["early_stopped_at"] == stop == result["steps_done"] == stage2[-1]["step"]
+    assert [r["step"] for r in records(out) if "lr" in r and r["stage"] == 2] == list(range(1, stop + 1))
     assert (out / "stage2/export").is_dir()
     digests = [next(line for line in (tmp_path / f"r{r}.log").read_text().splitlines()[::-1] if "sha256" in line)
                for r in (0, 1)]
