@@ -22,6 +22,7 @@ from msmedcap.models.lm_settings import LMConfig
 from msmedcap.models.qformer_settings import QFormerConfig
 from msmedcap.models.sam_settings import SamConfig
 from msmedcap.paths import resolve_asset
+from msmedcap.train.validation_settings import check_validation_config
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # The encoder branches: each has a config section model.<branch> (a field of ModelConfig below) and an
@@ -439,8 +440,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if cfg.eval.min_len > cfg.eval.max_len:
         raise ConfigError("eval.min_len must be <= eval.max_len")
     check_weights_given(m)
-    from msmedcap.train.validation import check_validation_config
-
     check_validation_config(cfg)
     if not check_files:
         return

@@ -8,10 +8,8 @@ export is replaced atomically."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import types
@@ -21,6 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.runs import free_port, records, run_env
+
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["train.stage1.steps=4", "train.stage2.steps=6", "train.stage1.micro_batch_size=4",
         "train.stage2.micro_batch_size=4", "train.stage1.warmup_steps=0", "train.stage2.warmup_steps=0",
@@ -32,27 +33,14 @@ VAL = ["data.val=[shards/demo/general-eval-000.tar]", "eval.val_max_samples=12",
        "train.eval_generate_every=4", "train.keep_best_by=val/loss:max"]
 
 
-def env(fault: str | None = None, **extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("MSMEDCAP_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    e["OMP_NUM_THREADS"] = "1"
-    if fault:
-        e["MSMEDCAP_FAULT"] = fault
-    e.update(extra)
-    return e
-
-
 def pretrain(out: Path, *args) -> list:
     return [sys.executable, "launch/pretrain.py", f"train.output_dir={out}", *TINY, *args]
 
 
 def launch(cmd: list, log: Path, fault: str | None = None) -> tuple:
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env(fault), timeout=600).returncode
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=run_env(fault), timeout=600).returncode
     return rc, log.read_text()
-
-
-def records(out: Path) -> list:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def val_records(out: Path) -> list:
@@ -183,12 +171,6 @@ def test_kill_after_the_best_step_then_resume_keeps_the_record(reference, tmp_pa
         assert_same_tensors(tensors(out / f"stage{stage}/best"), tensors(ref / f"stage{stage}/best"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_validate_uneven_shares_exactly_once_and_stop_early_together(tmp_path):
     """37 samples over 2 ranks (19 + 18) in batches of 6: 4 batches on rank 0, 3 on rank 1, so the
     stage-1 losses must run without collectives; every sample once. Early stopping (patience 1) is
@@ -199,7 +181,7 @@ def test_two_ranks_validate_uneven_shares_exactly_once_and_stop_early_together(t
             "train.eval_generate_every=2", "train.keep_best_by=val/loss:max", "train.early_stop_patience=1"]
     port, procs = str(free_port()), []
     for rank in (0, 1):
-        e = env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+        e = run_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=port)
         procs.append(subprocess.Popen(pretrain(out, *args), cwd=REPO, env=e, stdout=open(tmp_path / f"r{rank}.log", "w"),
                                       stderr=subprocess.STDOUT))

@@ -6,7 +6,8 @@ import torch
 
 from msmedcap.cli import main
 from msmedcap.config import ConfigError, load_config
-from msmedcap.train.validation import KeepBest, Validator, _limited
+from msmedcap.train.validation import Validator, _limited
+from msmedcap.train.validation_settings import KeepBest
 
 VAL = ["train.eval_every=2", "data.val=[shards/demo/medical-eval-000.tar]"]
 
