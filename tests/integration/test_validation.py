@@ -39,7 +39,8 @@ def pretrain(out: Path, *args) -> list:
 
 def launch(cmd: list, log: Path, fault: str | None = None) -> tuple:
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=run_env(fault), timeout=600).returncode
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=run_env(fault),
+                            timeout=600).returncode
     return rc, log.read_text()
 
 
@@ -182,9 +183,9 @@ def test_two_ranks_validate_uneven_shares_exactly_once_and_stop_early_together(t
     port, procs = str(free_port()), []
     for rank in (0, 1):
         e = run_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port)
-        procs.append(subprocess.Popen(pretrain(out, *args), cwd=REPO, env=e, stdout=open(tmp_path / f"r{rank}.log", "w"),
-                                      stderr=subprocess.STDOUT))
+                    MASTER_PORT=port)
+        log = open(tmp_path / f"r{rank}.log", "w")
+        procs.append(subprocess.Popen(pretrain(out, *args), cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT))
     rcs = [p.wait(timeout=600) for p in procs]
     assert rcs == [0, 0], (tmp_path / "r0.log").read_text()[-3000:] + (tmp_path / "r1.log").read_text()[-3000:]
     vals = val_records(out)

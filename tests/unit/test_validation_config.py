@@ -89,3 +89,22 @@ def test_limited_cuts_the_last_batch_and_counts_skips():
     assert got[1]["domain"].tolist() == [0, 1] and got[1]["pixels"].shape == (2, 2, 2)
     assert skipped == {"bad_image": 3}
     assert sum(len(b["key"]) for b in _limited([batch(["a"]), batch(["b", "c"])], 0, {})) == 3  # 0: all
+
+
+def test_the_gathered_shares_are_checked_exactly_once_against_the_manifest():
+    """As the evaluation checks its records (msmedcap.eval.evaluate.merge_parts): with no cap, the
+    validated samples must be the manifest's 150 of shards/demo/medical-eval-000.tar, none twice."""
+    from msmedcap.eval.gather import CoverageError
+
+    v = Validator(cfg(), 2, None, None, None, None)
+
+    def part(keys, loss=1.0):
+        return {"records": [{"key": str(k)} for k in keys], "skipped": {},
+                "sums": {"loss_lm": [loss * len(keys), len(keys)]}}
+
+    out = v.summarize([part(range(0, 150, 2), 1.0), part(range(1, 150, 2), 2.0)], generate=False)
+    assert out["val/samples"] == 150 and out["val/loss"] == out["val/loss_lm"] == pytest.approx(1.5)
+    with pytest.raises(CoverageError, match="149 samples evaluated but 150 expected"):
+        v.summarize([part(range(0, 150, 2)), part(range(1, 149, 2))], generate=False)
+    with pytest.raises(CoverageError, match="evaluated more than once"):
+        v.summarize([part(range(0, 150, 2)), part(range(0, 150, 2))], generate=False)
