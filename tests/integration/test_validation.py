@@ -19,14 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.runs import free_port, records, run_env
+from helpers.runs import TINY_RUN, free_port, records, run_env, with_overrides
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["train.stage1.steps=4", "train.stage2.steps=6", "train.stage1.micro_batch_size=4",
-        "train.stage2.micro_batch_size=4", "train.stage1.warmup_steps=0", "train.stage2.warmup_steps=0",
-        "train.stage2.lr=3e-3", "train.log_every=1", "train.ckpt_every=2", "train.keep_last=10",
-        "data.shuffle_buffer=16", "data.num_workers=1", "train.eval_at_end=false", "eval.batch_size=4"]
+TINY = with_overrides(TINY_RUN, "train.stage2.steps=6", "train.ckpt_every=2", "train.keep_last=10",
+                      "train.eval_at_end=false", "eval.batch_size=4")
 # val/loss:max puts each stage's best step before its last (the loss falls): the resume test needs a best
 # step that only the checkpoint's record remembers.
 VAL = ["data.val=[shards/demo/general-eval-000.tar]", "eval.val_max_samples=12", "train.eval_every=2",

@@ -45,7 +45,7 @@ def test_builtin_branches_resolve_as_before():
         spec = encoder_spec(branch)
         assert (spec.image_key, spec.size_key) == (f"{branch}_image", f"{branch}_image_size")
         assert spec.config is cfg_type is hints[branch]  # model.<branch> is the spec's config type
-        assert spec.transform is transform and spec.padded is padded
+        assert spec.transform_class is transform and spec.padded is padded
         assert spec.encoder == f"msmedcap.models.encoders:{cls}"
     with pytest.raises(KeyError, match="no encoder registered for branch 'nope'"):
         encoder_spec("nope")
