@@ -212,15 +212,22 @@ class Trainer:
         for s in stages:
             self.ds_config(s)  # a contradicting JSON fails before any work
         self.resolve_lm_dtype()
-        for needed, key in ((cfg.train.eval_at_end and stages[-1] == 2, "train.eval_at_end=true"),
-                            (cfg.train.eval_generate_every and 2 in stages, "train.eval_generate_every")):
-            if needed:
-                from msmedcap.eval.scoring import JavaMissing, require_java
+        scoring = [(key, off) for key, off, needed in (
+            ("train.eval_at_end=true", "train.eval_at_end=false", cfg.train.eval_at_end and stages[-1] == 2),
+            (f"train.eval_generate_every={cfg.train.eval_generate_every}", "train.eval_generate_every=0",
+             cfg.train.eval_generate_every and 2 in stages)) if needed]
+        if scoring:  # pycocoevalcap's tokenizer runs in Java: fail now, not after training
+            from msmedcap.eval.scoring import JavaMissing, require_java
 
-                try:
-                    require_java()  # scoring needs it: fail now, not after training
-                except JavaMissing as e:
-                    raise ConfigError(f"{key}: {e} (or set {key.split('=')[0]}={'false' if '=' in key else 0})") from e
+            try:
+                require_java()
+            except JavaMissing as e:
+                key, off = scoring[0]
+                raise ConfigError(f"{key}: {e} (or set {off})") from e
+        if cfg.train.eval_at_end and stages[-1] == 2 and cfg.eval.protocol == "imageclef":
+            from msmedcap.eval.imageclef import check_settings
+
+            check_settings(cfg.eval.imageclef)  # its models and files, before training
         plan = self.plan(stages, resume, overwrite)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
