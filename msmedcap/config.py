@@ -91,12 +91,18 @@ class QFormerConfig:
 
 @dataclass
 class LMConfig:
-    # HF name or directory; None = random init from `config`, refused unless model.allow_random_weights
-    # (or model.blip2_checkpoint provides the LM)
+    # HF name or directory of any AutoModelForCausalLM (OPT, GPT-2, Llama, BioGPT, ...) or AutoModelForSeq2SeqLM
+    # (T5/Flan-T5) LM (msmedcap/models/lm_families.py); None = random init from `config`, refused unless
+    # model.allow_random_weights (or model.blip2_checkpoint provides the LM)
     name_or_path: Optional[str] = "facebook/opt-2.7b"
     tokenizer: str = "facebook/opt-2.7b"
-    config: dict = field(default_factory=dict)  # OPTConfig kwargs for random init (tiny presets)
+    # random-init config: model_type (default opt) and that transformers config class's kwargs (tiny presets)
+    config: dict = field(default_factory=dict)
     prompt: str = "Question: Describe the image. Answer:"
+    chat_template: bool = False  # the prompt as one user turn through the tokenizer's chat template
+    # The text that ends each caption and stops generation (one token); None = "\n" for OPT (BLIP-2 OPT's
+    # convention), the tokenizer's EOS for every other LM.
+    caption_end: Optional[str] = None
     num_soft_prompts: int = 0  # learned soft prompt embeddings prepended before the queries' projections
     max_caption_len: int = 32
     # The frozen LM's dtype. The stage-2 gradient crosses it, so training runs it in the engine's dtype:
@@ -588,22 +594,31 @@ def _check_fields(cfg: "Config") -> None:
         if s.image_size % patch:
             raise ConfigError(f"model.sam.image_size must be a multiple of the SAM patch size {patch} "
                               f"(model.sam.encoder.patch_size), got {s.image_size}")
-    # The language model's random-init config: OPTConfig keyword arguments, sizes >= 1.
+    # The language model's random-init config: model_type (default opt) and its config class's keyword
+    # arguments, sizes >= 1.
     lm = m.lm
     for k, v in lm.config.items():
         if not isinstance(k, str):
-            raise ConfigError(f"model.lm.config: keys must be OPTConfig argument names, got {k!r}")
+            raise ConfigError(f"model.lm.config: keys must be config argument names, got {k!r}")
         if not (v is None or isinstance(v, (str, int, float, bool))):
             raise ConfigError(f"model.lm.config.{k} must be a number, string, true/false or null, got {v!r}")
-    known = _opt_config_keys() if lm.config else frozenset()
-    unknown = sorted(set(lm.config) - known) if known else []
+    kind = lm.config.get("model_type", "opt")
+    known = _lm_config_keys(kind) if lm.config else frozenset()
+    if known is None:
+        raise ConfigError(f"model.lm.config.model_type must be a transformers model type (opt, gpt2, llama, "
+                          f"biogpt, t5, ...), got {kind!r}")
+    unknown = sorted(set(lm.config) - known - {"model_type"}) if known else []
     if unknown:
-        raise ConfigError(f"model.lm.config.{unknown[0]}: not an OPTConfig argument (e.g. hidden_size, "
+        raise ConfigError(f"model.lm.config.{unknown[0]}: not an argument of {_config_class_name(kind)} (e.g. hidden_size, "
                           "num_hidden_layers, num_attention_heads, ffn_dim, max_position_embeddings, vocab_size)")
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "max_position_embeddings",
-              "word_embed_proj_dim", "vocab_size"):
+              "word_embed_proj_dim", "vocab_size", "intermediate_size", "d_model", "d_ff", "num_layers", "num_heads"):
         if k in lm.config and not (_is_int(lm.config[k]) and lm.config[k] >= 1):
             raise ConfigError(f"model.lm.config.{k} must be an integer >= 1, got {lm.config[k]!r}")
+    if lm.config and known:  # a model_type transformers builds only as a vision or audio model: refused here
+        from msmedcap.models.lm_families import bare_config
+
+        bare_config(lm)
     hidden, heads = lm.config.get("hidden_size"), lm.config.get("num_attention_heads")
     if hidden and heads and hidden % heads:
         raise ConfigError(f"model.lm.config.hidden_size must be divisible by model.lm.config.num_attention_heads "
@@ -617,16 +632,26 @@ def _check_fields(cfg: "Config") -> None:
                           f"got {prefix + lm.max_caption_len}")
 
 
-@functools.lru_cache(maxsize=1)
-def _opt_config_keys() -> frozenset:
-    """OPTConfig's argument and attribute names (empty when transformers is not importable)."""
+@functools.lru_cache(maxsize=8)
+def _lm_config_keys(model_type: str):
+    """The argument and attribute names of ``model_type``'s transformers config class (empty when transformers
+    is not importable, None when it has no such model type)."""
     try:
         import inspect
 
-        from transformers import OPTConfig
+        from transformers import CONFIG_MAPPING
     except ImportError:
-        return set()
-    return frozenset(inspect.signature(OPTConfig.__init__).parameters) | frozenset(vars(OPTConfig()))
+        return frozenset()
+    if model_type not in CONFIG_MAPPING:
+        return None
+    cls = CONFIG_MAPPING[model_type]
+    return frozenset(inspect.signature(cls.__init__).parameters) | frozenset(vars(cls())) | frozenset(cls.attribute_map)
+
+
+def _config_class_name(model_type: str) -> str:
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type].__name__
 
 
 def _dotted(cfg, key: str):
@@ -656,7 +681,8 @@ def random_frozen_parts(m: ModelConfig) -> dict:
         out["model.clip.pretrained"] = (f"an open_clip pretrained tag of {m.clip.name} (EVA01-g-14: "
                                         "laion400m_s11b_b41k) or a weights file")
     if not m.lm.name_or_path and not m.blip2_checkpoint:
-        out["model.lm.name_or_path"] = ("an OPT name or directory (facebook/opt-2.7b); model.lm.config alone "
+        out["model.lm.name_or_path"] = ("an LM name or directory (facebook/opt-2.7b, google/flan-t5-xl, ...); "
+                                        "model.lm.config alone "
                                         "builds a random LM")
     return out
 
@@ -731,6 +757,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                       "model.clip.name": m.clip.name if m.clip.name.endswith(".json") else None}.items():
         if path and not _is_hub_name(path) and not os.path.exists(resolve_asset(path)):
             raise ConfigError(f"{key}: not found: {path}")
+    if m.lm.name_or_path and os.path.isdir(resolve_asset(m.lm.name_or_path)):  # its family, before any work
+        from msmedcap.models.lm_families import pretrained_config
+
+        pretrained_config(m.lm.name_or_path)
 
 
 def resolve_asset(path: str) -> str:
