@@ -11,7 +11,9 @@ import logging
 import re
 from pathlib import Path
 
+import torch
 import yaml
+from torch import nn
 
 from msmedcap.config import ConfigError, ModelConfig, config_from_dict, resolve_asset
 from msmedcap.models.encoders import weights_mismatch
@@ -156,6 +158,27 @@ def tied_aliases(model: MSMedCap) -> set:
     return aliases
 
 
+def untie_where_they_differ(model: MSMedCap, tensors: dict) -> None:
+    """A checkpoint holding two names of one tied LM tensor with different values (Flan-T5's own ``lm_head``
+    beside ``shared``: transformers' T5 config ties them, its loader unties them then) gets them untied here
+    too, each loading its own values."""
+    lm = model.captioner.lm
+    if lm is None:
+        return
+    groups: dict = {}
+    for name, p in lm.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        given = [n for n in names if "captioner.lm." + n in tensors]
+        for name in given[1:]:
+            value = tensors["captioner.lm." + name]
+            if not torch.equal(value, tensors["captioner.lm." + given[0]]):
+                owner, attr = name.rsplit(".", 1)
+                shared = getattr(lm.get_submodule(owner), attr)
+                setattr(lm.get_submodule(owner), attr, nn.Parameter(torch.empty_like(shared), requires_grad=False))
+                lm.config.tie_word_embeddings = False
+
+
 def import_blip2(model: MSMedCap, directory) -> None:
     """An HF-format BLIP-2 checkpoint (``Blip2ForConditionalGeneration.save_pretrained``, e.g.
     Salesforce/blip2-opt-2.7b) into the CLIP branch: Q-Former, query tokens, ``ln_vision``, language
@@ -189,6 +212,7 @@ def import_blip2(model: MSMedCap, directory) -> None:
     if bad:
         raise ConfigError(f"model.blip2_checkpoint {directory}: {len(bad)} tensors do not fit: {bad[:5]}")
     vision = {k: v for k, v in eva_vision_key_map(state).items() if k in mine and mine[k].shape == v.shape}
+    untie_where_they_differ(model, main)
     missing = [k for k in blip2_expected(model) if k not in main]
     if not model.cfg.clip.pretrained:  # the tower's weights come from here alone: every tensor of it
         missing += [k for k in mine if k.startswith("encoders.clip.") and k not in vision]

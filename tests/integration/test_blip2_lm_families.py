@@ -51,6 +51,8 @@ def save_blip2(family: str, tokenizers, out):
         hf.vision_model.post_layernorm.bias.normal_(std=0.2)
         for p in [*hf.language_model.parameters(), hf.language_projection.weight]:  # captions depend on the image
             p.normal_(std=0.3)
+        if family == "t5":  # Flan-T5's own output head, not the input embeddings (transformers then unties them)
+            hf.language_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.language_model.lm_head.weight))
         hf.vision_model.embeddings.patch_embedding.weight.normal_(std=0.5)  # tokens that differ between images
         for name, p in hf.qformer.named_parameters():  # as model.qformer.cross_attention_init: queries read them
             if "crossattention" in name and p.dim() == 2:
@@ -68,6 +70,10 @@ def test_imported_blip2_gives_transformers_logits_and_greedy_captions(family, to
     model = build_model(cfg.model).eval()
     assert type(model.captioner.lm).__name__ == {"t5": "T5ForConditionalGeneration", "llama": "LlamaForCausalLM"}[family]
     hf = Blip2ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    if family == "t5":  # both sides hold the checkpoint's own head
+        lm = model.captioner.lm
+        assert lm.lm_head.weight is not lm.shared.weight and hf.language_model.lm_head.weight is not hf.language_model.shared.weight
+        assert torch.equal(lm.lm_head.weight, hf.language_model.lm_head.weight)
     tok = model.captioner.tokenizer
     assert model.captioner.eos_token_id == tok.eos_token_id  # not OPT: the caption ends with the LM's EOS
     lm = encode_lm_captions(tok, CAPTIONS[:4], cfg.model.lm.max_caption_len, tok.eos_token)
