@@ -25,8 +25,9 @@ configs = {
     "opt": tf.OPTConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
                         word_embed_proj_dim=width, max_position_embeddings=256, **special),
     "gpt2": tf.GPT2Config(n_embd=width, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=256, **special),
-    "llama": tf.LlamaConfig(hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
-                            num_key_value_heads=max(heads // 4, 1), max_position_embeddings=256, **special),
+    "llama": tf.LlamaConfig(hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
+                            num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1),
+                            max_position_embeddings=256, **special),
     "biogpt": tf.BioGptConfig(hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
                               num_attention_heads=heads, max_position_embeddings=256, **special),
     # T5 splits the layers: the prefix through LAYERS encoder blocks, the caption through LAYERS decoder blocks

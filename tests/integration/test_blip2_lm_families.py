@@ -5,15 +5,14 @@ captions (atol 1e-4, as tests/test_model_blip2_import.py does for OPT). The chec
 the installed transformers release's classes, saved with ``save_pretrained``."""
 import pytest
 import torch
-from test_model_kit import CAPTIONS, demo_config, one_thread, tokenizer_dirs
-from transformers import Blip2Config, Blip2ForConditionalGeneration
+from test_model_kit import CAPTIONS, random_hf_blip2, demo_config, one_thread, tokenizer_dirs
+from transformers import Blip2ForConditionalGeneration
 
 from msmedcap.config import ConfigError
 from msmedcap.models import build_model
 from msmedcap.tokenization import encode_lm_captions, load_lm_tokenizer
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
-WIDTH = 64  # the demo's tiny-vit tower width: the Q-Former cross-attends 64-wide tokens
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +33,9 @@ def text_config(family: str, tok) -> dict:
 
 def save_blip2(family: str, tokenizers, out):
     cfg = demo_config(tokenizers)
-    q = cfg.model.qformer
     tok = load_lm_tokenizer(cfg.model.lm.tokenizer)
-    hf_cfg = Blip2Config(
-        vision_config=dict(hidden_size=WIDTH, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
-                            intermediate_size=q.intermediate_size, cross_attention_frequency=q.cross_attention_freq,
-                            encoder_hidden_size=WIDTH),
-        text_config=text_config(family, tok), num_query_tokens=q.num_query_tokens, image_token_index=len(tok))
-    torch.manual_seed(0)
-    hf = Blip2ForConditionalGeneration(hf_cfg).eval()
-    with torch.no_grad():  # HF zero-inits these; random values make the comparison meaningful
-        hf.query_tokens.normal_(std=0.5)
-        hf.vision_model.post_layernorm.weight.normal_(1.0, 0.2)
-        hf.vision_model.post_layernorm.bias.normal_(std=0.2)
+    hf = random_hf_blip2(cfg, text_config(family, tok), image_token_index=len(tok))
+    with torch.no_grad():
         for p in [*hf.language_model.parameters(), hf.language_projection.weight]:  # captions depend on the image
             p.normal_(std=0.3)
         if family == "t5":  # Flan-T5's own output head, not the input embeddings (transformers then unties them)
