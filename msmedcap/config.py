@@ -7,7 +7,6 @@ starts: unknown keys, wrong types and missing files raise :class:`ConfigError` n
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,14 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from msmedcap.data.shard_spec import check_local_shards, expand_braces, parse_shard_spec
+from msmedcap.errors import ConfigError, ConfigWarning  # noqa: F401  (the config's errors, re-exported)
+from msmedcap.models.clip_settings import ClipConfig
+from msmedcap.models.lm_settings import LMConfig, pretrained_config
+from msmedcap.models.qformer_settings import QFormerConfig
+from msmedcap.models.sam_settings import SamConfig
+from msmedcap.paths import resolve_asset
+
 PRESET_DIR = Path(__file__).parent / "presets"
 # The encoder branches: each has a config section model.<branch> (a field of ModelConfig below) and an
 # EncoderSpec in msmedcap.registry (its encoder, transform, batch keys, cache identity).
@@ -23,94 +30,7 @@ BRANCHES = ("clip", "sam")
 VARIANT_BRANCHES = {"blip2": ("clip",), "sam-blip2": ("sam",), "msmedcap": ("clip", "sam")}
 
 
-class ConfigError(ValueError):
-    """A bad configuration: raised before any work starts, naming the key or file."""
-
-
-class ConfigWarning(UserWarning):
-    """A legal but suspicious setting (e.g. warmup longer than the stage): reported, not refused."""
-
-
 # --------------------------------------------------------------------------- model
-@dataclass
-class ClipConfig:
-    """open_clip image encoder (frozen). ``name`` is an open_clip model name, or a path to an
-    open_clip model-config JSON (tiny presets ship theirs in the package)."""
-    name: str = "EVA01-g-14"
-    # open_clip pretrained tag or weights file; None = random init, refused unless model.allow_random_weights
-    pretrained: Optional[str] = None
-    image_size: int = 224
-    # Which transformer block's output feeds the Q-Former; -2 = penultimate, as BLIP-2 does.
-    feature_layer: int = -2
-    # A trainable LayerNorm on the tokens before this branch's Q-Former (BLIP-2's ln_vision).
-    ln_vision: bool = True
-    # Stage-1 warm start of this branch's Q-Former: LAVIS blip2_pretrained.pth (or any LAVIS Blip2Qformer
-    # .pth) or an HF Blip2ForImageTextRetrieval directory (Salesforce/blip2-itm-vit-g); None = off.
-    stage1_checkpoint: Optional[str] = None
-    # Q-Former tensors left at their initialisation (fnmatch patterns, or `encoder_side`: the tensors whose
-    # shape follows the encoder width: ln_vision and the cross-attention keys/values).
-    stage1_skip: list = field(default_factory=list)
-
-
-@dataclass
-class SamConfig:
-    """segment-anything image encoder (frozen)."""
-    type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
-    # SAM .pth (full model or image encoder only; vit_b: sam_vit_b_01ec64.pth from segment-anything's README);
-    # None = random init, refused unless model.allow_random_weights
-    checkpoint: Optional[str] = None
-    image_size: int = 1024
-    token_layout: Literal["channels", "spatial"] = "channels"
-    # ImageEncoderViT kwargs overriding the registry type (tiny presets); empty = the registry's.
-    encoder: dict = field(default_factory=dict)
-    # Images per SAM encoder call (the batch runs in chunks of this many, outputs concatenated); 0 = all.
-    encoder_chunk: int = 0
-    # As model.clip.*: the reference code (MSMedCap) cross-attends SAM's neck output with no LayerNorm.
-    ln_vision: bool = True
-    stage1_checkpoint: Optional[str] = None
-    stage1_skip: list = field(default_factory=list)
-
-
-@dataclass
-class QFormerConfig:
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    cross_attention_freq: int = 2
-    num_query_tokens: int = 32
-    embed_dim: int = 256  # ITC projection size
-    max_text_len: int = 32
-    tokenizer: str = "bert-base-uncased"  # HF name or directory
-    init_from: Optional[str] = None  # BERT weights (HF name or directory) for the Q-Former layers
-    # Std of the cross-attention query/key weights at initialisation; None = BERT's 0.02, as BLIP-2.
-    # Tiny Q-Formers need more: at the demo's widths 0.02 gives attention logits of ~0.02, i.e. uniform
-    # over the image tokens, and the queries never learn to single out a small lesion in the demo's budget.
-    cross_attention_init: Optional[float] = None
-
-
-@dataclass
-class LMConfig:
-    # HF name or directory of any AutoModelForCausalLM (OPT, GPT-2, Llama, BioGPT, ...) or AutoModelForSeq2SeqLM
-    # (T5/Flan-T5) LM (msmedcap/models/lm_families.py); None = random init from `config`, refused unless
-    # model.allow_random_weights (or model.blip2_checkpoint provides the LM)
-    name_or_path: Optional[str] = "facebook/opt-2.7b"
-    tokenizer: str = "facebook/opt-2.7b"
-    # random-init config: model_type (default opt) and that transformers config class's kwargs (tiny presets)
-    config: dict = field(default_factory=dict)
-    prompt: str = "Question: Describe the image. Answer:"
-    chat_template: bool = False  # the prompt as one user turn through the tokenizer's chat template
-    # The text that ends each caption and stops generation (one token); None = "\n" for OPT (BLIP-2 OPT's
-    # convention), the tokenizer's EOS for every other LM.
-    caption_end: Optional[str] = None
-    num_soft_prompts: int = 0  # learned soft prompt embeddings prepended before the queries' projections
-    max_caption_len: int = 32
-    # The frozen LM's dtype. The stage-2 gradient crosses it, so training runs it in the engine's dtype:
-    # auto = train.precision's (written into the run's config.yaml); fp16 only under the fp16 engine,
-    # whose dynamic loss scale keeps small gradients. Without an engine (evaluate, caption) auto = frozen_dtype.
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-
-
 @dataclass
 class ModelConfig:
     variant: Literal["blip2", "sam-blip2", "msmedcap"] = "msmedcap"
@@ -379,91 +299,15 @@ def config_from_dict(data: dict, check_files: bool = False) -> Config:
 
 
 # --------------------------------------------------------------------------- validation
-def expand_braces(pattern: str) -> list:
-    """webdataset's brace expansion (``{000..003}``, ``{a,b}``)."""
-    import braceexpand
-
-    return list(braceexpand.braceexpand(pattern))
-
-
-class ShardSpec(typing.NamedTuple):
-    """One ``data.train`` / ``data.eval`` entry: ``PATTERN[::WEIGHT[::DOMAIN[::SOURCE]]]``."""
-    pattern: str
-    weight: float = 1.0
-    domain: Optional[str] = None  # general | medical: the domain of every sample (wins over the sample's json)
-    source: Optional[str] = None  # the source name of every sample (wins over the sample's json)
-
-
-def parse_shard_spec(spec: str) -> ShardSpec:
-    """``"cc-{000..331}.tar::2::general::cc3m"`` -> ShardSpec(pattern, 2.0, "general", "cc3m").
-
-    Fields after the pattern, separated by ``::``, all optional from the right: WEIGHT (a number > 0;
-    empty = 1), DOMAIN (general | medical; empty = each sample's json says), SOURCE (a name; empty =
-    each sample's json says). A DOMAIN or SOURCE given here wins over the samples' own metadata, so
-    shards written by other tools (img2dataset: no domain) train as they are."""
-    from msmedcap.batch import DOMAINS
-
-    if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"shard spec {spec!r}: expected 'PATTERN[::WEIGHT[::DOMAIN[::SOURCE]]]'")
-    pattern, *fields = spec.split("::")
-    if len(fields) > 3:
-        raise ConfigError(f"shard spec {spec!r}: at most PATTERN::WEIGHT::DOMAIN::SOURCE ({len(fields) + 1} fields)")
-    weight, domain, source = (fields + ["", "", ""])[:3]
-    if not pattern:
-        raise ConfigError(f"shard spec {spec!r}: no pattern before '::'")
-    if weight.strip():
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ConfigError(f"shard spec {spec!r}: weight {weight!r} is not a number") from None
-        if not w > 0:
-            raise ConfigError(f"shard spec {spec!r}: weight must be > 0")
-    else:
-        w = 1.0
-    domain, source = domain.strip() or None, source.strip() or None
-    if domain is not None and domain not in DOMAINS:
-        raise ConfigError(f"shard spec {spec!r}: domain {domain!r} is not one of {DOMAINS}")
-    return ShardSpec(pattern, w, domain, source)
-
-
-def split_weighted_spec(spec: str) -> tuple:
-    """``"path-{0..3}.tar::2.5"`` -> (pattern, 2.5); the DOMAIN/SOURCE fields are accepted and dropped
-    (see :func:`parse_shard_spec`)."""
-    parsed = parse_shard_spec(spec)
-    return parsed.pattern, parsed.weight
-
-
-def is_local_shard(url: str) -> bool:
-    """A shard address that names a file on this machine (not a URL, not a ``pipe:`` command)."""
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def check_local_shards(key: str, specs: list, hint: str = "") -> None:
-    """Every local shard of ``specs`` exists (a missing one would only be counted as skipped); ``hint``
-    ends the message."""
-    if not specs:
-        raise ConfigError(f"{key}: no shards given")
-    for spec in specs:
-        for path in expand_braces(split_weighted_spec(spec)[0]):
-            if is_local_shard(path) and not os.path.isfile(path):
-                raise ConfigError(f"{key}: shard file not found: {path} (from {spec!r}){hint}")
-
-
 def _is_hub_name(path: str) -> bool:
     # "facebook/opt-2.7b" or "bert-base-uncased": not a local path, resolved by the library's loader.
     return not path.startswith((".", "/", "~")) and not os.path.exists(path) and path.count("/") <= 1
 
 
-# Numeric ranges checked before any work: (dotted key, test, what is allowed).
+# Numeric ranges of the data, train and eval sections, checked before any work: (dotted key, test, what is
+# allowed). The model's components check their own (msmedcap.models.*_settings).
 _AT_LEAST_1, _AT_LEAST_0, _POSITIVE = ((lambda v: v >= 1), ">= 1"), ((lambda v: v >= 0), ">= 0"), ((lambda v: v > 0), "> 0")
 BOUNDS = [
-    *[(f"model.qformer.{k}", *_AT_LEAST_1) for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
-                                                     "cross_attention_freq", "num_query_tokens", "embed_dim")],
-    ("model.qformer.cross_attention_init", (lambda v: v is None or v > 0), "> 0 or null (BERT's 0.02)"),
-    ("model.qformer.max_text_len", (lambda v: 2 <= v <= 512), "in 2..512 ([CLS] and [SEP]; the Q-Former's 512 positions)"),
-    ("model.clip.image_size", *_AT_LEAST_1), ("model.sam.image_size", *_AT_LEAST_1),
-    ("model.sam.encoder_chunk", *_AT_LEAST_0),
-    ("model.lm.max_caption_len", *_AT_LEAST_1), ("model.lm.num_soft_prompts", *_AT_LEAST_0),
     *[(f"train.{st}.{k}", *b) for st in ("stage1", "stage2") for k, b in (
         ("lr", _POSITIVE), ("min_lr", _AT_LEAST_0), ("warmup_lr", _AT_LEAST_0), ("warmup_steps", _AT_LEAST_0),
         ("weight_decay", _AT_LEAST_0), ("grad_clip", _AT_LEAST_0),
@@ -480,14 +324,6 @@ BOUNDS = [
 ]
 # Strings that may be empty; every other str / Optional[str] field must be non-empty when set.
 EMPTY_STRING_OK = {"model.lm.prompt"}
-# ImageEncoderViT kwargs model.sam.encoder may set for type tiny (build_sam_tiny passes the rest) and
-# the patch size it uses when none is given (msmedcap.models.encoders.TINY_SAM_DEFAULTS).
-SAM_ENCODER_KEYS = {"embed_dim": int, "depth": int, "num_heads": int, "patch_size": int, "out_chans": int,
-                    "window_size": int, "global_attn_indexes": list, "use_abs_pos": bool, "rel_pos_zero_init": bool}
-TINY_SAM_PATCH = 16
-SAM_REGISTRY_IMAGE_SIZE, SAM_REGISTRY_PATCH = 1024, 16  # vit_b/l/h as segment-anything builds them
-
-
 def config_fields(cls=None, prefix: str = "") -> dict:
     """Every leaf field of the config: dotted key -> annotation (nested dataclasses walked)."""
     cls = cls or Config
@@ -502,48 +338,15 @@ def config_fields(cls=None, prefix: str = "") -> dict:
     return out
 
 
-def _open_clip_vision_cfg(name: str) -> Optional[dict]:
-    """vision_cfg of an open_clip model config (a JSON path, or a built-in name's packaged JSON),
-    read without importing open_clip; None when it cannot be found."""
-    import importlib.util
-    import json
-
-    try:
-        if name.endswith(".json"):
-            path = resolve_asset(name)
-        else:
-            spec = importlib.util.find_spec("open_clip")
-            if spec is None or not spec.submodule_search_locations:
-                return None
-            path = os.path.join(list(spec.submodule_search_locations)[0], "model_configs", f"{name}.json")
-        with open(path) as f:
-            vision = json.load(f).get("vision_cfg")
-        return vision if isinstance(vision, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _clip_patch_and_depth(vision: dict) -> tuple:
-    import re
-
-    patch = vision.get("patch_size")
-    if patch is None and isinstance(vision.get("timm_model_name"), str):  # e.g. eva_giant_patch14_224
-        m = re.search(r"patch(\d+)", vision["timm_model_name"])
-        patch = int(m.group(1)) if m else None
-    depth = vision.get("layers") if isinstance(vision.get("layers"), int) else None
-    return (patch if isinstance(patch, int) and patch > 0 else None), depth
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_fields(cfg: "Config") -> None:
-    """Per-field constraints beyond the ranges in BOUNDS: finiteness, non-empty strings, patch
-    divisibility, element types of list/dict fields. Each error names the dotted key and what is allowed."""
+    """What every field must be, whatever its section: a finite number, a non-empty string (unless
+    EMPTY_STRING_OK). Each error names the dotted key and what is allowed."""
     import math
 
-    m = cfg.model
     for key, tp in config_fields().items():
         value = _dotted(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
@@ -551,107 +354,6 @@ def _check_fields(cfg: "Config") -> None:
         if isinstance(value, str) and not value.strip() and key not in EMPTY_STRING_OK:
             optional = typing.get_origin(tp) is typing.Union
             raise ConfigError(f"{key} must be a non-empty string{' or null' if optional else ''}, got {value!r}")
-    # CLIP: the image is cut into patch x patch squares; the feature layer must exist.
-    vision = _open_clip_vision_cfg(m.clip.name)
-    if vision is not None:
-        patch, depth = _clip_patch_and_depth(vision)
-        if patch and m.clip.image_size % patch:
-            raise ConfigError(f"model.clip.image_size must be a multiple of {m.clip.name}'s patch size {patch}, "
-                              f"got {m.clip.image_size}")
-        if depth and not -depth <= m.clip.feature_layer < depth:
-            raise ConfigError(f"model.clip.feature_layer must be in [-{depth}, {depth - 1}] ({m.clip.name} has "
-                              f"{depth} blocks), got {m.clip.feature_layer}")
-    # SAM: the registry's types are fixed; tiny takes ImageEncoderViT kwargs.
-    s = m.sam
-    if s.type != "tiny":
-        if s.encoder:
-            raise ConfigError(f"model.sam.encoder must be empty for model.sam.type={s.type} (overrides are for "
-                              f"type tiny), got {s.encoder!r}")
-        if s.image_size != SAM_REGISTRY_IMAGE_SIZE:
-            raise ConfigError(f"model.sam.image_size must be {SAM_REGISTRY_IMAGE_SIZE} for model.sam.type={s.type}, "
-                              f"got {s.image_size}")
-    else:
-        for k, v in s.encoder.items():
-            want = SAM_ENCODER_KEYS.get(k)
-            if want is None:
-                raise ConfigError(f"model.sam.encoder.{k}: unknown key (allowed: {', '.join(sorted(SAM_ENCODER_KEYS))})")
-            if want is int and not (_is_int(v) and (v >= 1 or (k == "window_size" and v >= 0))):
-                raise ConfigError(f"model.sam.encoder.{k} must be an integer >= {0 if k == 'window_size' else 1}, "
-                                  f"got {v!r}")
-            if want is bool and not isinstance(v, bool):
-                raise ConfigError(f"model.sam.encoder.{k} must be true/false, got {v!r}")
-        enc = s.encoder
-        depth = enc.get("depth", 2)
-        gai = enc.get("global_attn_indexes", [1])
-        if not (isinstance(gai, list) and all(_is_int(i) and 0 <= i < depth for i in gai)):
-            raise ConfigError(f"model.sam.encoder.global_attn_indexes must be a list of block indexes in "
-                              f"[0, {depth - 1}] (depth {depth}), got {gai!r}")
-        dim, heads = enc.get("embed_dim", 64), enc.get("num_heads", 2)
-        if dim % heads:
-            raise ConfigError(f"model.sam.encoder.embed_dim must be divisible by model.sam.encoder.num_heads "
-                              f"({heads}), got {dim}")
-        patch = enc.get("patch_size", TINY_SAM_PATCH)
-        if s.image_size % patch:
-            raise ConfigError(f"model.sam.image_size must be a multiple of the SAM patch size {patch} "
-                              f"(model.sam.encoder.patch_size), got {s.image_size}")
-    # The language model's random-init config: model_type (default opt) and its config class's keyword
-    # arguments, sizes >= 1.
-    lm = m.lm
-    for k, v in lm.config.items():
-        if not isinstance(k, str):
-            raise ConfigError(f"model.lm.config: keys must be config argument names, got {k!r}")
-        if not (v is None or isinstance(v, (str, int, float, bool))):
-            raise ConfigError(f"model.lm.config.{k} must be a number, string, true/false or null, got {v!r}")
-    kind = lm.config.get("model_type", "opt")
-    known = _lm_config_keys(kind) if lm.config else frozenset()
-    if known is None:
-        raise ConfigError(f"model.lm.config.model_type must be a transformers model type (opt, gpt2, llama, "
-                          f"biogpt, t5, ...), got {kind!r}")
-    unknown = sorted(set(lm.config) - known - {"model_type"}) if known else []
-    if unknown:
-        raise ConfigError(f"model.lm.config.{unknown[0]}: not an argument of {_config_class_name(kind)} (e.g. hidden_size, "
-                          "num_hidden_layers, num_attention_heads, ffn_dim, max_position_embeddings, vocab_size)")
-    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "max_position_embeddings",
-              "word_embed_proj_dim", "vocab_size", "intermediate_size", "d_model", "d_ff", "num_layers", "num_heads"):
-        if k in lm.config and not (_is_int(lm.config[k]) and lm.config[k] >= 1):
-            raise ConfigError(f"model.lm.config.{k} must be an integer >= 1, got {lm.config[k]!r}")
-    if lm.config and known:  # a model_type transformers builds only as a vision or audio model: refused here
-        from msmedcap.models.lm_families import bare_config
-
-        bare_config(lm)
-    hidden, heads = lm.config.get("hidden_size"), lm.config.get("num_attention_heads")
-    if hidden and heads and hidden % heads:
-        raise ConfigError(f"model.lm.config.hidden_size must be divisible by model.lm.config.num_attention_heads "
-                          f"({heads}), got {hidden}")
-    positions = lm.config.get("max_position_embeddings")
-    prefix = lm.num_soft_prompts + m.qformer.num_query_tokens * len(m.branches)
-    if positions and prefix + lm.max_caption_len > positions:
-        raise ConfigError(f"model.lm.num_soft_prompts ({lm.num_soft_prompts}) + model.qformer.num_query_tokens "
-                          f"({m.qformer.num_query_tokens}) x {len(m.branches)} branch(es) + model.lm.max_caption_len "
-                          f"({lm.max_caption_len}) must be <= model.lm.config.max_position_embeddings ({positions}), "
-                          f"got {prefix + lm.max_caption_len}")
-
-
-@functools.lru_cache(maxsize=8)
-def _lm_config_keys(model_type: str):
-    """The argument and attribute names of ``model_type``'s transformers config class (empty when transformers
-    is not importable, None when it has no such model type)."""
-    try:
-        import inspect
-
-        from transformers import CONFIG_MAPPING
-    except ImportError:
-        return frozenset()
-    if model_type not in CONFIG_MAPPING:
-        return None
-    cls = CONFIG_MAPPING[model_type]
-    return frozenset(inspect.signature(cls.__init__).parameters) | frozenset(vars(cls())) | frozenset(cls.attribute_map)
-
-
-def _config_class_name(model_type: str) -> str:
-    from transformers import CONFIG_MAPPING
-
-    return CONFIG_MAPPING[model_type].__name__
 
 
 def _dotted(cfg, key: str):
@@ -661,10 +363,6 @@ def _dotted(cfg, key: str):
     return value
 
 
-# What a frozen part without weights needs, by key: the files users download (README, "The paper preset").
-SAM_CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
-
-
 def random_frozen_parts(m: ModelConfig) -> dict:
     """The frozen parts ``m`` would build with random weights: ``{key to set: what to set it to}``
     (empty when every frozen part of its variant has weights). The CLIP tower and the LM count as having
@@ -672,11 +370,7 @@ def random_frozen_parts(m: ModelConfig) -> dict:
     it provides every tensor)."""
     out = {}
     if "sam" in m.branches and not m.sam.checkpoint:
-        name = SAM_CHECKPOINTS.get(m.sam.type)
-        out["model.sam.checkpoint"] = (
-            f"the SAM {m.sam.type} checkpoint ({name}, linked from segment-anything's README: "
-            f"https://dl.fbaipublicfiles.com/segment_anything/{name})" if name else
-            f"a checkpoint of this tiny SAM (e.g. one written by python -m msmedcap.train.demo_encoders sam)")
+        out["model.sam.checkpoint"] = m.sam.missing_weights()
     if "clip" in m.branches and not m.clip.pretrained and not m.blip2_checkpoint:
         out["model.clip.pretrained"] = (f"an open_clip pretrained tag of {m.clip.name} (EVA01-g-14: "
                                         "laion400m_s11b_b41k) or a weights file")
@@ -703,6 +397,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         if not ok(value):
             raise ConfigError(f"{key} must be {allowed}, got {value!r}")
     _check_fields(cfg)
+    m.clip.check()
+    m.sam.check()
+    m.qformer.check()
+    m.lm.check(m.qformer.num_query_tokens, len(m.branches))
     for domain, branches in m.routing.items():
         if domain not in ("general", "medical"):
             raise ConfigError(f"model.routing: unknown domain {domain!r} (general, medical)")
@@ -713,8 +411,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if cfg.data.resize_on_device and (cfg.data.jpeg_draft or cfg.data.gpu_decode):
         raise ConfigError("data.resize_on_device: not with data.jpeg_draft or data.gpu_decode (each changes where "
                           "and from what the encoders' images are resized); set one of them")
-    if m.qformer.hidden_size % m.qformer.num_heads:
-        raise ConfigError("model.qformer.hidden_size must be divisible by model.qformer.num_heads")
     for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):
         betas = st.betas
         if not (isinstance(betas, list) and len(betas) == 2 and all(
@@ -758,13 +454,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         if path and not _is_hub_name(path) and not os.path.exists(resolve_asset(path)):
             raise ConfigError(f"{key}: not found: {path}")
     if m.lm.name_or_path and os.path.isdir(resolve_asset(m.lm.name_or_path)):  # its family, before any work
-        from msmedcap.models.lm_families import pretrained_config
-
         pretrained_config(m.lm.name_or_path)
 
 
-def resolve_asset(path: str) -> str:
-    """Paths starting with ``pkg://`` point inside the installed package (tiny tokenizers, configs)."""
-    if path.startswith("pkg://"):
-        return str(Path(__file__).parent / path[len("pkg://"):])
-    return path

@@ -11,9 +11,9 @@ A branch's names follow from the spec:
     batch keys       ``<branch>_image``, ``<branch>_image_size``   (msmedcap.batch)
     cache store      ``<feature_cache>/<branch>-<digest of spec.identity(section), dtype, shape, weights>``
 
-Light on purpose (config, transforms, no model code): DataLoader workers import it. The encoder and
-the transform may be named as ``"module:Class"``, imported the first time they are used, so the data
-side never imports model code (the built-in encoders are named so).
+Light on purpose (config only): DataLoader workers import it. The encoder and the transform may be
+named as ``"module:Class"``, imported the first time they are used, so the data side never imports
+model code and the registry no module that imports it (the built-in ones are named so).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from msmedcap.config import ClipConfig, SamConfig
-from msmedcap.data.transforms import ClipTransform, SamTransform
 
 
 @dataclass(frozen=True)
@@ -98,5 +97,7 @@ def encoder_specs(branches) -> list:
     return [encoder_spec(b) for b in branches]
 
 
-register_encoder(EncoderSpec("clip", ClipConfig, "msmedcap.models.encoders:ClipEncoder", ClipTransform))
-register_encoder(EncoderSpec("sam", SamConfig, "msmedcap.models.encoders:SamEncoder", SamTransform, padded=True))
+register_encoder(EncoderSpec("clip", ClipConfig, "msmedcap.models.encoders:ClipEncoder",
+                                  "msmedcap.data.transforms:ClipTransform"))
+register_encoder(EncoderSpec("sam", SamConfig, "msmedcap.models.encoders:SamEncoder",
+                                  "msmedcap.data.transforms:SamTransform", padded=True))

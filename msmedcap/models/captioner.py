@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig
 
-from msmedcap.config import LMConfig
+from msmedcap.models.lm_settings import LMConfig
 from msmedcap.models.encoders import fixed_seed
 from msmedcap.models.lm_families import build_lm, family_of, init_std, input_width, lm_config, prompt_ids
 

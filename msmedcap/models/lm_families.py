@@ -23,15 +23,15 @@ from typing import Optional
 
 import torch
 from torch import nn
-from huggingface_hub.errors import StrictDataclassError
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from msmedcap.batch import CAPTION_EOS
-from msmedcap.config import ConfigError, LMConfig, ModelConfig, resolve_asset
+from msmedcap.errors import ConfigError
 from msmedcap.models.encoders import built_in, weights_mismatch
-
-DEFAULT_MODEL_TYPE = "opt"  # a bare model.lm.config without model_type: OPT, as before families existed
+from msmedcap.models.lm_settings import (DEFAULT_MODEL_TYPE, LMConfig, bare_config, family_name,
+                                         pretrained_config)
+from msmedcap.paths import resolve_asset
 
 
 # --------------------------------------------------------------------------- generation helpers
@@ -133,63 +133,15 @@ FAMILIES = {f.name: f for f in (CausalLM, Seq2SeqLM)}
 
 
 def family_of(config, key: str, source: str):
-    """The family that builds ``config`` (a transformers config); ConfigError naming ``key`` when no
-    transformers causal or seq2seq LM class builds its ``model_type``."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
-
-    kind = getattr(config, "model_type", None)
-    if kind in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES and getattr(config, "is_encoder_decoder", False):
-        return Seq2SeqLM
-    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return CausalLM
-    raise ConfigError(f"{key} must be a model type transformers builds as AutoModelForCausalLM or "
-                      f"AutoModelForSeq2SeqLM (opt, gpt2, llama, mistral, qwen2, biogpt, t5, ...): {source} has "
-                      f"model_type {kind!r}")
-
-
-# --------------------------------------------------------------------------- config and weights
-def bare_config(cfg: LMConfig, tokenizer=None):
-    """The transformers config of ``model.lm.config`` (``model_type`` picks the class, OPT without one),
-    with the tokenizer's vocabulary and special tokens unless the config gives them."""
-    from transformers import CONFIG_MAPPING
-
-    kwargs = dict(cfg.config)
-    kind = kwargs.pop("model_type", DEFAULT_MODEL_TYPE)
-    if kind not in CONFIG_MAPPING:
-        raise ConfigError(f"model.lm.config.model_type must be a transformers model type (opt, gpt2, llama, "
-                          f"biogpt, t5, ...), got {kind!r}")
-    if tokenizer is not None:
-        kwargs = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **kwargs}
-    try:
-        config = CONFIG_MAPPING[kind](**kwargs)
-    except (TypeError, ValueError, StrictDataclassError) as e:  # the config class's own validation
-        raise ConfigError(f"model.lm.config: {e}") from e
-    if config.is_encoder_decoder and "decoder_start_token_id" not in kwargs and tokenizer is not None:
-        config.decoder_start_token_id = tokenizer.pad_token_id  # T5's convention: the decoder starts at pad
-    family_of(config, "model.lm.config.model_type", "model.lm.config")
-    return config
+    """The family of a transformers config (ConfigError naming ``key`` when no LM family builds it)."""
+    return FAMILIES[family_name(config, key, source)]
 
 
 def lm_config(cfg: LMConfig, tokenizer=None):
-    """The LM's architecture without building it: ``name_or_path``'s config, or :func:`bare_config`."""
+    """The LM's architecture without building it: ``name_or_path``'s config, or ``model.lm.config``'s."""
     if cfg.name_or_path:
         return pretrained_config(cfg.name_or_path)
     return bare_config(cfg, tokenizer)
-
-
-@functools.lru_cache(maxsize=8)
-def pretrained_config(name_or_path: str):
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_asset(name_or_path))
-    except (OSError, ValueError, KeyError) as e:  # no config.json, or a model_type transformers does not know
-        raise ConfigError(f"model.lm.name_or_path: {name_or_path} has no config transformers can read: "
-                          f"{str(e)[:300]}") from e
-    family_of(config, "model.lm.name_or_path", name_or_path)
-    return config
 
 
 def load_lm(name_or_path: str, dtype: torch.dtype) -> nn.Module:
@@ -267,12 +219,12 @@ def _model_type(name_or_path: Optional[str], bare_type: Optional[str], blip2_che
     return DEFAULT_MODEL_TYPE
 
 
-def model_type(m: ModelConfig) -> str:
+def model_type(m) -> str:
     """The LM's ``model_type`` without building it (as :func:`msmedcap.models.loading.build_model` builds it)."""
     return _model_type(m.lm.name_or_path, m.lm.config.get("model_type"), m.blip2_checkpoint)
 
 
-def caption_end(m: ModelConfig, tokenizer) -> str:
+def caption_end(m, tokenizer) -> str:
     """The text that ends every caption (training targets) and stops generation: ``model.lm.caption_end``,
     else "\\n" for OPT (BLIP-2 OPT) and the tokenizer's EOS for every other LM. One token, checked."""
     end = m.lm.caption_end

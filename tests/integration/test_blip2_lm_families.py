@@ -5,7 +5,7 @@ captions (atol 1e-4, as tests/test_model_blip2_import.py does for OPT). The chec
 the installed transformers release's classes, saved with ``save_pretrained``."""
 import pytest
 import torch
-from test_model_kit import CAPTIONS, random_hf_blip2, demo_config, one_thread, tokenizer_dirs
+from helpers.model_kit import CAPTIONS, demo_config, one_thread, random_hf_blip2
 from transformers import Blip2ForConditionalGeneration
 
 from msmedcap.config import ConfigError
@@ -13,11 +13,6 @@ from msmedcap.models import build_model
 from msmedcap.tokenization import encode_lm_captions, load_lm_tokenizer
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return tokenizer_dirs(tmp_path_factory)
 
 
 def text_config(family: str, tok) -> dict:

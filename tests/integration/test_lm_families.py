@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_kit import DEMO_LM_TOKENIZER, FAMILIES, save_tiny_lm
+from helpers.lm_kit import DEMO_LM_TOKENIZER, FAMILIES, save_tiny_lm
+from helpers.model_kit import one_thread
 from safetensors.torch import load_file
-from test_model_kit import one_thread
 
 from msmedcap.config import ConfigError, load_config
 from msmedcap.models import build_model

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from msmedcap.config import ConfigError, LMConfig, load_config, validate
-from msmedcap.models.lm_families import (CausalLM, Seq2SeqLM, bare_config, caption_end, family_of, prompt_ids,
-                                         pretrained_config)
+from msmedcap.config import load_config, validate
+from msmedcap.errors import ConfigError
+from msmedcap.models.lm_families import CausalLM, Seq2SeqLM, caption_end, family_of, prompt_ids
+from msmedcap.models.lm_settings import LMConfig, bare_config, pretrained_config
 from msmedcap.tokenization import encode_lm_captions, load_lm_tokenizer
 
 TOK = "pkg://assets/tokenizers/lm"  # the demo's byte-level BPE: </s> is its EOS
