@@ -27,9 +27,8 @@ class Captioner(nn.Module):
     built or loaded."""
 
     def __init__(self, cfg: LMConfig, query_widths: dict, tokenizer, dtype: torch.dtype, caption_end: str,
-                 with_lm: bool = True, config=None):
-        """``caption_end``: the text ending every caption (lm_families.caption_end); ``config``: the LM's
-        transformers config when the caller already has it (else read from ``cfg``)."""
+                 with_lm: bool = True):
+        """``caption_end``: the text ending every caption (lm_families.caption_end)."""
         super().__init__()
         self.tokenizer = tokenizer
         self.lm = None
@@ -38,7 +37,7 @@ class Captioner(nn.Module):
                 self.lm = build_lm(cfg, tokenizer, dtype)
             self.lm.requires_grad_(False)
             self.lm.eval()
-        config = self.lm.config if with_lm else (config or lm_config(cfg, tokenizer))
+        config = self.lm.config if with_lm else lm_config(cfg, tokenizer)
         self.family = family_of(config, "model.lm", "the LM")
         width = input_width(config)
         self.projections = nn.ModuleDict({b: nn.Linear(w, width) for b, w in query_widths.items()})

@@ -1,4 +1,4 @@
-"""MSMedCap: frozen CLIP/SAM encoders -> Q-Formers -> frozen LM (OPT, T5, ...), the three variants from one code path.
+"""MSMedCap: frozen CLIP/SAM encoders -> Q-Formers -> frozen LM, the three variants from one code path.
 
 ``variant`` picks the branches (blip2 = CLIP, sam-blip2 = SAM, msmedcap = both). Stage 1 trains each
 branch's Q-Former on the samples whose ``domain`` routes to it (``cfg.routing``); every frozen encoder

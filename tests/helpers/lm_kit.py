@@ -12,7 +12,7 @@ DEMO_LM_TOKENIZER = "pkg://assets/tokenizers/lm"
 FAMILIES = ("opt", "gpt2", "llama", "biogpt", "t5")
 
 
-def tiny_lm_config(family: str, tok) -> "transformers.PretrainedConfig":  # noqa: F821
+def tiny_lm_config(family: str, tok):
     import transformers as tf
 
     special = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
