@@ -1,7 +1,7 @@
 """HF BLIP-2 checkpoints whose language model is T5 (the ``Salesforce/blip2-flan-t5-xl`` layout: prefix into the
 encoder, caption from the decoder) or a Llama-type causal LM, imported with ``model.blip2_checkpoint``, compute
 what transformers' ``Blip2ForConditionalGeneration`` computes: logits on teacher-forced captions and greedy
-captions (atol 1e-4, as tests/test_model_blip2_import.py does for OPT). The checkpoints are tiny random ones of
+captions (atol 1e-4, as tests/unit/test_model_blip2_import.py does for OPT). The checkpoints are tiny random ones of
 the installed transformers release's classes, saved with ``save_pretrained``."""
 import pytest
 import torch

@@ -127,6 +127,7 @@ def test_an_lm_directory_of_no_lm_family_is_refused_before_any_work(tmp_path):
         load_config("demo", [f"model.lm.name_or_path={tmp_path}"])  # validation, before any model is built
 
 
+@pytest.mark.slow
 def test_t5_trains_and_evaluates_through_the_trainer(lm_dirs, tmp_path):
     """`msmedcap train` stage 2 (DeepSpeed ZeRO-2 engine, one process) with Flan-T5's layout as the LM: the
     loss falls, the export holds only the trainables, and the end-of-training evaluation captions every sample."""
