@@ -127,7 +127,22 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- evaluation
 @dataclass
+class ImageclefConfig:
+    """Local weights and files of the ImageCLEFmedical caption protocol (msmedcap.eval.imageclef);
+    a part without them is skipped and scores.json says why."""
+    bertscore_model: Optional[str] = None  # a transformers model directory (microsoft/deberta-xlarge-mnli in the task)
+    bertscore_layers: Optional[int] = None  # None: bert-score's layer for that model name, else the last layer
+    clip_model: Optional[str] = None  # open_clip model name or config JSON (BiomedCLIP in practice)
+    clip_pretrained: Optional[str] = None  # its weights file
+    images: Optional[str] = None  # directory of KEY.jpg / KEY.png, as the task's evaluator reads them
+    concepts: Optional[str] = None  # reference CUIs, the concept-detection task's CSV (ID,CUI;CUI)
+    concepts_predicted: Optional[str] = None  # predicted CUIs, the task's submission CSV
+
+
+@dataclass
 class EvalConfig:
+    protocol: Literal["coco", "imageclef"] = "coco"  # imageclef: the coco scores plus the ImageCLEF block
+    imageclef: ImageclefConfig = field(default_factory=ImageclefConfig)
     batch_size: int = 16
     num_beams: int = 5
     min_len: int = 8
@@ -320,6 +335,7 @@ BOUNDS = [
     ("eval.batch_size", *_AT_LEAST_1), ("eval.num_beams", *_AT_LEAST_1), ("eval.max_len", *_AT_LEAST_1),
     ("eval.min_len", *_AT_LEAST_0), ("eval.repetition_penalty", *_POSITIVE), ("eval.max_samples", *_AT_LEAST_0),
     ("train.dist_timeout_s", *_AT_LEAST_1),
+    ("eval.imageclef.bertscore_layers", (lambda v: v is None or v >= 1), ">= 1 or null"),
     ("train.seed", (lambda v: 0 <= v < 2**32), "in [0, 2**32) (numpy's seed range)"),
 ]
 # Strings that may be empty; every other str / Optional[str] field must be non-empty when set.
@@ -445,6 +461,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         **{f"model.{b}.stage1_checkpoint": getattr(m, b).stage1_checkpoint and resolve_asset(getattr(m, b).stage1_checkpoint)
            for b in BRANCHES},
     }
+    if cfg.eval.protocol == "imageclef":  # their contents are checked where scoring starts (eval.imageclef)
+        files.update({f"eval.imageclef.{k}": v for k, v in dataclasses.asdict(cfg.eval.imageclef).items()
+                      if k not in ("bertscore_layers", "clip_model")})
     for key, path in files.items():
         if path and not os.path.exists(path):
             raise ConfigError(f"{key}: file not found: {path}")

@@ -208,11 +208,18 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
 
     start = time.time()
     scores = score_records(everything)
-    score_s = time.time() - start
     for rec in everything:
         rec["scores"] = scores["per_sample"][rec["key"]]
         rec["findings"] = scores["per_sample_findings"][rec["key"]]
     del scores["per_sample"], scores["per_sample_findings"]
+    if cfg.eval.protocol == "imageclef":
+        from msmedcap.eval.imageclef import score_imageclef
+
+        scores["imageclef"] = score_imageclef(everything, cfg.eval.imageclef, device=model_device(model).type)
+        for rec in everything:
+            rec["imageclef"] = scores["imageclef"]["per_sample"][rec["key"]]
+        del scores["imageclef"]["per_sample"]
+    score_s = time.time() - start
     scores.update(
         checkpoint=None if checkpoint is None else str(checkpoint),
         data=specs,

@@ -217,6 +217,10 @@ class Trainer:
                 require_java()  # the final evaluation needs it: fail now, not after training
             except JavaMissing as e:
                 raise ConfigError(f"train.eval_at_end=true: {e} (or set train.eval_at_end=false)") from e
+            if cfg.eval.protocol == "imageclef":  # its models and files, before training
+                from msmedcap.eval.imageclef import check_settings
+
+                check_settings(cfg.eval.imageclef)
         plan = self.plan(stages, resume, overwrite)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,10 @@ FIELD_CASES = {
     "eval.length_penalty": ("-0.5", [".inf", ".nan", "x"]),
     "eval.max_samples": ("0", ["-1"]),
     "eval.gallery": ("false", ["maybe"]),
+    "eval.protocol": ("imageclef", ["clef2030", "null", "[coco]"]),
+    **{f"eval.imageclef.{k}": ("null", ["''", "[a]"]) for k in (
+        "bertscore_model", "clip_model", "clip_pretrained", "images", "concepts", "concepts_predicted")},
+    "eval.imageclef.bertscore_layers": ("40", ["0", "x", "1.5"]),
     **{f"train.{st}.{k}": v for st in ("stage1", "stage2") for k, v in {
         "steps": ("500", ["0", "x"]),
         "micro_batch_size": ("1", ["0"]),
