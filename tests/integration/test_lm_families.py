@@ -146,3 +146,18 @@ def test_t5_trains_and_evaluates_through_the_trainer(lm_dirs, tmp_path):
     assert export and not any(k.startswith("captioner.lm.") for k in export)
     predictions = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 8
+
+
+def test_the_exports_that_hold_only_opt_refuse_another_lm_before_any_work(lm_dirs, tmp_path, capsys):
+    """`msmedcap export --hf` writes BLIP-2 OPT's layout and `--bundle` an OPTConfig: a T5 captioner is refused
+    by both (exit 2, naming model.lm), nothing written. (The run's own export serves it: the trainer test.)"""
+    from msmedcap.cli import main
+    from msmedcap.models import save_trainable
+
+    cfg = family_config(lm_dirs["t5"], "model.variant=blip2", "model.lm.num_soft_prompts=0")
+    save_trainable(build_model(cfg.model), tmp_path / "export", cfg)
+    (tmp_path / "outs").mkdir()
+    for kind in ("--hf", "--bundle"):
+        assert main(["export", str(tmp_path / "export"), kind, str(tmp_path / "outs" / "out")]) == 2
+        assert f"export {kind}: model.lm is 't5'" in capsys.readouterr().err
+        assert list((tmp_path / "outs").iterdir()) == []
