@@ -2,6 +2,7 @@
 shards and LM tokenizer) with a tiny random LM of each family saved by ``save_pretrained`` (tests/lm_kit.py):
 the LM loads every tensor of its directory, stage 2 trains on demo batches, captions end with the family's
 end token, and batched beam search gives the captions of batch 1."""
+import functools
 import json
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_stage_2_trains_each_family_on_demo_batches(family, lm_dirs, demo_batche
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batched_beam_search_gives_the_captions_of_batch_1(family, demo_batches, tmp_path):
+def test_batched_beam_search_gives_the_captions_of_batch_1(family, demo_batches, tmp_path, monkeypatch):
     lm_dir = save_tiny_lm(family, tmp_path / family, load_lm_tokenizer(DEMO_LM_TOKENIZER), std=0.5)
     model = build_model(family_config(lm_dir).model).eval()
     g = torch.Generator().manual_seed(1)
@@ -108,10 +109,23 @@ def test_batched_beam_search_gives_the_captions_of_batch_1(family, demo_batches,
         for _, p in model.trainable_named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 2.0)
     batch = demo_batches[0]
+    lm_class, prefill_rows = type(model.captioner.lm), []
+    forward = lm_class.forward
+
+    @functools.wraps(forward)
+    def recording(self, *args, **kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            prefill_rows.append(kwargs["inputs_embeds"].shape[0])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(lm_class, "forward", recording)
     with torch.no_grad():
         features = {b: model.encode(batch, b) for b in model.branches}
         kwargs = dict(num_beams=3, min_len=2, max_len=10)
         together = model.generate({}, image_features=features, **kwargs)
+    # causal: the prefix runs once per sample, not per beam; T5: the encoder reads it (outside the LM's forward)
+    assert prefill_rows == ([] if family == "t5" else [len(batch["key"])])
+    with torch.no_grad():
         alone = [model.generate({}, image_features={b: f[i:i + 1] for b, f in features.items()}, **kwargs)[0]
                  for i in range(len(together))]
     assert together == alone
