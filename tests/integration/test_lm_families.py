@@ -161,6 +161,24 @@ def test_t5_trains_and_evaluates_through_the_trainer(lm_dirs, tmp_path):
     predictions = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 8
 
+    # `msmedcap caption` on the run: the export rebuilds the T5 from model.lm.name_or_path
+    import numpy as np
+    from PIL import Image
+
+    from msmedcap.eval.caption import caption_files
+    from msmedcap.models import load_from_export
+
+    model, _ = load_from_export(out / "stage2" / "export")
+    assert type(model.captioner.lm).__name__ == "T5ForConditionalGeneration"
+    for name, p in model.trainable_named_parameters():
+        assert torch.equal(p.detach().cpu(), export[name].to(p.dtype)), name
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(images[-1])
+    captions = caption_files([str(p) for p in images], str(out), ["eval.num_beams=2"])
+    assert [path for path, _ in captions] == [str(p) for p in images] and all(isinstance(c, str) for _, c in captions)
+
 
 def test_the_exports_that_hold_only_opt_refuse_another_lm_before_any_work(lm_dirs, tmp_path, capsys):
     """`msmedcap export --hf` writes BLIP-2 OPT's layout and `--bundle` an OPTConfig: a T5 captioner is refused
