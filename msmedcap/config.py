@@ -18,7 +18,7 @@ import yaml
 from msmedcap.data.shard_spec import check_local_shards, expand_braces, parse_shard_spec
 from msmedcap.errors import ConfigError, ConfigWarning  # noqa: F401  (the config's errors, re-exported)
 from msmedcap.models.clip_settings import ClipConfig
-from msmedcap.models.lm_settings import LMConfig
+from msmedcap.models.lm_settings import LMConfig, pretrained_config
 from msmedcap.models.qformer_settings import QFormerConfig
 from msmedcap.models.sam_settings import SamConfig
 from msmedcap.paths import resolve_asset
@@ -412,7 +412,8 @@ def random_frozen_parts(m: ModelConfig) -> dict:
         out["model.clip.pretrained"] = (f"an open_clip pretrained tag of {m.clip.name} (EVA01-g-14: "
                                         "laion400m_s11b_b41k) or a weights file")
     if not m.lm.name_or_path and not m.blip2_checkpoint:
-        out["model.lm.name_or_path"] = ("an OPT name or directory (facebook/opt-2.7b); model.lm.config alone "
+        out["model.lm.name_or_path"] = ("an LM name or directory (facebook/opt-2.7b, google/flan-t5-xl, ...); "
+                                        "model.lm.config alone "
                                         "builds a random LM")
     return out
 
@@ -493,5 +494,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                       "model.clip.name": m.clip.name if m.clip.name.endswith(".json") else None}.items():
         if path and not _is_hub_name(path) and not os.path.exists(resolve_asset(path)):
             raise ConfigError(f"{key}: not found: {path}")
+    if m.lm.name_or_path and os.path.isdir(resolve_asset(m.lm.name_or_path)):  # its family, before any work
+        pretrained_config(m.lm.name_or_path)
 
 

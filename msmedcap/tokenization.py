@@ -32,15 +32,16 @@ def load_lm_tokenizer(name_or_path: str):
     return tok
 
 
-def encode_lm_captions(tok, captions: list, max_len: int) -> dict:
-    """LM targets: each caption's tokens + the end token (``CAPTION_EOS``), right-padded to the longest
+def encode_lm_captions(tok, captions: list, max_len: int, end: str = CAPTION_EOS) -> dict:
+    """LM targets: each caption's tokens + the end token (``end``: msmedcap.models.lm_families.caption_end;
+    OPT's "\n" by default), right-padded to the longest
     of the batch (at most ``max_len``: stage 2's LM runs on these positions only). A caption longer than
     ``max_len`` is cut *before* the end token, which is always kept, so the model learns to stop on long
     captions too. -> {"input_ids", "attention_mask" (LongTensor [B, L], L = the longest row <= max_len),
     "truncated" (BoolTensor [B]: the caption lost tokens)}."""
     import torch
 
-    eos = list(tok(CAPTION_EOS, add_special_tokens=False)["input_ids"])
+    eos = list(tok(end, add_special_tokens=False)["input_ids"])
     if not 0 < len(eos) < max_len:
         raise ValueError(f"model.lm.max_caption_len={max_len} leaves no room for a caption before the end token {eos}")
     room = max_len - len(eos)
@@ -49,7 +50,7 @@ def encode_lm_captions(tok, captions: list, max_len: int) -> dict:
     mask = torch.zeros((len(captions), max_len), dtype=torch.long)
     truncated = torch.zeros(len(captions), dtype=torch.bool)
     # the caption with its end token, tokenized together (as generation sees it), then cut before the end
-    for i, full in enumerate(tok([c + CAPTION_EOS for c in captions], add_special_tokens=False)["input_ids"]):
+    for i, full in enumerate(tok([c + end for c in captions], add_special_tokens=False)["input_ids"]):
         body = full[: -len(eos)] if full[-len(eos):] == eos else full
         truncated[i] = len(body) > room
         row = body[:room] + eos

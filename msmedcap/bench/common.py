@@ -181,6 +181,7 @@ def captions_from_shards(cfg, n: int) -> list:
 def synthetic_batch(cfg, size: int, captions: Optional[list] = None, seed: int = 0) -> dict:
     """A batch in the msmedcap.batch format: random pixels, real tokenization of real-length captions,
     alternating domains, and ``image_sha256`` keys (distinct per sample and seed)."""
+    from msmedcap.models.lm_families import caption_end
     from msmedcap.tokenization import (encode_lm_captions, encode_qformer_text, load_lm_tokenizer,
                                        load_qformer_tokenizer)
 
@@ -190,7 +191,8 @@ def synthetic_batch(cfg, size: int, captions: Optional[list] = None, seed: int =
     g = torch.Generator().manual_seed(seed)
     # both texts as the loader builds them: padded to the batch's longest (the LM's end token always kept)
     q = encode_qformer_text(load_qformer_tokenizer(m.qformer.tokenizer), caps, m.qformer.max_text_len)
-    lm = encode_lm_captions(load_lm_tokenizer(m.lm.tokenizer), caps, m.lm.max_caption_len)
+    lm_tok = load_lm_tokenizer(m.lm.tokenizer)
+    lm = encode_lm_captions(lm_tok, caps, m.lm.max_caption_len, caption_end(m, lm_tok))
     batch = {"key": [f"bench-{seed}-{i}" for i in range(size)], "source": ["bench"] * size, "caption": caps,
              "domain": torch.tensor([i % 2 for i in range(size)]),
              "text_input_ids": q["input_ids"], "text_attention_mask": q["attention_mask"],

@@ -109,6 +109,7 @@ class SampleProcessor:
 
     def __init__(self, cfg: Config, stage: Optional[int] = None, feature_stores: Optional[dict] = None):
         from msmedcap.data.transforms import draft_size, encoder_transforms
+        from msmedcap.models.lm_families import caption_end
         from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run in DataLoader workers
@@ -120,6 +121,7 @@ class SampleProcessor:
         self.resize_on_device = bool(cfg.data.resize_on_device)
         self.qformer_tok = load_qformer_tokenizer(cfg.model.qformer.tokenizer)
         self.lm_tok = load_lm_tokenizer(cfg.model.lm.tokenizer)
+        self.caption_end = caption_end(cfg.model, self.lm_tok)
         self.max_text_len = cfg.model.qformer.max_text_len
         self.max_caption_len = cfg.model.lm.max_caption_len
         self.hash_images = bool(cfg.model.feature_cache)  # the feature cache's key (models/feature_cache.py)
@@ -182,7 +184,7 @@ class SampleProcessor:
         # both texts padded to this batch's longest (at most max_text_len / max_caption_len)
         q = encode_qformer_text(self.qformer_tok, captions, self.max_text_len)
         q_truncated = q["truncated"]
-        lm = encode_lm_captions(self.lm_tok, captions, self.max_caption_len)
+        lm = encode_lm_captions(self.lm_tok, captions, self.max_caption_len, self.caption_end)
         batch = {
             "key": [s["key"] for s in samples],
             "source": [s["source"] for s in samples],

@@ -32,6 +32,18 @@ def is_bundle(path) -> bool:
         return False
 
 
+def check_bundle_lm(cfg: Config) -> None:
+    """The bundle writes the LM's architecture as OPTConfig arguments (:func:`lm_architecture`): another LM
+    family is refused before any work (the run's own export, which names the LM's directory, serves it)."""
+    from msmedcap.models.lm_families import model_type
+
+    kind = model_type(cfg.model)
+    if kind != "opt":
+        raise ConfigError(f"export --bundle: model.lm is {kind!r}; a bundle holds an OPT LM only. Use the run's export "
+                          "directory (stage2/export) with msmedcap caption / evaluate, which loads the LM from "
+                          "model.lm.name_or_path")
+
+
 def lm_architecture(config) -> dict:
     """``model.lm.config`` of the built OPT: every OPTConfig argument with a plain value (vocabulary and
     special tokens included, so the tokenizer's length does not decide them)."""

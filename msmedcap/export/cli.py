@@ -77,6 +77,10 @@ def run(args) -> int:
         from msmedcap.export.hf_blip2 import check_expressible
 
         check_expressible(read_config(export))
+    else:
+        from msmedcap.export.bundle import check_bundle_lm
+
+        check_bundle_lm(read_config(export))
     model, cfg = load_model_dir(export)
     model.eval()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from msmedcap.config import Config, ConfigError
+from msmedcap.models.lm_families import model_type as lm_model_type
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ def check_expressible(cfg: Config) -> None:
                           "queries | prompt], BLIP-2's [queries | text]; a learned prefix before the queries has no place "
                           "in Blip2ForConditionalGeneration. Train with model.lm.num_soft_prompts=0 for a transformers "
                           "export, or export with --bundle")
+    kind = lm_model_type(m)
+    if kind != "opt":  # the image token's embedding row and the tied head below are OPT's names
+        raise ConfigError(f"export --hf: model.lm is {kind!r}; this export writes BLIP-2 OPT's layout only. Export "
+                          "with --bundle (msmedcap.from_pretrained loads it)")
     if not m.clip.ln_vision:
         raise ConfigError("export --hf: model.clip.ln_vision=false: Blip2VisionModel always ends in a LayerNorm "
                           "(post_layernorm, BLIP-2's ln_vision); this model has none")

@@ -11,7 +11,9 @@ import logging
 import re
 from pathlib import Path
 
+import torch
 import yaml
+from torch import nn
 
 from msmedcap.config import ConfigError, ModelConfig, config_from_dict, resolve_asset
 from msmedcap.models.encoders import weights_mismatch
@@ -31,7 +33,7 @@ def build_model(cfg: ModelConfig, init_trainables: bool = True, with_lm: bool = 
     both skipped with ``init_trainables=False``, when an export overwrites them anyway. ``with_lm=False``
     (stage 1) builds no LM: the trainables are the same, the LM's weights are never read.
 
-    With ``blip2_checkpoint`` and neither ``lm.name_or_path`` nor ``lm.config``, OPT's architecture comes
+    With ``blip2_checkpoint`` and neither ``lm.name_or_path`` nor ``lm.config``, the LM's architecture comes
     from the checkpoint's ``text_config`` (its weights from the checkpoint)."""
     cfg = with_lm_architecture(cfg)
     if with_lm:
@@ -85,11 +87,17 @@ def load_from_export(path_dir, merge: bool = True) -> tuple:
 
 # --------------------------------------------------------------------------- HF BLIP-2 import
 def blip2_text_config(directory) -> dict:
-    """OPTConfig kwargs of a BLIP-2 checkpoint's language model."""
+    """``model.lm.config`` of a BLIP-2 checkpoint's language model: its ``text_config`` (OPT, T5 or any
+    causal LM transformers builds), ``model_type`` included."""
     from transformers import Blip2Config
 
-    text = Blip2Config.from_pretrained(resolve_asset(str(directory))).text_config.to_diff_dict()
-    for key in ("model_type", "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
+    from msmedcap.models.lm_families import family_of
+
+    text_config = Blip2Config.from_pretrained(resolve_asset(str(directory))).text_config
+    family_of(text_config, "model.blip2_checkpoint", f"{directory}'s text_config")
+    text = text_config.to_diff_dict()
+    text["model_type"] = text_config.model_type
+    for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
         text.pop(key, None)
     return text
 
@@ -144,17 +152,51 @@ def blip2_expected(model: MSMedCap) -> list:
     """The model's tensors a ``Blip2ForConditionalGeneration`` checkpoint provides: the CLIP branch's
     Q-Former (queries, ``ln_vision`` if any, its layers but the text FFN: BLIP-2's captioner has no text
     input), the CLIP projection and the whole LM when it is built (but a head tied to the input embeddings)."""
-    lm = model.captioner.lm
-    tied = "captioner.lm.lm_head.weight" if lm is not None and lm.config.tie_word_embeddings else None
-    return [k for k in model.state_dict() if k != tied and not _TEXT_FFN.match(k) and k.startswith((
+    tied = tied_aliases(model)
+    return [k for k in model.state_dict() if k not in tied and not _TEXT_FFN.match(k) and k.startswith((
         "qformers.clip.query_tokens", "qformers.clip.ln_vision.", "qformers.clip.bert.",
         "captioner.projections.clip.", "captioner.lm."))]
+
+
+def tied_aliases(model: MSMedCap) -> set:
+    """The LM's parameter names that are another name of an earlier parameter (OPT's tied ``lm_head``, T5's
+    ``encoder/decoder.embed_tokens`` = ``shared``): a checkpoint holds each tensor once."""
+    lm = model.captioner.lm
+    if lm is None:
+        return set()
+    seen, aliases = set(), set()
+    for name, p in lm.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases.add("captioner.lm." + name)
+        seen.add(id(p))
+    return aliases
+
+
+def untie_where_they_differ(model: MSMedCap, tensors: dict) -> None:
+    """A checkpoint holding two names of one tied LM tensor with different values (Flan-T5's own ``lm_head``
+    beside ``shared``: transformers' T5 config ties them, its loader unties them then) gets them untied here
+    too, each loading its own values."""
+    lm = model.captioner.lm
+    if lm is None:
+        return
+    groups: dict = {}
+    for name, p in lm.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        given = [n for n in names if "captioner.lm." + n in tensors]
+        for name in given[1:]:
+            value = tensors["captioner.lm." + name]
+            if not torch.equal(value, tensors["captioner.lm." + given[0]]):
+                owner, attr = name.rsplit(".", 1)
+                shared = getattr(lm.get_submodule(owner), attr)
+                setattr(lm.get_submodule(owner), attr, nn.Parameter(torch.empty_like(shared), requires_grad=False))
+                lm.config.tie_word_embeddings = False
 
 
 def import_blip2(model: MSMedCap, directory) -> None:
     """An HF-format BLIP-2 checkpoint (``Blip2ForConditionalGeneration.save_pretrained``, e.g.
     Salesforce/blip2-opt-2.7b) into the CLIP branch: Q-Former, query tokens, ``ln_vision``, language
-    projection and OPT must match the config's shapes and be there, every one (:func:`blip2_expected`); the
+    projection and LM (OPT, T5, any causal LM) must match the config's shapes and be there, every one (:func:`blip2_expected`); the
     vision tower loads into open_clip's EVA where names and shapes match, and must provide all of it when
     ``model.clip.pretrained`` is not set. Tensors of none of these parts are refused."""
     from transformers import Blip2Config
@@ -184,6 +226,7 @@ def import_blip2(model: MSMedCap, directory) -> None:
     if bad:
         raise ConfigError(f"model.blip2_checkpoint {directory}: {len(bad)} tensors do not fit: {bad[:5]}")
     vision = {k: v for k, v in eva_vision_key_map(state).items() if k in mine and mine[k].shape == v.shape}
+    untie_where_they_differ(model, main)
     missing = [k for k in blip2_expected(model) if k not in main]
     if not model.cfg.clip.pretrained:  # the tower's weights come from here alone: every tensor of it
         missing += [k for k in mine if k.startswith("encoders.clip.") and k not in vision]

@@ -53,14 +53,14 @@ def _inject(lm: nn.Module, lora: LMLoraConfig, low_cpu_mem_usage: bool = False):
 
 def _skeleton(cfg) -> nn.Module:
     """The LM of ``cfg`` (a ModelConfig whose LM architecture is given: loading.with_lm_architecture) on
-    the meta device: its module tree, no weights allocated or read."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    the meta device, through its family's Auto class: its module tree, no weights allocated or read."""
+    import transformers
 
-    from msmedcap.models.captioner import lm_config
+    from msmedcap.models.lm_families import family_of, lm_config
     from msmedcap.tokenization import load_lm_tokenizer
 
     config = lm_config(cfg.lm, load_lm_tokenizer(cfg.lm.tokenizer))
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    auto = getattr(transformers, family_of(config, "model.lm", cfg.lm.name_or_path or "model.lm.config").auto_class)
     with torch.device("meta"):
         return auto.from_config(config)
 

@@ -1,4 +1,4 @@
-"""MSMedCap: frozen CLIP/SAM encoders -> Q-Formers -> frozen OPT, the three variants from one code path.
+"""MSMedCap: frozen CLIP/SAM encoders -> Q-Formers -> frozen LM, the three variants from one code path.
 
 ``variant`` picks the branches (blip2 = CLIP, sam-blip2 = SAM, msmedcap = both). Stage 1 trains each
 branch's Q-Former on the samples whose ``domain`` routes to it (``cfg.routing``); every frozen encoder
@@ -18,6 +18,7 @@ from torch import nn
 from msmedcap.batch import DOMAINS
 from msmedcap.config import ModelConfig, check_weights_given, random_frozen_parts
 from msmedcap.models.captioner import Captioner
+from msmedcap.models.lm_families import caption_end
 from msmedcap.data.transforms import NATIVE_KEY, resize_pending
 from msmedcap.models.feature_cache import KEY as CACHE_KEY, batch_rows
 from msmedcap.models.encoders import DTYPES, built_in, fixed_seed, frozen_dtype, warn_random
@@ -58,10 +59,11 @@ class MSMedCap(nn.Module):
         self.qformers = nn.ModuleDict({
             b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id,
                        ln_vision=getattr(cfg, b).ln_vision) for b in self.branches})
-        self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches},
-                                   load_lm_tokenizer(cfg.lm.tokenizer), lm_dtype(cfg), with_lm=with_lm)
+        lm_tok = load_lm_tokenizer(cfg.lm.tokenizer)
+        self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches}, lm_tok,
+                                   lm_dtype(cfg), caption_end(cfg, lm_tok), with_lm=with_lm)
         parts = {"model.sam.checkpoint": f"SAM {cfg.sam.type} image encoder",
-                 "model.clip.pretrained": f"CLIP tower {cfg.clip.name}", "model.lm.name_or_path": "LM (OPT)"}
+                 "model.clip.pretrained": f"CLIP tower {cfg.clip.name}", "model.lm.name_or_path": "LM"}
         for key in random_frozen_parts(cfg):  # refused by config validation unless model.allow_random_weights
             if with_lm or key != "model.lm.name_or_path":
                 warn_random(parts[key], key)

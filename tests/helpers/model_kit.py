@@ -54,6 +54,29 @@ def make_batch(cfg, captions=CAPTIONS, domains=None, seed: int = 0) -> dict:
     }
 
 
+def random_hf_blip2(cfg, text_config: dict, image_token_index: int):
+    """A random transformers ``Blip2ForConditionalGeneration`` (seed 0) shaped like ``cfg``'s Q-Former over a tiny
+    vision tower as wide as the demo's tiny-vit (64: the Q-Former cross-attends 64-wide tokens), with
+    ``text_config`` as its language model. The parts HF zero-inits are random: comparisons mean something."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    q, width = cfg.model.qformer, 64
+    hf_cfg = Blip2Config(
+        vision_config=dict(hidden_size=width, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+                            intermediate_size=q.intermediate_size, cross_attention_frequency=q.cross_attention_freq,
+                            encoder_hidden_size=width),
+        text_config=text_config, num_query_tokens=q.num_query_tokens, image_token_index=image_token_index)
+    torch.manual_seed(0)
+    hf = Blip2ForConditionalGeneration(hf_cfg).eval()
+    with torch.no_grad():
+        hf.query_tokens.normal_(std=0.5)
+        hf.vision_model.post_layernorm.weight.normal_(1.0, 0.2)
+        hf.vision_model.post_layernorm.bias.normal_(std=0.2)
+    return hf
+
+
 def one_thread():
     """Fixture body: on 2 shared cores, torch's 2 threads spin against other processes (a 64x64
     linear took 10 ms instead of 0.1 ms); one thread is far faster for these tiny models."""

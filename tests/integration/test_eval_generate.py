@@ -72,7 +72,7 @@ def test_prefill_runs_once_per_sample_and_changes_no_caption(run_dir, monkeypatc
     from transformers import GenerationConfig, OPTForCausalLM
 
     from msmedcap.eval.evaluate import generation_kwargs
-    from msmedcap.models import captioner
+    from msmedcap.models import lm_families
 
     _, model, cfg = run_dir
     batch = first_batches(cfg, 1)[0]
@@ -93,7 +93,7 @@ def test_prefill_runs_once_per_sample_and_changes_no_caption(run_dir, monkeypatc
     config = GenerationConfig(do_sample=False, num_beams=3, min_new_tokens=2, max_new_tokens=6, output_scores=True,
                               return_dict_in_generate=True, eos_token_id=cap.eos_token_id,
                               pad_token_id=cap.tokenizer.pad_token_id)
-    with captioner.prefill_once_per_sample(cap.lm, 3):
+    with lm_families.prefill_once_per_sample(cap.lm, 3):
         a = cap.lm.generate(inputs_embeds=prefix, generation_config=config)
     b = cap.lm.generate(inputs_embeds=prefix, generation_config=config)
     assert len(a.scores) == len(b.scores) > 1 and all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
@@ -104,7 +104,7 @@ def test_prefill_runs_once_per_sample_and_changes_no_caption(run_dir, monkeypatc
     assert prefill_rows == [len(batch["key"])]
     assert "forward" not in vars(model.captioner.lm)
     prefill_rows.clear()
-    monkeypatch.setattr(captioner, "prefill_once_per_sample", lambda lm, n: contextlib.nullcontext())
+    monkeypatch.setattr(lm_families, "prefill_once_per_sample", lambda lm, n: contextlib.nullcontext())
     per_beam = model.generate(batch, **gen)
     assert prefill_rows == [len(batch["key"]) * gen["num_beams"]]
     assert once == per_beam

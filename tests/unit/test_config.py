@@ -141,7 +141,10 @@ FIELD_CASES = {
     "model.lm.config": ("{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, ffn_dim: 128, "
                         "max_position_embeddings: 128, word_embed_proj_dim: 64}",
                         ["[1]", "{hidden_sise: 64}", "{hidden_size: 0}", "{hidden_size: 65}", "{ffn_dim: [1]}",
-                         "{num_hidden_layers: 2.5}", "{max_position_embeddings: 40}", "{1: 2}"]),
+                         "{num_hidden_layers: 2.5}", "{max_position_embeddings: 40}", "{1: 2}",
+                         "{model_type: no_such_lm}", "{model_type: vit}", "{model_type: t5, ffn_dim: 8}"]),
+    "model.lm.chat_template": ("true", ["maybe"]),
+    "model.lm.caption_end": ("'</s>'", ["''", "[a]"]),
     "model.lm.prompt": ("''", ["{a: 1}", "[a]"]),
     "model.lm.num_soft_prompts": ("0", ["-1", "100", "x"]),  # 100: no room for the caption in 128 positions
     "model.lm.max_caption_len": ("16", ["0", "100"]),
@@ -233,7 +236,7 @@ def test_each_invalid_value_is_refused_naming_the_key(key, bad):
         load_config("demo", [f"{key}={bad}"], check_files=False)
     msg = str(err.value)
     assert key in msg, msg
-    assert re.search(r"must be|expected|is not one of|unknown|not an OPTConfig argument", msg), msg
+    assert re.search(r"must be|expected|is not one of|unknown|not an argument of \w+Config", msg), msg
 
 
 def test_warmup_longer_than_the_stage_is_reported():

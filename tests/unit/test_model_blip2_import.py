@@ -1,7 +1,7 @@
 """An HF-format BLIP-2 checkpoint imported into the blip2 variant computes what transformers computes."""
 import pytest
 import torch
-from helpers.model_kit import demo_config, make_batch, one_thread, tiny_eva_clip_json
+from helpers.model_kit import demo_config, make_batch, one_thread, random_hf_blip2, tiny_eva_clip_json
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from msmedcap.config import ConfigError
@@ -15,23 +15,10 @@ _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 def hf_dir(tokenizers, tmp_path_factory):
     """A tiny random Blip2ForConditionalGeneration shaped like the demo preset, saved as HF saves it."""
     cfg = demo_config(tokenizers)
-    q, lm = cfg.model.qformer, cfg.model.lm
+    lm = cfg.model.lm
     vocab = len(load_lm_tokenizer(lm.tokenizer))
-    width = 64  # the demo's tiny-vit tower width: the Q-Former cross-attends 64-wide tokens
-    hf_cfg = Blip2Config(
-        vision_config=dict(hidden_size=width, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
-                            intermediate_size=q.intermediate_size, cross_attention_frequency=q.cross_attention_freq,
-                            encoder_hidden_size=width),
-        text_config=dict(model_type="opt", vocab_size=vocab + 1, **lm.config),
-        num_query_tokens=q.num_query_tokens, image_token_index=vocab)  # an id outside the text vocabulary
-    torch.manual_seed(0)
-    hf = Blip2ForConditionalGeneration(hf_cfg).eval()
-    with torch.no_grad():  # HF zero-inits these; random values make the comparison meaningful
-        hf.query_tokens.normal_(std=0.5)
-        hf.vision_model.post_layernorm.weight.normal_(1.0, 0.2)
-        hf.vision_model.post_layernorm.bias.normal_(std=0.2)
+    # image_token_index: an id outside the text vocabulary
+    hf = random_hf_blip2(cfg, dict(model_type="opt", vocab_size=vocab + 1, **lm.config), image_token_index=vocab)
     out = tmp_path_factory.mktemp("blip2")
     hf.save_pretrained(out)
     return out

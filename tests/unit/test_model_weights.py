@@ -95,10 +95,20 @@ def llama_dir(tmp_path_factory):
     return out
 
 
-def test_a_llama_directory_as_the_lm_is_refused_naming_missing_tensors(tokenizers, llama_dir):
-    cfg = demo_config(tokenizers, f"model.lm.name_or_path={llama_dir}")
-    with pytest.raises(ConfigError, match=r"model.lm.name_or_path: .* does not provide every tensor of OPTForCausalLM "
-                                          r"\(its config says model_type 'llama'\).*missing \(model.decoder.*unexpected"):
+def test_a_llama_directory_that_lacks_tensors_is_refused_naming_them(tokenizers, llama_dir, tmp_path):
+    """The Llama loads as a Llama (tests/unit/test_lm_families.py); with a tensor removed from its file,
+    transformers would leave it random and only log: refused, naming it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copy(llama_dir / "config.json", tmp_path / "config.json")
+    state = load_file(llama_dir / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    cfg = demo_config(tokenizers, f"model.lm.name_or_path={tmp_path}")
+    with pytest.raises(ConfigError, match=r"model.lm.name_or_path: .* does not provide every tensor of LlamaForCausalLM "
+                                          r"\(its config says model_type 'llama'\).*missing \(model.layers.1.mlp.down_proj.weight"):
         build_model(cfg.model)
 
 
@@ -253,7 +263,7 @@ def test_frozen_parts_built_in_bf16_never_write_a_float32_copy_of_their_weights(
             return getattr(self.spec, name)
 
     monkeypatch.setattr(msmedcap_model, "encoder_spec", MeasuredSpec)
-    monkeypatch.setattr(captioner, "build_opt", measured("lm", captioner.build_opt))
+    monkeypatch.setattr(captioner, "build_lm", measured("lm", captioner.build_lm))
     build_model(demo_config(tokenizers, "model.frozen_dtype=bf16", "model.clip.pretrained=null",
                             "model.sam.checkpoint=null").model)
     assert set(seen) == {"clip", "sam", "lm"}
