@@ -212,3 +212,57 @@ def test_the_transformers_blip2_export_of_a_lora_model_holds_the_merged_lm(token
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images[-1])
     ours = [c for _, c in caption_files([str(p) for p in images], str(tmp_path / "export"))]
     assert hf_captions(tmp_path / "hf", images, cfg.model.lm.prompt) == ours and any(ours)
+
+
+@pytest.mark.parametrize("family, targets", [("opt", None), ("gpt2", None), ("llama", "[q_proj, k_proj, v_proj, o_proj]"),
+                                             ("biogpt", "[q_proj, v_proj]"), ("t5", None)])
+def test_lora_on_each_lm_family_counts_as_peft_and_merges_to_the_same_logits(family, targets, tmp_path):
+    """Tiny random LMs of each family (tests/helpers/lm_kit.py) as model.lm with LoRA: peft's own default
+    targets where it has them (OPT, Llama: q_proj, v_proj; GPT-2: its Conv1D c_attn; T5: q, v), named ones
+    where not (BioGPT). The trainables grow by peft's count; with the adapters moved off their init (B drawn
+    as a trained one's), the export rebuilt merged gives the unmerged model's logits (fp32, 1e-4) and its
+    greedy captions."""
+    from helpers.lm_kit import DEMO_LM_TOKENIZER, save_tiny_lm
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from msmedcap.config import load_config
+    from msmedcap.data.loader import make_train_loader
+    from msmedcap.models import build_model, load_from_export, save_trainable
+    from msmedcap.models.lora import lora_parameter_names
+    from msmedcap.tokenization import load_lm_tokenizer
+    from msmedcap.train.world import to_device
+
+    lm_dir = save_tiny_lm(family, tmp_path / family, load_lm_tokenizer(DEMO_LM_TOKENIZER), std=0.2)
+    base = [f"model.lm.name_or_path={lm_dir}", "model.frozen_dtype=fp32", "model.lm.dtype=fp32",
+            "data.num_workers=0", "data.shuffle_buffer=1", "train.stage2.micro_batch_size=4"]
+    lora = [f"model.lm.lora.r={R}", f"model.lm.lora.alpha={ALPHA}"] + (
+        [f"model.lm.lora.target_modules={targets}"] if targets else [])
+    plain = build_model(load_config("demo", base).model)
+    cfg = load_config("demo", base + lora)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+
+    auto = AutoModelForSeq2SeqLM if family == "t5" else AutoModelForCausalLM
+    peft_lm = get_peft_model(auto.from_pretrained(lm_dir), LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=None if targets is None else targets.strip("[]").split(", ")))
+    added, _ = peft_lm.get_nb_trainable_parameters()
+    assert added > 0 and model.parameter_counts()["total"]["trainable"] == \
+        plain.parameter_counts()["total"]["trainable"] + added
+    with torch.no_grad():
+        for n in lora_parameter_names(model):
+            if ".lora_B." in n:
+                model.get_parameter(n).normal_(std=0.2)
+    save_trainable(model, tmp_path / "export", cfg)
+    merged, _ = load_from_export(tmp_path / "export")
+    assert lora_parameter_names(merged) == []
+    batch = to_device(next(iter(make_train_loader(cfg, 2, 0, 1))), torch.device("cpu"))
+    model.eval(), merged.eval()
+    with torch.no_grad():
+        trained, folded = model.caption_logits(batch), merged.caption_logits(batch)
+        model.captioner.lora_tuner.disable_adapter_layers()
+        without = model.caption_logits(batch)
+        model.captioner.lora_tuner.enable_adapter_layers()
+    assert (folded - trained).abs().max() <= 1e-4
+    assert (without - trained).abs().max() > 100 * 1e-4  # the adapters matter, far beyond the merge's rounding
+    assert merged.generate(batch, num_beams=1, max_len=12) == model.generate(batch, num_beams=1, max_len=12)

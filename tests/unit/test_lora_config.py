@@ -75,18 +75,23 @@ def test_target_modules_the_lm_lacks_fail_before_any_weight_is_read(targets, mes
 
 
 def test_the_check_builds_no_weights_even_for_a_large_lm():
-    """The check's LM lives on the meta device: an OPT at Llama-3-8B's widths (Meta's config.json; 6.5
-    billion parameters with OPT's two-matrix FFN) is checked without allocating its weights."""
+    """The check's LM lives on the meta device: Llama-3-8B (the widths of Meta's config.json) is checked
+    without allocating its weights; its attention projections are q/k/v/o_proj, OPT's out_proj it lacks."""
     from msmedcap.models.lora import _skeleton
 
+    llama3_8b = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+                 "vocab_size": 128256}
     cfg = load_config("demo", ["model.lm.name_or_path=null", "model.allow_random_weights=true",
                                "model.lm.lora.target_modules=[q_proj, k_proj, v_proj, o_proj]"], check_files=False)
-    cfg.model.lm.config = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "ffn_dim": 14336,
-                           "max_position_embeddings": 8192, "word_embed_proj_dim": 4096, "vocab_size": 128256}
+    cfg.model.lm.config = llama3_8b
     lm = _skeleton(cfg.model)
-    assert {p.device.type for p in lm.parameters()} == {"meta"}
-    assert sum(p.numel() for p in lm.parameters()) > 6e9
-    with pytest.raises(ConfigError, match="'o_proj' matches no module of the LM"):  # OPT calls it out_proj
+    assert type(lm).__name__ == "LlamaForCausalLM" and {p.device.type for p in lm.parameters()} == {"meta"}
+    assert sum(p.numel() for p in lm.parameters()) > 8e9
+    check_lora(cfg.model)
+    cfg.model.lm.lora.target_modules = ["q_proj", "out_proj"]
+    with pytest.raises(ConfigError, match="'out_proj' matches no module of the LM \\(LlamaForCausalLM; its linear "
+                                          "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\\)"):
         check_lora(cfg.model)
 
 
