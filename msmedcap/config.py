@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import os
 import typing
 from dataclasses import dataclass, field
@@ -34,10 +35,13 @@ class ConfigWarning(UserWarning):
 # --------------------------------------------------------------------------- model
 @dataclass
 class ClipConfig:
-    """open_clip image encoder (frozen). ``name`` is an open_clip model name, or a path to an
-    open_clip model-config JSON (tiny presets ship theirs in the package)."""
+    """open_clip image encoder (frozen). ``name`` is an open_clip model name, a path to an open_clip
+    model-config JSON (tiny presets ship theirs in the package), or ``hf-hub:org/repo`` /
+    ``local-dir:/path`` (config, preprocessing and weights from the repository or folder; offline from a
+    local copy). The image preprocessing is the model's own (open_clip's preprocess config: docs/encoders.md)."""
     name: str = "EVA01-g-14"
-    # open_clip pretrained tag or weights file; None = random init, refused unless model.allow_random_weights
+    # open_clip pretrained tag or weights file; None = random init, refused unless model.allow_random_weights.
+    # Not with an hf-hub:/local-dir: name (its weights come with it; open_clip would ignore this).
     pretrained: Optional[str] = None
     image_size: int = 224
     # Which transformer block's output feeds the Q-Former; -2 = penultimate, as BLIP-2 does.
@@ -61,6 +65,9 @@ class SamConfig:
     checkpoint: Optional[str] = None
     image_size: int = 1024
     token_layout: Literal["channels", "spatial"] = "channels"
+    # The image preprocessing the weights expect: `sam` (ResizeLongestSide, SAM mean/std, zero pad) or `medsam`
+    # (MedSAM's: squash to image_size x image_size, [0, 1] min-max per image, no mean/std). docs/encoders.md
+    preprocess: Literal["sam", "medsam"] = "sam"
     # ImageEncoderViT kwargs overriding the registry type (tiny presets); empty = the registry's.
     encoder: dict = field(default_factory=dict)
     # Images per SAM encoder call (the batch runs in chunks of this many, outputs concatenated); 0 = all.
@@ -503,6 +510,12 @@ def _open_clip_vision_cfg(name: str) -> Optional[dict]:
     import json
 
     try:
+        if name.startswith("local-dir:"):  # open_clip's folder layout: open_clip_config.json {"model_cfg": ...}
+            with open(os.path.join(name[len("local-dir:"):], "open_clip_config.json")) as f:
+                vision = (json.load(f).get("model_cfg") or {}).get("vision_cfg")
+            return vision if isinstance(vision, dict) else None
+        if name.startswith("hf-hub:"):
+            return None  # read through huggingface_hub when the model is built (clip_preprocess checks it first)
         if name.endswith(".json"):
             path = resolve_asset(name)
         else:
@@ -652,13 +665,38 @@ def random_frozen_parts(m: ModelConfig) -> dict:
             f"the SAM {m.sam.type} checkpoint ({name}, linked from segment-anything's README: "
             f"https://dl.fbaipublicfiles.com/segment_anything/{name})" if name else
             f"a checkpoint of this tiny SAM (e.g. one written by python -m msmedcap.train.demo_encoders sam)")
-    if "clip" in m.branches and not m.clip.pretrained and not m.blip2_checkpoint:
+    if "clip" in m.branches and m.clip.name.startswith(("hf-hub:", "local-dir:")) and not m.blip2_checkpoint:
+        if m.clip.name.startswith("local-dir:") and not _local_dir_weights(m.clip.name[len("local-dir:"):]):
+            out["model.clip.name"] = (f"a folder with open_clip weights (open_clip_model.safetensors, ...) beside its "
+                                      f"open_clip_config.json; {m.clip.name} has none")
+    elif "clip" in m.branches and not m.clip.pretrained and not m.blip2_checkpoint:
         out["model.clip.pretrained"] = (f"an open_clip pretrained tag of {m.clip.name} (EVA01-g-14: "
                                         "laion400m_s11b_b41k) or a weights file")
     if not m.lm.name_or_path and not m.blip2_checkpoint:
         out["model.lm.name_or_path"] = ("an OPT name or directory (facebook/opt-2.7b); model.lm.config alone "
                                         "builds a random LM")
     return out
+
+
+def _local_dir_weights(path: str) -> bool:
+    """The folder holds a file open_clip's ``local-dir:`` loader takes as weights (factory._find_checkpoint_in_dir)."""
+    return any(glob.glob(os.path.join(path, f"*{ext}")) for ext in (".safetensors", ".bin", ".pth"))
+
+
+def check_clip_schema(m: ModelConfig, check_files: bool) -> None:
+    """``hf-hub:``/``local-dir:`` CLIP names: no ``pretrained`` beside them (open_clip ignores it), the folder
+    exists, and the preprocess config resolves to one open_clip's eval transform takes (before any work)."""
+    if "clip" not in m.branches or not m.clip.name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if m.clip.pretrained:
+        raise ConfigError(f"model.clip.pretrained: not with model.clip.name={m.clip.name} (its weights come with "
+                          "the name; open_clip ignores pretrained there); unset it")
+    if m.clip.name.startswith("local-dir:") and not os.path.isdir(m.clip.name[len("local-dir:"):]):
+        raise ConfigError(f"model.clip.name: folder not found: {m.clip.name[len('local-dir:'):]}")
+    if check_files:
+        from msmedcap.data.clip_preprocess import clip_preprocess
+
+        clip_preprocess(m.clip)
 
 
 def check_weights_given(m: ModelConfig) -> None:
@@ -703,6 +741,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                           f"the learning rate never reaches train.{name}.lr", ConfigWarning, stacklevel=2)
     if cfg.eval.min_len > cfg.eval.max_len:
         raise ConfigError("eval.min_len must be <= eval.max_len")
+    check_clip_schema(m, check_files)
     check_weights_given(m)
     if not check_files:
         return

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -61,7 +62,10 @@ class EncoderSpec:
         return _load(self.transform)
 
     def make_transform(self, section) -> Any:
-        return self.transform_class(section.image_size)
+        """The transform for config ``section``: ``transform.from_config(section)`` where the class has it
+        (preprocessing beyond the size: the CLIP and SAM transforms), else ``transform(section.image_size)``."""
+        cls = self.transform_class
+        return cls.from_config(section) if hasattr(cls, "from_config") else cls(section.image_size)
 
     def build(self, section) -> Any:
         """The (not yet frozen) encoder for config ``section``."""
@@ -98,5 +102,30 @@ def encoder_specs(branches) -> list:
     return [encoder_spec(b) for b in branches]
 
 
-register_encoder(EncoderSpec("clip", ClipConfig, "msmedcap.models.encoders:ClipEncoder", ClipTransform))
-register_encoder(EncoderSpec("sam", SamConfig, "msmedcap.models.encoders:SamEncoder", SamTransform, padded=True))
+def clip_identity(section) -> dict:
+    """The whole section, and the resolved preprocess config where it is not the one every store before issue
+    23 was computed with (open_clip's default: OpenAI mean/std, bicubic, shortest side), so those stores keep
+    hitting and another preprocessing gets another store."""
+    from open_clip.transform import PreprocessCfg
+
+    from msmedcap.data.clip_preprocess import clip_preprocess
+
+    out = dataclasses.asdict(section)
+    pre = json.loads(json.dumps(clip_preprocess(section), sort_keys=True))
+    if pre != json.loads(json.dumps({**dataclasses.asdict(PreprocessCfg()), "size": section.image_size})):
+        out["preprocess"] = pre
+    return out
+
+
+def sam_identity(section) -> dict:
+    """The whole section; ``preprocess`` only when not ``sam`` (stores before issue 23 were ``sam``)."""
+    out = dataclasses.asdict(section)
+    if out.get("preprocess") == "sam":
+        del out["preprocess"]
+    return out
+
+
+register_encoder(EncoderSpec("clip", ClipConfig, "msmedcap.models.encoders:ClipEncoder", ClipTransform,
+                             identity=clip_identity))
+register_encoder(EncoderSpec("sam", SamConfig, "msmedcap.models.encoders:SamEncoder", SamTransform, padded=True,
+                             identity=sam_identity))
