@@ -127,12 +127,10 @@ def encoder_input(pixels: torch.Tensor, mean: tuple, std: tuple, dtype: torch.dt
     # channels first before the arithmetic: on the channels-last view every op broadcasts mean/std along
     # the innermost dimension (3 wide), a slow path on CPU (2.3 -> 0.7 ms for 8 SAM inputs of 128 px
     # here); the same float32 operations either way, element by element
-    x = pixels.permute(0, 3, 1, 2).contiguous().float()
     if minmax:  # MedSAM squashes to the full square: every row is all image, no batch padding inside it
-        low = x.amin(dim=(1, 2, 3), keepdim=True)
-        x = x.sub_(low).div_((x.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_(min=1e-8))
+        x = _min_max(pixels.permute(0, 3, 1, 2).contiguous())
     else:
-        x = x.div_(255).sub_(m).div_(s)
+        x = pixels.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(m).div_(s)
     if sizes is not None:
         sizes = sizes.to(dev)
         rows = torch.arange(h, device=dev).view(1, h, 1) < sizes[:, 0].view(b, 1, 1)
@@ -141,6 +139,20 @@ def encoder_input(pixels: torch.Tensor, mean: tuple, std: tuple, dtype: torch.dt
     if pad_to and (h < pad_to or w < pad_to):
         x = nn.functional.pad(x, (0, max(pad_to - w, 0), 0, max(pad_to - h, 0)))
     return x.to(dtype, memory_format=torch.contiguous_format)
+
+
+def _min_max(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, ...]`` -> float32, ``(x - min) / max(max - min, 1e-8)`` per image, as MedSAM computes it (float64
+    division, then float32: ``msmedcap.data.transforms._min_max``), through a 256-entry table per image."""
+    b = pixels.shape[0]
+    flat = pixels.reshape(b, -1)
+    low, high = flat.amin(dim=1).double(), flat.amax(dim=1).double()
+    values = torch.arange(256, dtype=torch.float64, device=pixels.device)
+    table = ((values[None] - low[:, None]) / (high - low).clamp(min=1e-8)[:, None]).float()
+    out = torch.empty(flat.shape, dtype=torch.float32, device=pixels.device)
+    for i in range(b):  # one image's int64 indices at a time (25 MB at 1024 px), not the batch's
+        out[i] = table[i][flat[i].long()]
+    return out.view(pixels.shape)
 
 
 class FrozenEncoder(nn.Module):
