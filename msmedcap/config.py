@@ -725,6 +725,19 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if cfg.data.resize_on_device and (cfg.data.jpeg_draft or cfg.data.gpu_decode):
         raise ConfigError("data.resize_on_device: not with data.jpeg_draft or data.gpu_decode (each changes where "
                           "and from what the encoders' images are resized); set one of them")
+    if "sam" in m.branches and m.sam.preprocess == "medsam":
+        import importlib.util
+
+        if importlib.util.find_spec("skimage") is None:
+            raise ConfigError("model.sam.preprocess=medsam resizes with scikit-image, as MedSAM does: "
+                              "pip install 'msmedcap[medsam]' (or scikit-image)")
+    if "sam" in m.branches and m.sam.preprocess == "medsam" and (cfg.data.resize_on_device or cfg.data.gpu_decode
+                                                                  or cfg.data.jpeg_draft):
+        import warnings
+
+        warnings.warn("model.sam.preprocess=medsam: with data.resize_on_device, data.gpu_decode or data.jpeg_draft the "
+                      "SAM images are not resized as MedSAM's script does (skimage's spline in the workers): close, not "
+                      "equal (docs/encoders.md)", ConfigWarning, stacklevel=2)
     if m.qformer.hidden_size % m.qformer.num_heads:
         raise ConfigError("model.qformer.hidden_size must be divisible by model.qformer.num_heads")
     for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):
