@@ -43,7 +43,9 @@ class ClipConfig:
     # open_clip pretrained tag or weights file; None = random init, refused unless model.allow_random_weights.
     # Not with an hf-hub:/local-dir: name (its weights come with it; open_clip would ignore this).
     pretrained: Optional[str] = None
-    image_size: int = 224
+    # The tower's input side; null = the model's own (its open_clip config's vision_cfg.image_size, as open_clip
+    # builds it without force_image_size), filled in when the config is loaded.
+    image_size: Optional[int] = 224
     # Which transformer block's output feeds the Q-Former; -2 = penultimate, as BLIP-2 does.
     feature_layer: int = -2
     # A trainable LayerNorm on the tokens before this branch's Q-Former (BLIP-2's ln_vision).
@@ -710,6 +712,10 @@ def check_weights_given(m: ModelConfig) -> None:
 
 def validate(cfg: Config, check_files: bool = True) -> None:
     m, t = cfg.model, cfg.train
+    if m.clip.image_size is None:
+        from msmedcap.data.clip_preprocess import model_image_size
+
+        m.clip.image_size = model_image_size(m.clip.name)
     for key, ok, allowed in BOUNDS:
         value = _dotted(cfg, key)
         if not ok(value):

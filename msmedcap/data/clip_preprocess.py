@@ -63,6 +63,21 @@ def schema_config(name: str) -> dict:
     return config
 
 
+def model_image_size(name: str) -> int:
+    """The square input side open_clip builds ``name``'s tower at when no size is forced (its model config's
+    ``vision_cfg.image_size``, which open_clip's final preprocess config then takes)."""
+    from open_clip.factory import get_model_config
+
+    config = schema_config(name)["model_cfg"] if has_schema(name) else get_model_config(open_clip_name(name))
+    size = ((config or {}).get("vision_cfg") or {}).get("image_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"model.clip.image_size: null takes the model's own size, but {name}'s open_clip config has "
+                          f"no square vision_cfg.image_size ({size!r}); set model.clip.image_size")
+    return size
+
+
 @lru_cache(maxsize=16)
 def _resolve(name: str, pretrained: str | None, image_size: int) -> tuple:
     from open_clip.pretrained import get_pretrained_cfg

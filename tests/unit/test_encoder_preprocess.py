@@ -145,8 +145,9 @@ def test_schema_names_take_the_models_own_preprocessing_offline(tmp_path, offlin
         name = f"hf-hub:msmedcap-test/tiny-{where}"
     else:
         name = f"local-dir:{tmp_path / 'tower'}"
-    cfg = demo_config(f"model.clip.name={name}", "model.clip.pretrained=null", "model.clip.image_size=32",
+    cfg = demo_config(f"model.clip.name={name}", "model.clip.pretrained=null", "model.clip.image_size=null",
                       "model.variant=blip2", check_files=True)
+    assert cfg.model.clip.image_size == 32  # null: the model's own, from its open_clip config
     t = encoder_transforms(cfg)["clip_image"]
     pre = layout["preprocess_cfg"]
     assert (list(t.mean), list(t.std)) == (pre["mean"], pre["std"])
@@ -178,6 +179,7 @@ def test_pretrained_tags_and_the_demo_keep_their_preprocessing():
     assert (clip.mean, clip.std) == (tuple(OPENAI_MEAN), tuple(OPENAI_STD))
     assert (clip.size, clip.bicubic, clip.resize_mode, clip.fill_color) == (32, True, "shortest", 0)
     assert type(sam) is SamTransform and sam.preprocess == "sam" and not sam.minmax
+    assert demo_config("model.clip.image_size=null").model.clip.image_size == 32  # tiny-vit.json's own
 
 
 def test_clip_preprocess_changes_the_cache_key(tmp_path):
