@@ -261,7 +261,10 @@ def _check_preprocess(name: str, transform: ClipTransform, built: dict) -> None:
 
     mine = {"size": to_2tuple(transform.size), "mean": transform.mean, "std": transform.std,
             "bicubic": transform.bicubic, "resize_mode": transform.resize_mode, "fill_color": transform.fill_color}
-    theirs = {"size": to_2tuple(built["size"]), "mean": tuple(built["mean"]), "std": tuple(built["std"]),
+    def triple(v) -> tuple:  # open_clip's image_transform takes one number for all channels
+        return tuple(float(x) for x in ((v,) * 3 if isinstance(v, (int, float)) else v))
+
+    theirs = {"size": to_2tuple(built["size"]), "mean": triple(built["mean"]), "std": triple(built["std"]),
               "bicubic": built.get("interpolation", "bicubic") != "bilinear",
               "resize_mode": built.get("resize_mode", "shortest"), "fill_color": built.get("fill_color", 0)}
     if mine != theirs:
