@@ -13,7 +13,7 @@ train.output_dir=OUT/V/seedS`` and the overrides given here, one subprocess afte
 seed, the three variants in turn), always with ``--resume auto``: rerun the same command after a
 stop and it continues where it stopped; a run whose ``eval/scores.json`` exists is skipped. A run
 directory trained with another configuration is refused before anything starts. Then the runs'
-scores are aggregated (msmedcap.eval.aggregate): rich tables (Markdown with --markdown) on the
+scores are aggregated (msmedcap.analysis.table1): rich tables (Markdown with --markdown) on the
 terminal, OUT/table1.json and OUT/table1.md.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ OWN_KEYS = ("model.variant", "train.seed", "train.output_dir")  # this command s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from msmedcap.eval.aggregate import VARIANTS
+    from msmedcap.analysis.table1 import VARIANTS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="Overrides (section.key=value) go to every run, e.g. train.stage2.steps=3000.")
@@ -75,7 +75,7 @@ def plan_runs(args) -> list:
         first = args.first_seed if args.first_seed is not None else load_config(args.config, args.overrides).train.seed
     except ConfigError as e:
         raise Refused(f"config error: {e}") from None
-    from msmedcap.eval.aggregate import run_dir
+    from msmedcap.analysis.table1 import run_dir
 
     runs = []
     for seed in range(first, first + args.seeds):
@@ -114,7 +114,7 @@ def launcher_cmd(args) -> list:
 
 def train_all(args, runs: list) -> tuple:
     """Run every unfinished run in turn -> (exit status, [run records])."""
-    from msmedcap.eval.aggregate import scores_file
+    from msmedcap.analysis.table1 import scores_file
 
     records = []
     for i, (variant, seed, run, overrides) in enumerate(runs, 1):
@@ -141,7 +141,7 @@ def train_all(args, runs: list) -> tuple:
 
 def report(args, seeds: list, records: list, command: str, console=None) -> dict:
     """Aggregate the runs' scores; print; write OUT/table1.json and OUT/table1.md."""
-    from msmedcap.eval.aggregate import aggregate, load_runs, table1_markdown, table1_tables
+    from msmedcap.analysis.table1 import aggregate, load_runs, table1_markdown, table1_tables
     from msmedcap.eval.io import write_json
     from msmedcap.atomic_files import atomic_write_text
     from msmedcap.eval.report import make_console

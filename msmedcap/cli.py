@@ -1,5 +1,7 @@
 """`msmedcap` console script. Each subcommand lives in the module that does its job; this file
-only dispatches (modules expose ``add_parser(subparsers)`` and set ``func`` on their parser; a parser
+only dispatches (modules expose ``add_parser(subparsers)`` and set ``func`` on their parser; installed
+packages add commands through the ``msmedcap.commands`` entry point, as msmedcap.demo and
+msmedcap.analysis do; a parser
 whose defaults say ``intermixed=True`` takes options and positionals in any order) and turns a
 ConfigError of any subcommand into exit status 2."""
 from __future__ import annotations
@@ -7,14 +9,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 SUBCOMMAND_MODULES = [
     "msmedcap.train.cli",     # train
     "msmedcap.eval.cli",      # evaluate, score, caption, probe
-    "msmedcap.data.cli",      # shards write / inspect / demo
+    "msmedcap.data.cli",      # shards write / inspect
     "msmedcap.bench",         # bench
     "msmedcap.bench.plan",    # plan
 ]
+COMMAND_ENTRY_POINTS = "msmedcap.commands"  # each an add_parser(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+    for ep in entry_points(group=COMMAND_ENTRY_POINTS):
+        ep.load()(sub)
     parser.subcommand_parsers = sub.choices
     return parser
 

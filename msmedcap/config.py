@@ -17,19 +17,15 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from msmedcap.data.shard_spec import check_local_shards, expand_braces, parse_shard_spec
+from msmedcap.errors import ConfigError, ConfigWarning  # noqa: F401  (the config's errors, re-exported)
+from msmedcap.package_files import resolve_asset  # noqa: F401  (re-exported: most callers import it from here)
+
 PRESET_DIR = Path(__file__).parent / "presets"
 # The encoder branches: each has a config section model.<branch> (a field of ModelConfig below) and an
 # EncoderSpec in msmedcap.registry (its encoder, transform, batch keys, cache identity).
 BRANCHES = ("clip", "sam")
 VARIANT_BRANCHES = {"blip2": ("clip",), "sam-blip2": ("sam",), "msmedcap": ("clip", "sam")}
-
-
-class ConfigError(ValueError):
-    """A bad configuration: raised before any work starts, naming the key or file."""
-
-
-class ConfigWarning(UserWarning):
-    """A legal but suspicious setting (e.g. warmup longer than the stage): reported, not refused."""
 
 
 # --------------------------------------------------------------------------- model
@@ -382,76 +378,6 @@ def config_from_dict(data: dict, check_files: bool = False) -> Config:
 
 
 # --------------------------------------------------------------------------- validation
-def expand_braces(pattern: str) -> list:
-    """webdataset's brace expansion (``{000..003}``, ``{a,b}``)."""
-    import braceexpand
-
-    return list(braceexpand.braceexpand(pattern))
-
-
-class ShardSpec(typing.NamedTuple):
-    """One ``data.train`` / ``data.eval`` entry: ``PATTERN[::WEIGHT[::DOMAIN[::SOURCE]]]``."""
-    pattern: str
-    weight: float = 1.0
-    domain: Optional[str] = None  # general | medical: the domain of every sample (wins over the sample's json)
-    source: Optional[str] = None  # the source name of every sample (wins over the sample's json)
-
-
-def parse_shard_spec(spec: str) -> ShardSpec:
-    """``"cc-{000..331}.tar::2::general::cc3m"`` -> ShardSpec(pattern, 2.0, "general", "cc3m").
-
-    Fields after the pattern, separated by ``::``, all optional from the right: WEIGHT (a number > 0;
-    empty = 1), DOMAIN (general | medical; empty = each sample's json says), SOURCE (a name; empty =
-    each sample's json says). A DOMAIN or SOURCE given here wins over the samples' own metadata, so
-    shards written by other tools (img2dataset: no domain) train as they are."""
-    from msmedcap.batch import DOMAINS
-
-    if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"shard spec {spec!r}: expected 'PATTERN[::WEIGHT[::DOMAIN[::SOURCE]]]'")
-    pattern, *fields = spec.split("::")
-    if len(fields) > 3:
-        raise ConfigError(f"shard spec {spec!r}: at most PATTERN::WEIGHT::DOMAIN::SOURCE ({len(fields) + 1} fields)")
-    weight, domain, source = (fields + ["", "", ""])[:3]
-    if not pattern:
-        raise ConfigError(f"shard spec {spec!r}: no pattern before '::'")
-    if weight.strip():
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ConfigError(f"shard spec {spec!r}: weight {weight!r} is not a number") from None
-        if not w > 0:
-            raise ConfigError(f"shard spec {spec!r}: weight must be > 0")
-    else:
-        w = 1.0
-    domain, source = domain.strip() or None, source.strip() or None
-    if domain is not None and domain not in DOMAINS:
-        raise ConfigError(f"shard spec {spec!r}: domain {domain!r} is not one of {DOMAINS}")
-    return ShardSpec(pattern, w, domain, source)
-
-
-def split_weighted_spec(spec: str) -> tuple:
-    """``"path-{0..3}.tar::2.5"`` -> (pattern, 2.5); the DOMAIN/SOURCE fields are accepted and dropped
-    (see :func:`parse_shard_spec`)."""
-    parsed = parse_shard_spec(spec)
-    return parsed.pattern, parsed.weight
-
-
-def is_local_shard(url: str) -> bool:
-    """A shard address that names a file on this machine (not a URL, not a ``pipe:`` command)."""
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def check_local_shards(key: str, specs: list, hint: str = "") -> None:
-    """Every local shard of ``specs`` exists (a missing one would only be counted as skipped); ``hint``
-    ends the message."""
-    if not specs:
-        raise ConfigError(f"{key}: no shards given")
-    for spec in specs:
-        for path in expand_braces(split_weighted_spec(spec)[0]):
-            if is_local_shard(path) and not os.path.isfile(path):
-                raise ConfigError(f"{key}: shard file not found: {path} (from {spec!r}){hint}")
-
-
 def _is_hub_name(path: str) -> bool:
     # "facebook/opt-2.7b" or "bert-base-uncased": not a local path, resolved by the library's loader.
     return not path.startswith((".", "/", "~")) and not os.path.exists(path) and path.count("/") <= 1
@@ -666,7 +592,7 @@ def random_frozen_parts(m: ModelConfig) -> dict:
         out["model.sam.checkpoint"] = (
             f"the SAM {m.sam.type} checkpoint ({name}, linked from segment-anything's README: "
             f"https://dl.fbaipublicfiles.com/segment_anything/{name})" if name else
-            f"a checkpoint of this tiny SAM (e.g. one written by python -m msmedcap.train.demo_encoders sam)")
+            f"a checkpoint of this tiny SAM (e.g. one written by msmedcap demo encoders sam)")
     if "clip" in m.branches and m.clip.name.startswith(("hf-hub:", "local-dir:")) and not m.blip2_checkpoint:
         if m.clip.name.startswith("local-dir:") and not _local_dir_weights(m.clip.name[len("local-dir:"):]):
             out["model.clip.name"] = (f"a folder with open_clip weights (open_clip_model.safetensors, ...) beside its "
@@ -789,10 +715,3 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                       "model.clip.name": m.clip.name if m.clip.name.endswith(".json") else None}.items():
         if path and not _is_hub_name(path) and not os.path.exists(resolve_asset(path)):
             raise ConfigError(f"{key}: not found: {path}")
-
-
-def resolve_asset(path: str) -> str:
-    """Paths starting with ``pkg://`` point inside the installed package (tiny tokenizers, configs)."""
-    if path.startswith("pkg://"):
-        return str(Path(__file__).parent / path[len("pkg://"):])
-    return path

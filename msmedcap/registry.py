@@ -11,9 +11,9 @@ A branch's names follow from the spec:
     batch keys       ``<branch>_image``, ``<branch>_image_size``   (msmedcap.batch)
     cache store      ``<feature_cache>/<branch>-<digest of spec.identity(section), dtype, shape, weights>``
 
-Light on purpose (config, transforms, no model code): DataLoader workers import it. The encoder and
-the transform may be named as ``"module:Class"``, imported the first time they are used, so the data
-side never imports model code (the built-in encoders are named so).
+Light on purpose (config only): DataLoader workers import it. The encoder and the transform may be
+named as ``"module:Class"``, imported the first time they are used, so the data side never imports
+model code and the registry no module that imports it (the built-in ones are named so).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from msmedcap.config import ClipConfig, SamConfig
-from msmedcap.data.transforms import ClipTransform, SamTransform
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def sam_identity(section) -> dict:
     return out
 
 
-register_encoder(EncoderSpec("clip", ClipConfig, "msmedcap.models.encoders:ClipEncoder", ClipTransform,
-                             identity=clip_identity))
-register_encoder(EncoderSpec("sam", SamConfig, "msmedcap.models.encoders:SamEncoder", SamTransform, padded=True,
-                             identity=sam_identity))
+register_encoder(EncoderSpec("clip", ClipConfig, "msmedcap.models.encoders:ClipEncoder",
+                                  "msmedcap.data.transforms:ClipTransform", identity=clip_identity))
+register_encoder(EncoderSpec("sam", SamConfig, "msmedcap.models.encoders:SamEncoder",
+                                  "msmedcap.data.transforms:SamTransform", padded=True, identity=sam_identity))

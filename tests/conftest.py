@@ -17,3 +17,15 @@ def _no_leftover_process_group():
         groups._WORLD_GROUP = None
         groups._DATA_PARALLEL_GROUP = None
         groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+
+
+def pytest_collection_modifyitems(config, items):
+    """``needs_root`` tests are skipped, saying why, when not run as root."""
+    import os
+
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (slurmd starts jobs as their user)")
+    for item in items:
+        if "needs_root" in item.keywords:
+            item.add_marker(skip)

@@ -140,18 +140,15 @@ def random_weight_overrides(cfg, workdir: Path) -> list:
 
 
 def demo_tokenizers(workdir: Path) -> dict:
-    """The demo preset's tokenizers when shipped, else ones trained here on a few captions."""
+    """The demo preset's shipped tokenizers (stand-ins for a preset whose tokenizers are not local)."""
     from msmedcap.config import load_config
 
     demo = load_config("demo", check_files=False).model
-    if _local(demo.qformer.tokenizer) and _local(demo.lm.tokenizer):
-        return {"qformer": demo.qformer.tokenizer, "lm": demo.lm.tokenizer}
-    out = workdir / "tokenizers"
-    if not (out / "lm").is_dir():
-        from msmedcap.tokenization import train_demo_tokenizers
-
-        train_demo_tokenizers(CAPTIONS * 20, out, vocab_size=400)
-    return {"qformer": str(out / "qformer"), "lm": str(out / "lm")}
+    if not (_local(demo.qformer.tokenizer) and _local(demo.lm.tokenizer)):
+        raise FileNotFoundError(f"the demo preset's tokenizers are missing from this install ({demo.qformer.tokenizer}, "
+                                f"{demo.lm.tokenizer}): reinstall msmedcap, or rebuild them with msmedcap demo shards "
+                                "--tokenizers DIR")
+    return {"qformer": demo.qformer.tokenizer, "lm": demo.lm.tokenizer}
 
 
 def bench_config(preset: str, overrides: list, workdir: Path):

@@ -1,4 +1,4 @@
-"""`msmedcap shards write | inspect | demo`."""
+"""`msmedcap shards write | inspect`."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("shards", help="write, inspect or generate WebDataset shards")
+    p = subparsers.add_parser("shards", help="write or inspect WebDataset shards")
     sub = p.add_subparsers(dest="shards_command", required=True)
 
     w = sub.add_parser("write", help="turn a caption dataset into shards + manifest.json")
@@ -33,14 +33,6 @@ def add_parser(subparsers) -> None:
     i = sub.add_parser("inspect", help="counts per domain/source, size, checksums against manifest.json")
     i.add_argument("specs", nargs="+", help="shard files or brace patterns (PATTERN::WEIGHT accepted)")
     i.set_defaults(func=cmd_inspect)
-
-    d = sub.add_parser("demo", help="generate the seeded demo set (what shards/demo holds)")
-    d.add_argument("--out", required=True)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--train", type=int, default=None, help="train samples per domain (default: the embedded set's)")
-    d.add_argument("--eval", type=int, default=None, help="eval samples per domain")
-    d.add_argument("--tokenizers", help="also train the demo tokenizers on the train captions into this directory")
-    d.set_defaults(func=cmd_demo)
 
 
 def cmd_write(args: argparse.Namespace) -> int:
@@ -89,19 +81,3 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for problem in report["problems"]:
         console.print(f"[red]problem:[/red] {problem}")
     return 1 if report["problems"] or report["skipped"] else 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from msmedcap.data import demo
-
-    n_train = demo.TRAIN_PER_DOMAIN if args.train is None else args.train
-    n_eval = demo.EVAL_PER_DOMAIN if args.eval is None else args.eval
-    manifest = demo.write_demo(args.out, seed=args.seed, n_train=n_train, n_eval=n_eval)
-    total = sum(s["samples"] for s in manifest["shards"].values())
-    print(f"wrote {total} demo samples to {len(manifest['shards'])} shards in {args.out}")
-    if args.tokenizers:
-        from msmedcap.tokenization import train_demo_tokenizers
-
-        train_demo_tokenizers(demo.demo_captions(args.seed, n_train), args.tokenizers)
-        print(f"trained demo tokenizers into {args.tokenizers}/qformer and {args.tokenizers}/lm")
-    return 0

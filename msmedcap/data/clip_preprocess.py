@@ -18,7 +18,8 @@ from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
-from msmedcap.config import ConfigError, resolve_asset
+from msmedcap.errors import ConfigError
+from msmedcap.package_files import resolve_asset
 
 SCHEMAS = ("hf-hub:", "local-dir:")
 RESIZE_MODES = ("shortest", "longest", "squash")  # open_clip.transform.image_transform's eval modes

@@ -44,7 +44,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from msmedcap.batch import DOMAIN_INDEX
-from msmedcap.config import Config, ConfigError, expand_braces, parse_shard_spec
+from msmedcap.config import Config, ConfigError
+from msmedcap.data.shard_spec import expand_braces, parse_shard_spec
 import numpy as np
 
 from msmedcap.data.decode import SkipCounter, decode_sample, image_member, parse_caption, parse_meta

@@ -34,7 +34,7 @@ def batch_bytes(cfg, stage: int) -> int:
 def mean_sample_bytes(specs: list) -> Optional[float]:
     """Mean encoded sample size of ``specs``' local shards from their manifest.json (bytes / samples,
     shards without an entry left out); None when no shard has one."""
-    from msmedcap.config import expand_braces, is_local_shard, parse_shard_spec
+    from msmedcap.data.shard_spec import expand_braces, is_local_shard, parse_shard_spec
     from msmedcap.data.shards import read_manifest
 
     total_bytes = total_samples = 0

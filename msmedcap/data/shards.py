@@ -129,7 +129,7 @@ def shard_streams(urls: Iterable[str], handler) -> Iterator[dict]:
     next one is asked for. A local tar without its end-of-archive blocks is reported to ``handler``
     (checked on the same open file); an empty one is reported and dropped. A shard that cannot be
     opened goes to ``handler`` (True: go on with the next one)."""
-    from msmedcap.config import is_local_shard
+    from msmedcap.data.shard_spec import is_local_shard
 
     for url in urls:
         try:
@@ -177,7 +177,8 @@ def check_spec_has_domain(where: str, spec: str, urls: list) -> None:
     """Raise ConfigError naming ``spec`` when the first samples of its first local shard have no
     ``domain`` in their json (shards written by img2dataset and other tools): the loader would skip
     every one of them, forever. Unreadable or empty shards pass (the loader counts those)."""
-    from msmedcap.config import ConfigError, is_local_shard
+    from msmedcap.data.shard_spec import is_local_shard
+    from msmedcap.errors import ConfigError
 
     local = [u for u in urls if is_local_shard(u) and os.path.isfile(u)]
     if not local:
@@ -212,7 +213,7 @@ def _ignore_errors(exn: Exception) -> bool:
 def inspect_shards(specs: list) -> dict:
     """Counts per domain and source, bytes, and checksum verification against each shard's manifest.
     Returns {"shards": [...], "domains": {...}, "sources": {...}, "samples", "bytes", "skipped", "problems"}."""
-    from msmedcap.config import expand_braces, parse_shard_spec
+    from msmedcap.data.shard_spec import expand_braces, parse_shard_spec
     from msmedcap.data.decode import SkipCounter, parse_meta
 
     urls = [(u, parsed) for parsed in map(parse_shard_spec, specs) for u in expand_braces(parsed.pattern)]

@@ -14,7 +14,7 @@ def shard_captions(specs: Sequence[str], limit: int, missing_ok: bool = False) -
     ``missing_ok``: shard files that are not there are passed over."""
     import tarfile
 
-    from msmedcap.config import expand_braces, split_weighted_spec
+    from msmedcap.data.shard_spec import expand_braces, split_weighted_spec
 
     captions = []
     for spec in specs:

@@ -71,7 +71,7 @@ def apply_overrides(cfg, overrides: Sequence[str]):
 
 def check_eval_shards(specs: Sequence[str]) -> None:
     """Local eval shards must exist (train shards need not be on an evaluation machine)."""
-    from msmedcap.config import check_local_shards
+    from msmedcap.data.shard_spec import check_local_shards
 
     check_local_shards("data.eval", list(specs))
 

@@ -89,7 +89,7 @@ def rank_quota(max_samples: int, rank: int, world_size: int) -> int:
 def manifest_total(specs: Sequence[str]) -> Optional[int]:
     """Samples in ``specs`` according to the shards' manifest.json files; None when any shard is not
     local or has no manifest entry (then only duplicates can be checked, not losses)."""
-    from msmedcap.config import expand_braces, is_local_shard, split_weighted_spec
+    from msmedcap.data.shard_spec import expand_braces, is_local_shard, split_weighted_spec
     from msmedcap.data.shards import read_manifest
 
     total, manifests = 0, {}

@@ -4,9 +4,8 @@ reward a template that gets the frequent words right whatever the image shows.
 
 An extension point: a *parser* turns a caption into ``{field: value}``; parsers are registered per
 source (:func:`register_parser`, or with a predicate on the record for sources that share a
-grammar). The demo's caption grammar (msmedcap.data.demo) is the first: ``demo-medical`` (modality,
-lesion_present; count, size, side, margin and lesion_all_four where the reference has a lesion) and
-``demo-general`` (background, objects). Records whose source has no parser (ROCO, MedICaT, any
+grammar), by installed packages through the ``msmedcap.findings_parsers`` entry point: the demo's
+grammar (msmedcap.demo.findings) is one. Records whose source has no parser (ROCO, MedICaT, any
 free text) get the lexicon scorer: modality and laterality terms mentioned in the prediction vs the
 references, as micro precision/recall/F1 over samples.
 
@@ -25,11 +24,9 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-from msmedcap.data.demo import BACKGROUNDS, COLOURS, MODALITIES, NUMBERS, SHAPES
 
-# Table headers; scores.json keeps the field names.
-FIELD_HEADERS = {"lesion_present": "lesion", "lesion_all_four": "all four", "objects": "objects",
-                 "background": "background"}
+# The entry-point group through which installed packages register parsers (msmedcap.demo does).
+PARSER_ENTRY_POINTS = "msmedcap.findings_parsers"
 
 
 def normalize(text) -> str:
@@ -37,13 +34,13 @@ def normalize(text) -> str:
     return " ".join(text.lower().split()) if isinstance(text, str) else ""
 
 
-def _one(values: Iterable):
+def single_value(values: Iterable):
     """The value a caption states: exactly one distinct value, else None (absent or conflicting)."""
     distinct = set(values)
     return distinct.pop() if len(distinct) == 1 else None
 
 
-def _alt(words: Iterable[str]) -> str:
+def regex_alternation(words: Iterable[str]) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
 
@@ -57,6 +54,7 @@ class FindingsParser:
 
     name = "base"
     fields: tuple = ()
+    headers: Mapping = {}  # table headers of fields whose name does not read well; scores.json keeps the names
 
     def parse(self, text: str) -> dict:
         raise NotImplementedError
@@ -73,118 +71,28 @@ class FindingsParser:
                 for f in self.fields}
 
 
-class DemoMedicalParser(FindingsParser):
-    """"axial ct of the abdomen showing two small lesions in the left kidney with irregular margins.",
-    "chest x-ray with no focal lesion." (msmedcap.data.demo.medical_sample)."""
-
-    name = "demo-medical"
-    fields = ("modality", "lesion_present", "count", "size", "side", "margin", "lesion_all_four")
-    LESION_FIELDS = ("count", "size", "side", "margin")
-    SIZES, SIDES, MARGINS = ("small", "large"), ("left", "right"), ("smooth", "irregular")
-    NOUNS = ("lesion", "nodule")
-    # how a prediction names each modality when it strays from the exact prefix
-    MODALITY_WORDS = {"ct": r"\bct\b", "xray": r"\bx-?rays?\b", "mr": r"\bmri?\b"}
-
-    def __init__(self):
-        self.numbers = {w: i for i, w in enumerate(NUMBERS) if i > 0}
-        num, size, noun = _alt(self.numbers), _alt(self.SIZES), _alt(self.NOUNS)
-        organs = {organ for _, _, organ in MODALITIES.values()}
-        prefixes = {prefix: m for m, (_, prefix, _) in MODALITIES.items()}
-        self.prefixes = prefixes
-        self._strict = re.compile(
-            rf"^(?P<prefix>{_alt(prefixes)}) (?:(?P<none>with no focal lesion)|showing (?P<count>{num}) "
-            rf"(?P<size>{size}) (?:{noun})s? in the (?P<side>{_alt(self.SIDES)}) (?:{_alt(organs)}) "
-            rf"with (?P<margin>{_alt(self.MARGINS)}) margins)\.$")
-        self._modality = {m: re.compile(self.MODALITY_WORDS.get(m, re.escape(p))) for p, m in prefixes.items()}
-        self._negative = re.compile(rf"\bno (?:focal )?(?:{noun})s?\b")
-        self._noun = re.compile(rf"\b(?:{noun})s?\b")
-        self._count = re.compile(rf"\b(?P<v>{num}) (?:(?:{size}) )?(?:{noun})s?\b|\bshowing (?P<w>{num})\b")
-        self._size = re.compile(rf"\b(?P<v>{size}) (?:{noun})s?\b|\bshowing (?:{num}) (?P<w>{size})\b")
-        self._side = re.compile(rf"\b({_alt(self.SIDES)})\b")
-        self._margin = re.compile(rf"\b(?P<v>{_alt(self.MARGINS)}) margins?\b|\bwith (?P<w>{_alt(self.MARGINS)})\b")
-
-    def strict(self, text: str) -> Optional[dict]:
-        m = self._strict.match(normalize(text))
-        if not m:
-            return None
-        out = {"modality": self.prefixes[m["prefix"]], "lesion_present": m["none"] is None}
-        if out["lesion_present"]:
-            out.update(count=self.numbers[m["count"]], size=m["size"], side=m["side"], margin=m["margin"])
-        return out
-
-    @staticmethod
-    def _groups(pattern: re.Pattern, text: str) -> list:
-        return [m["v"] or m["w"] for m in pattern.finditer(text)]
-
-    def parse(self, text: str) -> dict:
-        t = normalize(text)
-        out = {}
-        modality = _one(m for m, rx in self._modality.items() if rx.search(t))
-        negative = bool(self._negative.search(t))
-        # a lesion noun outside "no (focal) lesion", or a number after "showing" (a truncated caption)
-        positive = bool(self._noun.search(self._negative.sub(" ", t)) or self._groups(self._count, t))
-        if modality is not None:
-            out["modality"] = modality
-        if negative != positive:
-            out["lesion_present"] = positive
-        if out.get("lesion_present", True):  # a caption that says "no lesion" states no lesion details
-            count = _one(self.numbers[w] for w in self._groups(self._count, t))
-            values = {"count": count, "size": _one(self._groups(self._size, t)),
-                      "side": _one(self._side.findall(t)), "margin": _one(self._groups(self._margin, t))}
-            out.update({k: v for k, v in values.items() if v is not None})
-        return out
-
-    def applies(self, field: str, ref: Mapping) -> bool:
-        if field in self.LESION_FIELDS or field == "lesion_all_four":
-            return bool(ref.get("lesion_present"))
-        return True
-
-    def judge(self, ref: Mapping, pred: Mapping) -> dict:
-        out = super().judge(ref, pred)
-        if out["lesion_all_four"] is not None:
-            out["lesion_all_four"] = all(out[f] for f in self.LESION_FIELDS)
-        return out
-
-
-class DemoGeneralParser(FindingsParser):
-    """"two red circles and a blue square on a white background." (msmedcap.data.demo.general_sample):
-    background, and objects = the multiset of (count, colour, shape) groups, right only when equal."""
-
-    name = "demo-general"
-    fields = ("background", "objects")
-
-    def __init__(self):
-        self.numbers = {w: i for i, w in enumerate(NUMBERS) if i > 0}
-        group = rf"(?:{_alt(self.numbers)}) (?:{_alt(COLOURS)}) (?:{_alt(SHAPES)})s?"
-        self._strict = re.compile(rf"^(?P<groups>{group}(?: and {group})*) on a (?P<bg>{_alt(BACKGROUNDS)}) background\.$")
-        self._group = re.compile(rf"\b({_alt(self.numbers)}) ({_alt(COLOURS)}) ({_alt(SHAPES)})s?\b")
-        self._background = re.compile(rf"\b({_alt(BACKGROUNDS)}) background\b")
-
-    def _objects(self, text: str) -> list:
-        return sorted([self.numbers[n], c, s] for n, c, s in self._group.findall(text))
-
-    def strict(self, text: str) -> Optional[dict]:
-        t = normalize(text)
-        m = self._strict.match(t)
-        if not m:
-            return None
-        return {"background": m["bg"], "objects": self._objects(m["groups"])}
-
-    def parse(self, text: str) -> dict:
-        t = normalize(text)
-        out = {}
-        background = _one(self._background.findall(t))
-        if background is not None:
-            out["background"] = background
-        objects = self._objects(t)
-        if objects:
-            out["objects"] = objects
-        return out
-
-
 # --------------------------------------------------------------------------- the registry
 _BY_SOURCE: dict = {}
 _BY_PREDICATE: list = []
+_plugins_loaded = False
+
+
+def load_parser_plugins() -> None:
+    """Call, once, every ``msmedcap.findings_parsers`` entry point (a function that registers parsers);
+    a plugin that fails to load is an error naming it, not a silent fall-back to the lexicon."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PARSER_ENTRY_POINTS):
+        try:
+            register = ep.load()
+        except Exception as e:
+            raise ImportError(f"findings parser entry point {ep.name} = {ep.value} ({PARSER_ENTRY_POINTS}) "
+                              f"failed to load: {e}") from e
+        register()
 
 
 def register_parser(parser: FindingsParser, sources: Sequence[str] = (),
@@ -201,6 +109,7 @@ def register_parser(parser: FindingsParser, sources: Sequence[str] = (),
 
 def parser_for(record: Mapping) -> Optional[FindingsParser]:
     """The record's parser, or None (then the lexicon scorer judges it)."""
+    load_parser_plugins()
     parser = _BY_SOURCE.get(str(record.get("source")))
     if parser is not None:
         return parser
@@ -212,14 +121,13 @@ def parser_for(record: Mapping) -> Optional[FindingsParser]:
 
 def registered_fields() -> list:
     """Every registered parser's fields, in registration order (the tables' column order)."""
+    load_parser_plugins()
     seen: list = []
     for p in list(_BY_SOURCE.values()) + [p for _, p in _BY_PREDICATE]:
         seen += [f for f in p.fields if f not in seen]
     return seen
 
 
-register_parser(DemoGeneralParser(), sources=("demo-general",))
-register_parser(DemoMedicalParser(), sources=tuple(source for source, _, _ in MODALITIES.values()))
 
 
 # --------------------------------------------------------------------------- the lexicon
@@ -368,7 +276,11 @@ def score_findings(records: Sequence[Mapping], groups: Optional[Mapping[str, Map
 
 # --------------------------------------------------------------------------- display helpers
 def field_header(field: str) -> str:
-    return FIELD_HEADERS.get(field, field.replace("_", " "))
+    load_parser_plugins()
+    for p in list(_BY_SOURCE.values()) + [p for _, p in _BY_PREDICATE]:
+        if field in p.headers:
+            return p.headers[field]
+    return field.replace("_", " ")
 
 
 def table_fields(blocks: Iterable[Optional[Mapping]]) -> list:

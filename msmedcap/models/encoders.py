@@ -198,9 +198,6 @@ class FrozenEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- CLIP
-_open_clip_name = open_clip_name  # the name the demo encoders' trainer imports
-
-
 class ClipEncoder(FrozenEncoder):
     """open_clip vision tower cut after ``feature_layer`` (BLIP-2 takes the penultimate block's tokens,
     class token included: EVA01-g-14 at 224 gives 257 x 1408). Blocks after it are removed."""
