@@ -314,3 +314,24 @@ def test_medsam_through_the_device_resize_and_the_cache_key(medsam_shard, tmp_pa
     ident = json.loads((tmp_path / "medsam" / stores["medsam"]["sam"] / "identity.json").read_text())
     assert ident["config"]["preprocess"] == "medsam"
     assert dataclasses.asdict(cpu_cfg.model.sam)["preprocess"] == "medsam"
+
+
+def test_medsam_through_gpu_decode(medsam_shard, monkeypatch):
+    """``data.gpu_decode``'s code with torchvision's CPU decoder: the JPEG's placeholder is MedSAM's square, filled
+    by the model's input path with the squash; PNGs keep the workers' exact MedSAM pixels."""
+    from msmedcap.data import loader as loader_mod
+    from msmedcap.models import build_model
+
+    shard, _ = medsam_shard
+    base = ["model.sam.preprocess=medsam", "model.sam.image_size=128"]
+    cpu = one_batch(demo_config(*base), shard)
+    monkeypatch.setattr(loader_mod, "gpu_decode_available", lambda: True)
+    with pytest.warns(ConfigWarning, match="not resized as MedSAM's script does"):
+        cfg = demo_config(*base, "data.gpu_decode=true")
+    pending = one_batch(cfg, shard)
+    assert [d is not None for d in pending["jpeg_bytes"]] == [False, True, False, False]
+    assert pending["sam_image_size"].tolist() == [[128, 128]] * 4 and not pending["sam_image"][1].any()
+    build_model(cfg.model).eval().encode(pending, "sam")
+    diff = (pending["sam_image"].int() - cpu["sam_image"].int()).abs()
+    assert not diff[[0, 2, 3]].any()
+    assert 0 < diff[1].float().mean() < 4  # torchvision's decoder and bicubic against PIL + skimage's spline
