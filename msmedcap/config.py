@@ -7,8 +7,6 @@ starts: unknown keys, wrong types and missing files raise :class:`ConfigError` n
 from __future__ import annotations
 
 import dataclasses
-import functools
-import glob
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +17,11 @@ import yaml
 
 from msmedcap.data.shard_spec import check_local_shards, expand_braces, parse_shard_spec
 from msmedcap.errors import ConfigError, ConfigWarning  # noqa: F401  (the config's errors, re-exported)
-from msmedcap.package_files import resolve_asset  # noqa: F401  (re-exported: most callers import it from here)
+from msmedcap.models.clip_settings import ClipConfig
+from msmedcap.models.lm_settings import LMConfig
+from msmedcap.models.qformer_settings import QFormerConfig
+from msmedcap.models.sam_settings import SamConfig
+from msmedcap.paths import resolve_asset
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # The encoder branches: each has a config section model.<branch> (a field of ModelConfig below) and an
@@ -29,87 +31,6 @@ VARIANT_BRANCHES = {"blip2": ("clip",), "sam-blip2": ("sam",), "msmedcap": ("cli
 
 
 # --------------------------------------------------------------------------- model
-@dataclass
-class ClipConfig:
-    """open_clip image encoder (frozen). ``name`` is an open_clip model name, a path to an open_clip
-    model-config JSON (tiny presets ship theirs in the package), or ``hf-hub:org/repo`` /
-    ``local-dir:/path`` (config, preprocessing and weights from the repository or folder; offline from a
-    local copy). The image preprocessing is the model's own (open_clip's preprocess config: docs/encoders.md)."""
-    name: str = "EVA01-g-14"
-    # open_clip pretrained tag or weights file; None = random init, refused unless model.allow_random_weights.
-    # Not with an hf-hub:/local-dir: name (its weights come with it; open_clip would ignore this).
-    pretrained: Optional[str] = None
-    # The tower's input side; null = the model's own (its open_clip config's vision_cfg.image_size, as open_clip
-    # builds it without force_image_size), filled in when the config is loaded.
-    image_size: Optional[int] = 224
-    # Which transformer block's output feeds the Q-Former; -2 = penultimate, as BLIP-2 does.
-    feature_layer: int = -2
-    # A trainable LayerNorm on the tokens before this branch's Q-Former (BLIP-2's ln_vision).
-    ln_vision: bool = True
-    # Stage-1 warm start of this branch's Q-Former: LAVIS blip2_pretrained.pth (or any LAVIS Blip2Qformer
-    # .pth) or an HF Blip2ForImageTextRetrieval directory (Salesforce/blip2-itm-vit-g); None = off.
-    stage1_checkpoint: Optional[str] = None
-    # Q-Former tensors left at their initialisation (fnmatch patterns, or `encoder_side`: the tensors whose
-    # shape follows the encoder width: ln_vision and the cross-attention keys/values).
-    stage1_skip: list = field(default_factory=list)
-
-
-@dataclass
-class SamConfig:
-    """segment-anything image encoder (frozen)."""
-    type: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
-    # SAM .pth (full model or image encoder only; vit_b: sam_vit_b_01ec64.pth from segment-anything's README);
-    # None = random init, refused unless model.allow_random_weights
-    checkpoint: Optional[str] = None
-    image_size: int = 1024
-    token_layout: Literal["channels", "spatial"] = "channels"
-    # The image preprocessing the weights expect: `sam` (ResizeLongestSide, SAM mean/std, zero pad) or `medsam`
-    # (MedSAM's: squash to image_size x image_size, [0, 1] min-max per image, no mean/std). docs/encoders.md
-    preprocess: Literal["sam", "medsam"] = "sam"
-    # ImageEncoderViT kwargs overriding the registry type (tiny presets); empty = the registry's.
-    encoder: dict = field(default_factory=dict)
-    # Images per SAM encoder call (the batch runs in chunks of this many, outputs concatenated); 0 = all.
-    encoder_chunk: int = 0
-    # As model.clip.*: the reference code (MSMedCap) cross-attends SAM's neck output with no LayerNorm.
-    ln_vision: bool = True
-    stage1_checkpoint: Optional[str] = None
-    stage1_skip: list = field(default_factory=list)
-
-
-@dataclass
-class QFormerConfig:
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    cross_attention_freq: int = 2
-    num_query_tokens: int = 32
-    embed_dim: int = 256  # ITC projection size
-    max_text_len: int = 32
-    tokenizer: str = "bert-base-uncased"  # HF name or directory
-    init_from: Optional[str] = None  # BERT weights (HF name or directory) for the Q-Former layers
-    # Std of the cross-attention query/key weights at initialisation; None = BERT's 0.02, as BLIP-2.
-    # Tiny Q-Formers need more: at the demo's widths 0.02 gives attention logits of ~0.02, i.e. uniform
-    # over the image tokens, and the queries never learn to single out a small lesion in the demo's budget.
-    cross_attention_init: Optional[float] = None
-
-
-@dataclass
-class LMConfig:
-    # HF name or directory; None = random init from `config`, refused unless model.allow_random_weights
-    # (or model.blip2_checkpoint provides the LM)
-    name_or_path: Optional[str] = "facebook/opt-2.7b"
-    tokenizer: str = "facebook/opt-2.7b"
-    config: dict = field(default_factory=dict)  # OPTConfig kwargs for random init (tiny presets)
-    prompt: str = "Question: Describe the image. Answer:"
-    num_soft_prompts: int = 0  # learned soft prompt embeddings prepended before the queries' projections
-    max_caption_len: int = 32
-    # The frozen LM's dtype. The stage-2 gradient crosses it, so training runs it in the engine's dtype:
-    # auto = train.precision's (written into the run's config.yaml); fp16 only under the fp16 engine,
-    # whose dynamic loss scale keeps small gradients. Without an engine (evaluate, caption) auto = frozen_dtype.
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-
-
 @dataclass
 class ModelConfig:
     variant: Literal["blip2", "sam-blip2", "msmedcap"] = "msmedcap"
@@ -383,16 +304,10 @@ def _is_hub_name(path: str) -> bool:
     return not path.startswith((".", "/", "~")) and not os.path.exists(path) and path.count("/") <= 1
 
 
-# Numeric ranges checked before any work: (dotted key, test, what is allowed).
+# Numeric ranges of the data, train and eval sections, checked before any work: (dotted key, test, what is
+# allowed). The model's components check their own (msmedcap.models.*_settings).
 _AT_LEAST_1, _AT_LEAST_0, _POSITIVE = ((lambda v: v >= 1), ">= 1"), ((lambda v: v >= 0), ">= 0"), ((lambda v: v > 0), "> 0")
 BOUNDS = [
-    *[(f"model.qformer.{k}", *_AT_LEAST_1) for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
-                                                     "cross_attention_freq", "num_query_tokens", "embed_dim")],
-    ("model.qformer.cross_attention_init", (lambda v: v is None or v > 0), "> 0 or null (BERT's 0.02)"),
-    ("model.qformer.max_text_len", (lambda v: 2 <= v <= 512), "in 2..512 ([CLS] and [SEP]; the Q-Former's 512 positions)"),
-    ("model.clip.image_size", *_AT_LEAST_1), ("model.sam.image_size", *_AT_LEAST_1),
-    ("model.sam.encoder_chunk", *_AT_LEAST_0),
-    ("model.lm.max_caption_len", *_AT_LEAST_1), ("model.lm.num_soft_prompts", *_AT_LEAST_0),
     *[(f"train.{st}.{k}", *b) for st in ("stage1", "stage2") for k, b in (
         ("lr", _POSITIVE), ("min_lr", _AT_LEAST_0), ("warmup_lr", _AT_LEAST_0), ("warmup_steps", _AT_LEAST_0),
         ("weight_decay", _AT_LEAST_0), ("grad_clip", _AT_LEAST_0),
@@ -409,14 +324,6 @@ BOUNDS = [
 ]
 # Strings that may be empty; every other str / Optional[str] field must be non-empty when set.
 EMPTY_STRING_OK = {"model.lm.prompt"}
-# ImageEncoderViT kwargs model.sam.encoder may set for type tiny (build_sam_tiny passes the rest) and
-# the patch size it uses when none is given (msmedcap.models.encoders.TINY_SAM_DEFAULTS).
-SAM_ENCODER_KEYS = {"embed_dim": int, "depth": int, "num_heads": int, "patch_size": int, "out_chans": int,
-                    "window_size": int, "global_attn_indexes": list, "use_abs_pos": bool, "rel_pos_zero_init": bool}
-TINY_SAM_PATCH = 16
-SAM_REGISTRY_IMAGE_SIZE, SAM_REGISTRY_PATCH = 1024, 16  # vit_b/l/h as segment-anything builds them
-
-
 def config_fields(cls=None, prefix: str = "") -> dict:
     """Every leaf field of the config: dotted key -> annotation (nested dataclasses walked)."""
     cls = cls or Config
@@ -431,54 +338,15 @@ def config_fields(cls=None, prefix: str = "") -> dict:
     return out
 
 
-def _open_clip_vision_cfg(name: str) -> Optional[dict]:
-    """vision_cfg of an open_clip model config (a JSON path, or a built-in name's packaged JSON),
-    read without importing open_clip; None when it cannot be found."""
-    import importlib.util
-    import json
-
-    try:
-        if name.startswith("local-dir:"):  # open_clip's folder layout: open_clip_config.json {"model_cfg": ...}
-            with open(os.path.join(name[len("local-dir:"):], "open_clip_config.json")) as f:
-                vision = (json.load(f).get("model_cfg") or {}).get("vision_cfg")
-            return vision if isinstance(vision, dict) else None
-        if name.startswith("hf-hub:"):
-            return None  # read through huggingface_hub when the model is built (clip_preprocess checks it first)
-        if name.endswith(".json"):
-            path = resolve_asset(name)
-        else:
-            spec = importlib.util.find_spec("open_clip")
-            if spec is None or not spec.submodule_search_locations:
-                return None
-            path = os.path.join(list(spec.submodule_search_locations)[0], "model_configs", f"{name}.json")
-        with open(path) as f:
-            vision = json.load(f).get("vision_cfg")
-        return vision if isinstance(vision, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _clip_patch_and_depth(vision: dict) -> tuple:
-    import re
-
-    patch = vision.get("patch_size")
-    if patch is None and isinstance(vision.get("timm_model_name"), str):  # e.g. eva_giant_patch14_224
-        m = re.search(r"patch(\d+)", vision["timm_model_name"])
-        patch = int(m.group(1)) if m else None
-    depth = vision.get("layers") if isinstance(vision.get("layers"), int) else None
-    return (patch if isinstance(patch, int) and patch > 0 else None), depth
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_fields(cfg: "Config") -> None:
-    """Per-field constraints beyond the ranges in BOUNDS: finiteness, non-empty strings, patch
-    divisibility, element types of list/dict fields. Each error names the dotted key and what is allowed."""
+    """What every field must be, whatever its section: a finite number, a non-empty string (unless
+    EMPTY_STRING_OK). Each error names the dotted key and what is allowed."""
     import math
 
-    m = cfg.model
     for key, tp in config_fields().items():
         value = _dotted(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
@@ -486,88 +354,6 @@ def _check_fields(cfg: "Config") -> None:
         if isinstance(value, str) and not value.strip() and key not in EMPTY_STRING_OK:
             optional = typing.get_origin(tp) is typing.Union
             raise ConfigError(f"{key} must be a non-empty string{' or null' if optional else ''}, got {value!r}")
-    # CLIP: the image is cut into patch x patch squares; the feature layer must exist.
-    vision = _open_clip_vision_cfg(m.clip.name)
-    if vision is not None:
-        patch, depth = _clip_patch_and_depth(vision)
-        if patch and m.clip.image_size % patch:
-            raise ConfigError(f"model.clip.image_size must be a multiple of {m.clip.name}'s patch size {patch}, "
-                              f"got {m.clip.image_size}")
-        if depth and not -depth <= m.clip.feature_layer < depth:
-            raise ConfigError(f"model.clip.feature_layer must be in [-{depth}, {depth - 1}] ({m.clip.name} has "
-                              f"{depth} blocks), got {m.clip.feature_layer}")
-    # SAM: the registry's types are fixed; tiny takes ImageEncoderViT kwargs.
-    s = m.sam
-    if s.type != "tiny":
-        if s.encoder:
-            raise ConfigError(f"model.sam.encoder must be empty for model.sam.type={s.type} (overrides are for "
-                              f"type tiny), got {s.encoder!r}")
-        if s.image_size != SAM_REGISTRY_IMAGE_SIZE:
-            raise ConfigError(f"model.sam.image_size must be {SAM_REGISTRY_IMAGE_SIZE} for model.sam.type={s.type}, "
-                              f"got {s.image_size}")
-    else:
-        for k, v in s.encoder.items():
-            want = SAM_ENCODER_KEYS.get(k)
-            if want is None:
-                raise ConfigError(f"model.sam.encoder.{k}: unknown key (allowed: {', '.join(sorted(SAM_ENCODER_KEYS))})")
-            if want is int and not (_is_int(v) and (v >= 1 or (k == "window_size" and v >= 0))):
-                raise ConfigError(f"model.sam.encoder.{k} must be an integer >= {0 if k == 'window_size' else 1}, "
-                                  f"got {v!r}")
-            if want is bool and not isinstance(v, bool):
-                raise ConfigError(f"model.sam.encoder.{k} must be true/false, got {v!r}")
-        enc = s.encoder
-        depth = enc.get("depth", 2)
-        gai = enc.get("global_attn_indexes", [1])
-        if not (isinstance(gai, list) and all(_is_int(i) and 0 <= i < depth for i in gai)):
-            raise ConfigError(f"model.sam.encoder.global_attn_indexes must be a list of block indexes in "
-                              f"[0, {depth - 1}] (depth {depth}), got {gai!r}")
-        dim, heads = enc.get("embed_dim", 64), enc.get("num_heads", 2)
-        if dim % heads:
-            raise ConfigError(f"model.sam.encoder.embed_dim must be divisible by model.sam.encoder.num_heads "
-                              f"({heads}), got {dim}")
-        patch = enc.get("patch_size", TINY_SAM_PATCH)
-        if s.image_size % patch:
-            raise ConfigError(f"model.sam.image_size must be a multiple of the SAM patch size {patch} "
-                              f"(model.sam.encoder.patch_size), got {s.image_size}")
-    # The language model's random-init config: OPTConfig keyword arguments, sizes >= 1.
-    lm = m.lm
-    for k, v in lm.config.items():
-        if not isinstance(k, str):
-            raise ConfigError(f"model.lm.config: keys must be OPTConfig argument names, got {k!r}")
-        if not (v is None or isinstance(v, (str, int, float, bool))):
-            raise ConfigError(f"model.lm.config.{k} must be a number, string, true/false or null, got {v!r}")
-    known = _opt_config_keys() if lm.config else frozenset()
-    unknown = sorted(set(lm.config) - known) if known else []
-    if unknown:
-        raise ConfigError(f"model.lm.config.{unknown[0]}: not an OPTConfig argument (e.g. hidden_size, "
-                          "num_hidden_layers, num_attention_heads, ffn_dim, max_position_embeddings, vocab_size)")
-    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "max_position_embeddings",
-              "word_embed_proj_dim", "vocab_size"):
-        if k in lm.config and not (_is_int(lm.config[k]) and lm.config[k] >= 1):
-            raise ConfigError(f"model.lm.config.{k} must be an integer >= 1, got {lm.config[k]!r}")
-    hidden, heads = lm.config.get("hidden_size"), lm.config.get("num_attention_heads")
-    if hidden and heads and hidden % heads:
-        raise ConfigError(f"model.lm.config.hidden_size must be divisible by model.lm.config.num_attention_heads "
-                          f"({heads}), got {hidden}")
-    positions = lm.config.get("max_position_embeddings")
-    prefix = lm.num_soft_prompts + m.qformer.num_query_tokens * len(m.branches)
-    if positions and prefix + lm.max_caption_len > positions:
-        raise ConfigError(f"model.lm.num_soft_prompts ({lm.num_soft_prompts}) + model.qformer.num_query_tokens "
-                          f"({m.qformer.num_query_tokens}) x {len(m.branches)} branch(es) + model.lm.max_caption_len "
-                          f"({lm.max_caption_len}) must be <= model.lm.config.max_position_embeddings ({positions}), "
-                          f"got {prefix + lm.max_caption_len}")
-
-
-@functools.lru_cache(maxsize=1)
-def _opt_config_keys() -> frozenset:
-    """OPTConfig's argument and attribute names (empty when transformers is not importable)."""
-    try:
-        import inspect
-
-        from transformers import OPTConfig
-    except ImportError:
-        return set()
-    return frozenset(inspect.signature(OPTConfig.__init__).parameters) | frozenset(vars(OPTConfig()))
 
 
 def _dotted(cfg, key: str):
@@ -577,10 +363,6 @@ def _dotted(cfg, key: str):
     return value
 
 
-# What a frozen part without weights needs, by key: the files users download (README, "The paper preset").
-SAM_CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
-
-
 def random_frozen_parts(m: ModelConfig) -> dict:
     """The frozen parts ``m`` would build with random weights: ``{key to set: what to set it to}``
     (empty when every frozen part of its variant has weights). The CLIP tower and the LM count as having
@@ -588,43 +370,14 @@ def random_frozen_parts(m: ModelConfig) -> dict:
     it provides every tensor)."""
     out = {}
     if "sam" in m.branches and not m.sam.checkpoint:
-        name = SAM_CHECKPOINTS.get(m.sam.type)
-        out["model.sam.checkpoint"] = (
-            f"the SAM {m.sam.type} checkpoint ({name}, linked from segment-anything's README: "
-            f"https://dl.fbaipublicfiles.com/segment_anything/{name})" if name else
-            f"a checkpoint of this tiny SAM (e.g. one written by msmedcap demo encoders sam)")
-    if "clip" in m.branches and m.clip.name.startswith(("hf-hub:", "local-dir:")) and not m.blip2_checkpoint:
-        if m.clip.name.startswith("local-dir:") and not _local_dir_weights(m.clip.name[len("local-dir:"):]):
-            out["model.clip.name"] = (f"a folder with open_clip weights (open_clip_model.safetensors, ...) beside its "
-                                      f"open_clip_config.json; {m.clip.name} has none")
-    elif "clip" in m.branches and not m.clip.pretrained and not m.blip2_checkpoint:
-        out["model.clip.pretrained"] = (f"an open_clip pretrained tag of {m.clip.name} (EVA01-g-14: "
-                                        "laion400m_s11b_b41k) or a weights file")
+        out["model.sam.checkpoint"] = m.sam.missing_weights()
+    clip_missing = m.clip.missing_weights() if "clip" in m.branches and not m.blip2_checkpoint else None
+    if clip_missing:
+        out[clip_missing[0]] = clip_missing[1]
     if not m.lm.name_or_path and not m.blip2_checkpoint:
         out["model.lm.name_or_path"] = ("an OPT name or directory (facebook/opt-2.7b); model.lm.config alone "
                                         "builds a random LM")
     return out
-
-
-def _local_dir_weights(path: str) -> bool:
-    """The folder holds a file open_clip's ``local-dir:`` loader takes as weights (factory._find_checkpoint_in_dir)."""
-    return any(glob.glob(os.path.join(path, f"*{ext}")) for ext in (".safetensors", ".bin", ".pth"))
-
-
-def check_clip_schema(m: ModelConfig, check_files: bool) -> None:
-    """``hf-hub:``/``local-dir:`` CLIP names: no ``pretrained`` beside them (open_clip ignores it), the folder
-    exists, and the preprocess config resolves to one open_clip's eval transform takes (before any work)."""
-    if "clip" not in m.branches or not m.clip.name.startswith(("hf-hub:", "local-dir:")):
-        return
-    if m.clip.pretrained:
-        raise ConfigError(f"model.clip.pretrained: not with model.clip.name={m.clip.name} (its weights come with "
-                          "the name; open_clip ignores pretrained there); unset it")
-    if m.clip.name.startswith("local-dir:") and not os.path.isdir(m.clip.name[len("local-dir:"):]):
-        raise ConfigError(f"model.clip.name: folder not found: {m.clip.name[len('local-dir:'):]}")
-    if check_files:
-        from msmedcap.data.clip_preprocess import clip_preprocess
-
-        clip_preprocess(m.clip)
 
 
 def check_weights_given(m: ModelConfig) -> None:
@@ -638,15 +391,15 @@ def check_weights_given(m: ModelConfig) -> None:
 
 def validate(cfg: Config, check_files: bool = True) -> None:
     m, t = cfg.model, cfg.train
-    if m.clip.image_size is None:
-        from msmedcap.data.clip_preprocess import model_image_size
-
-        m.clip.image_size = model_image_size(m.clip.name)
     for key, ok, allowed in BOUNDS:
         value = _dotted(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key} must be {allowed}, got {value!r}")
     _check_fields(cfg)
+    m.clip.check()
+    m.sam.check()
+    m.qformer.check()
+    m.lm.check(m.qformer.num_query_tokens, len(m.branches))
     for domain, branches in m.routing.items():
         if domain not in ("general", "medical"):
             raise ConfigError(f"model.routing: unknown domain {domain!r} (general, medical)")
@@ -657,12 +410,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if cfg.data.resize_on_device and (cfg.data.jpeg_draft or cfg.data.gpu_decode):
         raise ConfigError("data.resize_on_device: not with data.jpeg_draft or data.gpu_decode (each changes where "
                           "and from what the encoders' images are resized); set one of them")
-    if "sam" in m.branches and m.sam.preprocess == "medsam":
-        import importlib.util
-
-        if importlib.util.find_spec("skimage") is None:
-            raise ConfigError("model.sam.preprocess=medsam resizes with scikit-image, as MedSAM does: "
-                              "pip install 'msmedcap[medsam]' (or scikit-image)")
     if "sam" in m.branches and m.sam.preprocess == "medsam" and (cfg.data.resize_on_device or cfg.data.gpu_decode
                                                                   or cfg.data.jpeg_draft):
         import warnings
@@ -670,8 +417,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         warnings.warn("model.sam.preprocess=medsam: with data.resize_on_device, data.gpu_decode or data.jpeg_draft the "
                       "SAM images are not resized as MedSAM's script does (skimage's spline in the workers): close, not "
                       "equal (docs/encoders.md)", ConfigWarning, stacklevel=2)
-    if m.qformer.hidden_size % m.qformer.num_heads:
-        raise ConfigError("model.qformer.hidden_size must be divisible by model.qformer.num_heads")
     for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):
         betas = st.betas
         if not (isinstance(betas, list) and len(betas) == 2 and all(
@@ -686,10 +431,13 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                           f"the learning rate never reaches train.{name}.lr", ConfigWarning, stacklevel=2)
     if cfg.eval.min_len > cfg.eval.max_len:
         raise ConfigError("eval.min_len must be <= eval.max_len")
-    check_clip_schema(m, check_files)
     check_weights_given(m)
     if not check_files:
         return
+    if "clip" in m.branches and m.clip.name.startswith(("hf-hub:", "local-dir:")):
+        from msmedcap.data.clip_preprocess import clip_preprocess
+
+        clip_preprocess(m.clip)  # the repository's or folder's preprocess_cfg: readable, one open_clip applies
     for section in ("train", "eval"):
         for spec in getattr(cfg.data, section):
             parsed = parse_shard_spec(spec)
@@ -715,3 +463,5 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                       "model.clip.name": m.clip.name if m.clip.name.endswith(".json") else None}.items():
         if path and not _is_hub_name(path) and not os.path.exists(resolve_asset(path)):
             raise ConfigError(f"{key}: not found: {path}")
+
+

@@ -19,9 +19,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from msmedcap.errors import ConfigError
-from msmedcap.package_files import resolve_asset
+from msmedcap.paths import resolve_asset
 
-SCHEMAS = ("hf-hub:", "local-dir:")
+SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip names whose config, preprocessing and weights come with them
 RESIZE_MODES = ("shortest", "longest", "squash")  # open_clip.transform.image_transform's eval modes
 INTERPOLATIONS = ("bicubic", "bilinear", "random")  # "random" is bicubic at eval (image_transform)
 

@@ -6,6 +6,19 @@ import json
 import socket
 from pathlib import Path
 
+# A few steps of the demo preset: a run that trains, checkpoints, resumes and exports in seconds.
+TINY_RUN = ["train.stage1.steps=4", "train.stage2.steps=8", "train.stage1.micro_batch_size=4",
+            "train.stage2.micro_batch_size=4", "train.stage1.warmup_steps=0", "train.stage2.warmup_steps=0",
+            "train.stage2.lr=3e-3", "train.log_every=1", "train.ckpt_every=3", "train.keep_last=2",
+            "data.shuffle_buffer=16", "data.num_workers=1", "eval.max_samples=8", "eval.num_beams=1",
+            "eval.gallery=false"]
+
+
+def with_overrides(base: list, *changes: str) -> list:
+    """``base`` with each key of ``changes`` replaced (or added)."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(changes)
+
 
 def free_port() -> int:
     with socket.socket() as s:

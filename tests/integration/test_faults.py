@@ -33,16 +33,12 @@ import torch
 from safetensors.torch import load_file
 
 from msmedcap.train.metrics import read_records
-from helpers.runs import free_port, losses, records
+from helpers.runs import TINY_RUN, free_port, losses, records, with_overrides
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-FAULT_CFG = ["train.stage1.steps=4", "train.stage2.steps=6", "train.stage1.micro_batch_size=4",
-             "train.stage2.micro_batch_size=4", "train.stage1.warmup_steps=0", "train.stage2.warmup_steps=0",
-             "train.stage2.lr=3e-3", "train.log_every=1", "train.ckpt_every=2", "train.keep_last=2",
-             "data.shuffle_buffer=16", "data.num_workers=1", "train.eval_at_end=false", "eval.max_samples=8",
-             "eval.num_beams=1", "eval.gallery=false"]
+FAULT_CFG = with_overrides(TINY_RUN, "train.stage2.steps=6", "train.ckpt_every=2", "train.eval_at_end=false")
 HEAVY = os.environ.get("MSMEDCAP_FAULTS_HEAVY") == "1"
 
 # (fault, what it interrupts). Order matters: each run resumes the previous one's state.

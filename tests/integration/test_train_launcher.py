@@ -14,16 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.runs import free_port, losses, records
+from helpers.runs import TINY_RUN, free_port, losses, records
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["train.stage1.steps=4", "train.stage2.steps=8", "train.stage1.micro_batch_size=4",
-        "train.stage2.micro_batch_size=4", "train.stage1.warmup_steps=0", "train.stage2.warmup_steps=0",
-        "train.stage2.lr=3e-3", "train.log_every=1", "train.ckpt_every=3", "train.keep_last=2",
-        "data.shuffle_buffer=16", "data.num_workers=1", "eval.max_samples=8", "eval.num_beams=1",
-        "eval.gallery=false"]
+TINY = TINY_RUN
 NO_EVAL = ["train.eval_at_end=false"]
 
 

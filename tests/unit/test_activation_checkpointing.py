@@ -2,12 +2,15 @@
 activations in the backward (torch.utils.checkpoint, non-reentrant). The gradients are those of the
 plain model (ITG's path through the query keys/values that the query pass hands out included), and
 far fewer activation bytes are kept for the backward."""
+import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from msmedcap.config import load_config
 from msmedcap.data.loader import make_train_loader
 from msmedcap.models import build_model
+
+pytestmark = pytest.mark.slow
 
 
 def _grads_and_saved_bytes(model, stage: int, batch: dict) -> tuple:

@@ -230,7 +230,7 @@ def test_warmup_longer_than_the_stage_is_reported():
 
 
 def test_tiny_sam_patch_default_matches_the_encoder():
-    from msmedcap.config import TINY_SAM_PATCH
+    from msmedcap.models.sam_settings import TINY_SAM_PATCH
     from msmedcap.models.encoders import TINY_SAM_DEFAULTS
 
     assert TINY_SAM_DEFAULTS["patch_size"] == TINY_SAM_PATCH

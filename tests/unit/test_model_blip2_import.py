@@ -1,7 +1,7 @@
 """An HF-format BLIP-2 checkpoint imported into the blip2 variant computes what transformers computes."""
 import pytest
 import torch
-from helpers.model_kit import demo_config, make_batch, one_thread, tokenizer_dirs
+from helpers.model_kit import demo_config, make_batch, one_thread
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from msmedcap.config import ConfigError
@@ -9,11 +9,6 @@ from msmedcap.models import build_model
 from msmedcap.tokenization import load_lm_tokenizer
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return tokenizer_dirs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from helpers.model_kit import demo_config, make_batch, one_thread, tokenizer_dirs
+from helpers.model_kit import demo_config, make_batch, one_thread
 
 from msmedcap.config import load_config
 from msmedcap.models import build_model, load_from_export, save_trainable
@@ -11,11 +11,6 @@ from msmedcap.models import build_model, load_from_export, save_trainable
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 TRAINABLE_PREFIXES = ("qformers.", "captioner.projections.", "captioner.soft_prompts")
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return tokenizer_dirs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

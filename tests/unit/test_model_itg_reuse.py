@@ -8,7 +8,7 @@ masks the queries get (the new code, as LAVIS, keeps the query pass's).
 """
 import pytest
 import torch
-from helpers.model_kit import CAPTIONS, demo_config, make_batch, one_thread, tokenizer_dirs
+from helpers.model_kit import CAPTIONS, demo_config, make_batch, one_thread
 
 from msmedcap.models import build_model
 from msmedcap.models.qformer import QFormer
@@ -25,11 +25,6 @@ def reference_decode(qformer: QFormer, input_ids, attention_mask, image_embeds) 
                        encoder_hidden_states=image_embeds).last_hidden_state
     h = qformer.itg_transform(out[:, qformer.num_queries:])
     return torch.nn.functional.linear(h, qformer.embeddings.word_embeddings.weight, qformer.itg_bias)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return tokenizer_dirs(tmp_path_factory)
 
 
 # freq 1: every layer cross-attends (the demo); freq 2 with 3 layers: layers without cross-attention too

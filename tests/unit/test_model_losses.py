@@ -5,17 +5,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.model_kit import CAPTIONS, demo_config, make_batch, one_thread, tokenizer_dirs
+from helpers.model_kit import CAPTIONS, demo_config, make_batch, one_thread
 
 from msmedcap.models import build_model
 from msmedcap.models.stage1 import itc_logits, itc_loss, itm_inputs
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return tokenizer_dirs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

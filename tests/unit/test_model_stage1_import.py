@@ -9,7 +9,7 @@ import argparse
 
 import pytest
 import torch
-from helpers.model_kit import CAPTIONS, demo_config, one_thread, tokenizer_dirs
+from helpers.model_kit import CAPTIONS, demo_config, one_thread
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 from msmedcap.config import ConfigError
@@ -21,11 +21,6 @@ _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 WIDTH = {"clip": 64, "sam": 256}  # the demo's tiny-vit tower width; tiny SAM in the channels layout (16x16 positions)
 H, LAYERS, INTER, QUERIES, EMBED, POSITIONS = 64, 2, 128, 16, 32, 512  # the demo preset's Q-Former
 FREQ = 2  # LAVIS's cross_attention_freq: layer 1 has no cross-attention, as in blip2_pretrained.pth
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return tokenizer_dirs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,12 @@ import logging
 
 import pytest
 import torch
-from helpers.model_kit import demo_config, one_thread, tokenizer_dirs
+from helpers.model_kit import demo_config, one_thread
 
 from msmedcap.config import ConfigError, load_config
 from msmedcap.models import build_model
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return tokenizer_dirs(tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- weightless parts

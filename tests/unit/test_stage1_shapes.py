@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.model_kit import CAPTIONS, demo_config, make_batch, one_thread, tokenizer_dirs
+from helpers.model_kit import CAPTIONS, demo_config, make_batch, one_thread
 
 from msmedcap.models import build_model
 from msmedcap.models import stage1
@@ -23,11 +23,6 @@ SHORT = ["two cats sleeping on a red sofa", "a bowl of fruit on a wooden table",
          "a dog running on the beach at sunset", "axial ct scan of the abdomen with contrast"]
 # rank 1's batch holds one caption longer than any of rank 0's
 LONG = [CAPTIONS[1] + " and " + CAPTIONS[3], CAPTIONS[2], CAPTIONS[6], CAPTIONS[5]]
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    return tokenizer_dirs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

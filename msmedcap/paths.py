@@ -1,5 +1,5 @@
-"""``pkg://`` paths: files inside the installed package (tiny tokenizers, model configs, demo weights).
-A leaf module, so that anything may resolve such a path without importing the config."""
+"""Paths into the installed package: ``pkg://`` names (tiny tokenizers, configs, weights shipped with
+msmedcap). A leaf module."""
 from __future__ import annotations
 
 from pathlib import Path
