@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--sources", action="store_true", help="also print a table per source (the JSON has them anyway)")
     p.add_argument("--aggregate-only", action="store_true", help="train nothing: aggregate the runs that have finished")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="paired significance of each variant against the first, per seed: bootstrap resamples and "
+                        "randomization rounds (default 1000; 0: no tests)")
+    p.add_argument("--significance-seed", type=int, default=0, help="the significance tests' seed (default 0)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
 
@@ -141,7 +145,8 @@ def train_all(args, runs: list) -> tuple:
 
 def report(args, seeds: list, records: list, command: str, console=None) -> dict:
     """Aggregate the runs' scores; print; write OUT/table1.json and OUT/table1.md."""
-    from msmedcap.analysis.table1 import aggregate, load_runs, table1_markdown, table1_tables
+    from msmedcap.analysis.table1 import (aggregate, load_runs, significance_markdown, table1_markdown,
+                                          table1_significance, table1_tables)
     from msmedcap.eval.io import write_json
     from msmedcap.atomic_files import atomic_write_text
     from msmedcap.eval.report import make_console
@@ -152,8 +157,12 @@ def report(args, seeds: list, records: list, command: str, console=None) -> dict
     result = {"command": command, "config": args.config, "overrides": args.overrides, "variants": args.variants, "seeds": seeds,
               "runs": records, "missing": [{"variant": v, "seed": s, "scores": f} for v, s, f in missing],
               "train_seconds": round(sum(r["seconds"] or 0 for r in records), 1), "table": agg}
-    write_json(out / "table1.json", result)
     md = table1_markdown(agg, sources=args.sources)
+    if args.resamples > 0 and len(args.variants) > 1:
+        result["significance"] = table1_significance(args.out, args.variants, seeds, args.resamples,
+                                                     args.significance_seed)
+        md += "\n" + significance_markdown(result["significance"])
+    write_json(out / "table1.json", result)
     atomic_write_text(out / "table1.md", md + "\n")
     console = console or make_console()
     if args.markdown:
@@ -161,6 +170,8 @@ def report(args, seeds: list, records: list, command: str, console=None) -> dict
     else:
         for t in table1_tables(agg, sources=args.sources):
             console.print(t)
+        if result.get("significance"):
+            console.print(significance_markdown(result["significance"]), markup=False, highlight=False)
     if missing:
         console.print(f"[yellow]{len(missing)} run(s) without scores: "
                       + ", ".join(f"{v} seed {s}" for v, s, _ in missing) + "[/yellow]")
@@ -174,8 +185,8 @@ def report(args, seeds: list, records: list, command: str, console=None) -> dict
 def main(argv=None, console=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if args.seeds < 1:
-        print("compare_variants: --seeds must be at least 1", file=sys.stderr)
+    if args.seeds < 1 or args.resamples < 0:
+        print("compare_variants: --seeds must be at least 1, --resamples at least 0", file=sys.stderr)
         return 2
     try:
         runs = plan_runs(args)

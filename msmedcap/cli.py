@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "msmedcap.data.cli",      # shards write / inspect
     "msmedcap.bench",         # bench
     "msmedcap.bench.plan",    # plan
+    "msmedcap.export.cli",    # export
 ]
 COMMAND_ENTRY_POINTS = "msmedcap.commands"  # each an add_parser(subparsers)
 

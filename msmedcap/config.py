@@ -22,6 +22,7 @@ from msmedcap.models.lm_settings import LMConfig
 from msmedcap.models.qformer_settings import QFormerConfig
 from msmedcap.models.sam_settings import SamConfig
 from msmedcap.paths import resolve_asset
+from msmedcap.train.validation_settings import check_validation_config
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # The encoder branches: each has a config section model.<branch> (a field of ModelConfig below) and an
@@ -63,6 +64,9 @@ class DataConfig:
         "shards/demo/general-train-{000..003}.tar::1", "shards/demo/medical-train-{000..003}.tar::1"])
     eval: list = field(default_factory=lambda: [
         "shards/demo/general-eval-000.tar", "shards/demo/medical-eval-000.tar"])
+    # Held-out shard specs scored during training every train.eval_every steps (msmedcap.train.validation);
+    # empty = no validation. Keep them apart from data.eval: choosing the best step on them tunes on them.
+    val: list = field(default_factory=list)
     num_workers: int = 2
     # Train shuffle: at most shuffle_buffer raw (encoded) samples per worker, first yield once
     # shuffle_initial are in (at most shuffle_buffer); memory per worker: msmedcap.data.memory.
@@ -123,11 +127,35 @@ class TrainConfig:
     # Memory per rank the preflight plans each stage for before its engine is built (msmedcap.bench.plan):
     # null = the GPU's own memory on a GPU, no preflight on a CPU.
     memory_limit_gib: Optional[float] = None
+    # Validation on data.val (msmedcap.train.validation, docs/validation.md): every eval_every steps (and at a
+    # stage's last step) the stage's losses; every eval_generate_every steps (a multiple of eval_every) also
+    # greedy captions scored (CIDEr, findings; stage 2). 0 = off.
+    eval_every: int = 0
+    eval_generate_every: int = 0
+    # METRIC:max|min (e.g. val/cider:max, val/loss:min): stageN/best/ holds the export of the best step so far.
+    keep_best_by: Optional[str] = None
+    # Stop a stage after this many validations in a row without a new best of keep_best_by; 0 = never.
+    early_stop_patience: int = 0
 
 
 # --------------------------------------------------------------------------- evaluation
 @dataclass
+class ImageclefConfig:
+    """Local weights and files of the ImageCLEFmedical caption protocol (msmedcap.eval.imageclef);
+    a part without them is skipped and scores.json says why."""
+    bertscore_model: Optional[str] = None  # a transformers model directory (microsoft/deberta-xlarge-mnli in the task)
+    bertscore_layers: Optional[int] = None  # None: bert-score's layer for that model name, else the last layer
+    clip_model: Optional[str] = None  # open_clip model name or config JSON (BiomedCLIP in practice)
+    clip_pretrained: Optional[str] = None  # its weights file
+    images: Optional[str] = None  # directory of KEY.jpg / KEY.png, as the task's evaluator reads them
+    concepts: Optional[str] = None  # reference CUIs, the concept-detection task's CSV (ID,CUI;CUI)
+    concepts_predicted: Optional[str] = None  # predicted CUIs, the task's submission CSV
+
+
+@dataclass
 class EvalConfig:
+    protocol: Literal["coco", "imageclef"] = "coco"  # imageclef: the coco scores plus the ImageCLEF block
+    imageclef: ImageclefConfig = field(default_factory=ImageclefConfig)
     batch_size: int = 16
     num_beams: int = 5
     min_len: int = 8
@@ -136,6 +164,7 @@ class EvalConfig:
     length_penalty: float = 1.0
     max_samples: int = 0  # 0 = all
     gallery: bool = True
+    val_max_samples: int = 0  # validation during training: the first N samples of data.val (0 = all)
 
 
 @dataclass
@@ -208,8 +237,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 # Keys removed from the config that configs written before (an export's config.yaml) still carry,
 # with the one value they may have there: dropped on load; any other value is refused.
-RETIRED_KEYS = {"train.eval_every": (0, "it was never implemented; evaluation runs at the end of training "
-                                        "(train.eval_at_end)")}
+RETIRED_KEYS: dict = {}
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -319,7 +347,10 @@ BOUNDS = [
     ("train.memory_limit_gib", (lambda v: v is None or v > 0), "> 0 or null (the GPU's memory)"),
     ("eval.batch_size", *_AT_LEAST_1), ("eval.num_beams", *_AT_LEAST_1), ("eval.max_len", *_AT_LEAST_1),
     ("eval.min_len", *_AT_LEAST_0), ("eval.repetition_penalty", *_POSITIVE), ("eval.max_samples", *_AT_LEAST_0),
+    ("eval.val_max_samples", *_AT_LEAST_0), ("train.eval_every", *_AT_LEAST_0),
+    ("train.eval_generate_every", *_AT_LEAST_0), ("train.early_stop_patience", *_AT_LEAST_0),
     ("train.dist_timeout_s", *_AT_LEAST_1),
+    ("eval.imageclef.bertscore_layers", (lambda v: v is None or v >= 1), ">= 1 or null"),
     ("train.seed", (lambda v: 0 <= v < 2**32), "in [0, 2**32) (numpy's seed range)"),
 ]
 # Strings that may be empty; every other str / Optional[str] field must be non-empty when set.
@@ -432,13 +463,14 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if cfg.eval.min_len > cfg.eval.max_len:
         raise ConfigError("eval.min_len must be <= eval.max_len")
     check_weights_given(m)
+    check_validation_config(cfg)
     if not check_files:
         return
     if "clip" in m.branches and m.clip.name.startswith(("hf-hub:", "local-dir:")):
         from msmedcap.data.clip_preprocess import clip_preprocess
 
         clip_preprocess(m.clip)  # the repository's or folder's preprocess_cfg: readable, one open_clip applies
-    for section in ("train", "eval"):
+    for section in ("train", "eval", "val"):
         for spec in getattr(cfg.data, section):
             parsed = parse_shard_spec(spec)
             paths = expand_braces(parsed.pattern)
@@ -455,6 +487,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         **{f"model.{b}.stage1_checkpoint": getattr(m, b).stage1_checkpoint and resolve_asset(getattr(m, b).stage1_checkpoint)
            for b in BRANCHES},
     }
+    if cfg.eval.protocol == "imageclef":  # their contents are checked where scoring starts (eval.imageclef)
+        files.update({f"eval.imageclef.{k}": v for k, v in dataclasses.asdict(cfg.eval.imageclef).items()
+                      if k not in ("bertscore_layers", "clip_model")})
     for key, path in files.items():
         if path and not os.path.exists(path):
             raise ConfigError(f"{key}: file not found: {path}")

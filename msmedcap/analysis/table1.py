@@ -187,3 +187,47 @@ def table1_markdown(agg: Mapping, sources: bool = False) -> str:
             out.append(f"| {variant} | {e['runs']} | {n} | " + " | ".join(f"**{c}**" if best else c for c, best in cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- significance
+def table1_significance(out, variants: Sequence[str], seeds: Sequence[int], resamples: int, seed: int = 0) -> list:
+    """Each variant against the first, seed by seed (the same seed's runs saw the same samples):
+    msmedcap.eval.significance's paired tests from the runs' predictions.jsonl, each result with
+    ``"run_seed"`` (``"seed"`` is the tests'); a pair without both files is left out (its runs are listed as missing anyway)."""
+    from msmedcap.eval.io import read_predictions
+    from msmedcap.eval.significance import paired_significance
+
+    results = []
+    for s in seeds:
+        files = {v: scores_file(run_dir(out, v, s)).with_name("predictions.jsonl") for v in variants}
+        if not files[variants[0]].is_file():
+            continue
+        first = read_predictions(files[variants[0]])
+        for v in variants[1:]:
+            if files[v].is_file():
+                r = paired_significance(first, read_predictions(files[v]), variants[0], v, resamples=resamples, seed=seed)
+                results.append({**r, "run_seed": s})
+    return results
+
+
+def significance_markdown(results: Sequence[Mapping]) -> str:
+    """Per variant pair, one table: a row per metric and findings field, a column per seed with the
+    difference, its 95 % CI and the randomization p."""
+    from msmedcap.eval.significance import rows
+
+    out = []
+    pairs: dict = {}
+    for r in results:
+        pairs.setdefault((r["a"], r["b"]), []).append(r)
+    for (a, b), per_seed in pairs.items():
+        out.append(f"**{b} vs {a}**: difference B - A [paired bootstrap 95% CI], approximate-randomization p "
+                   f"({per_seed[0]['resamples']} resamples, test seed {per_seed[0]['seed']})\n")
+        out.append("| metric | " + " | ".join(f"seed {r['run_seed']} (n={r['n']})" for r in per_seed) + " |")
+        out.append("|---|" + "---:|" * len(per_seed))
+        cells = [{row[0]: row for row in rows(r)} for r in per_seed]
+        labels = list(dict.fromkeys(label for c in cells for label in c))
+        for label in labels:
+            out.append(f"| {label} | " + " | ".join(
+                f"{c[label][3]} {c[label][4]}, p={c[label][5]}" if label in c else "-" for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)

@@ -1,5 +1,6 @@
 """Finding and loading the weights export to evaluate: an export directory (trainable.safetensors
-+ config.yaml, written by the trainer) or a run directory, whose newest complete export is used."""
++ config.yaml, written by the trainer), a self-contained model directory (msmedcap.export.bundle) or a
+run directory, whose newest complete export is used."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,29 @@ class CheckpointError(ValueError):
 
 
 def is_export(path: Path) -> bool:
-    return (path / EXPORT_WEIGHTS).is_file() and (path / EXPORT_CONFIG).is_file()
+    from msmedcap.export.bundle import is_bundle
+
+    return ((path / EXPORT_WEIGHTS).is_file() and (path / EXPORT_CONFIG).is_file()) or is_bundle(path)
+
+
+def read_config(export: Path):
+    """The Config of an export or model directory, without building the model."""
+    import yaml
+
+    from msmedcap.config import config_from_dict
+    from msmedcap.export.bundle import is_bundle, stored_config
+
+    if is_bundle(export):
+        return stored_config(export)
+    return config_from_dict(yaml.safe_load((Path(export) / EXPORT_CONFIG).read_text()))
+
+
+def load_model_dir(export: Path) -> tuple:
+    """(model, Config) of an export (frozen parts from their original weights) or a model directory."""
+    from msmedcap.export.bundle import is_bundle, load_bundle
+    from msmedcap.models import load_from_export
+
+    return load_bundle(export) if is_bundle(export) else load_from_export(str(export))
 
 
 def find_export(path) -> Path:
@@ -80,12 +103,10 @@ def load_for_eval(export: Path, overrides: Sequence[str] = (), device: Optional[
                   data: Optional[Sequence[str]] = None, check_shards: bool = True):
     """-> (model in eval mode on ``device``, its config with overrides and ``data`` eval specs).
     Overrides and eval shards are checked before the model is built."""
-    from msmedcap.models import load_from_export
-
     parse_eval_overrides(overrides)
     if data and check_shards:
         check_eval_shards(data)
-    model, cfg = load_from_export(str(export))
+    model, cfg = load_model_dir(export)
     cfg = apply_overrides(cfg, overrides)
     if data:
         cfg.data.eval = list(data)

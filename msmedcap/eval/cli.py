@@ -14,11 +14,14 @@ EVALUATE_DOC = """Evaluate a trained captioner: distributed generation, gather o
     deepspeed --num_gpus 4 launch/evaluate.py --checkpoint runs/demo        # 4 ranks, one job
     msmedcap evaluate --checkpoint runs/demo/.../export --data 'shards/roco-test-{000..009}.tar' \\
         eval.num_beams=5 eval.max_len=40
-    msmedcap evaluate --compare runs/blip2 runs/sam-blip2 runs/msmedcap [--markdown]
+    msmedcap evaluate --compare runs/blip2 runs/sam-blip2 runs/msmedcap [--markdown] [--resamples 1000]
+    msmedcap evaluate --checkpoint runs/roco eval.protocol=imageclef eval.imageclef.bertscore_model=DIR
 
 --checkpoint takes an export directory (trainable.safetensors + config.yaml) or a run directory,
 where the newest export is used. Writes predictions.jsonl, scores.json and gallery.html to --out
 (default: <run dir>/eval, or <export>/eval). Options and overrides come in any order.
+--compare also tests each run against the first (paired bootstrap CI, approximate randomization p);
+eval.protocol=imageclef adds the ImageCLEFmedical caption protocol (docs/evaluation-protocols.md).
 """
 
 
@@ -30,12 +33,41 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="eval shard spec (brace patterns; repeatable); default: the config's data.eval")
     p.add_argument("--out", help="output directory (default: <run dir>/eval or <export>/eval)")
     p.add_argument("--markdown", action="store_true", help="--compare: print Markdown instead of tables")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="--compare: bootstrap resamples and randomization rounds of the significance tests "
+                        "(default 1000; 0: no tests)")
+    p.add_argument("--significance-seed", type=int, default=0, help="--compare: the tests' seed (default 0)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--dist-timeout-s", type=float, default=600.0,
                    help="how long a rank waits for a silent peer before giving up (as train.dist_timeout_s)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="overrides of the checkpoint's config, e.g. eval.num_beams=1 eval.max_samples=100")
     p.set_defaults(func=run_evaluate, intermixed=True)
+
+
+# `msmedcap score` flags -> eval.imageclef keys (docs/evaluation-protocols.md)
+IMAGECLEF_FLAGS = {"bertscore_model": "a local transformers model directory for BERTScore (the task: "
+                   "microsoft/deberta-xlarge-mnli)", "bertscore_layers": "its layer (default: bert-score's for "
+                   "that model name, else the last)", "clip_model": "open_clip model name, config JSON or "
+                   "local-dir:DIR for the image-caption similarity", "clip_pretrained": "its weights file",
+                   "images": "directory of KEY.jpg / KEY.png images", "concepts": "reference CUIs (the concept "
+                   "detection task's CSV)", "concepts_predicted": "predicted CUIs (the task's submission CSV)"}
+
+
+def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", choices=("coco", "imageclef"), default="coco",
+                   help="coco: pycocoevalcap + findings; imageclef: those plus the ImageCLEFmedical caption "
+                        "protocol (docs/evaluation-protocols.md)")
+    for name, what in IMAGECLEF_FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int if name == "bertscore_layers" else str,
+                       help=f"--protocol imageclef: {what}")
+
+
+def imageclef_settings(args):
+    """The eval.imageclef settings `msmedcap score`'s flags give."""
+    from msmedcap.config import ImageclefConfig
+
+    return ImageclefConfig(**{name: getattr(args, name) for name in IMAGECLEF_FLAGS})
 
 
 def add_parser(subparsers) -> None:
@@ -48,7 +80,8 @@ def add_parser(subparsers) -> None:
                               description="Score {\"key\", \"prediction\"} JSONL lines against "
                               "{\"key\", \"captions\": [...]} JSONL lines: n-gram scores and findings accuracy "
                               "(per field, by the source's parser; lexicon P/R/F1 for free text); per "
-                              "domain/source when the lines carry those fields.")
+                              "domain/source when the lines carry those fields. --protocol imageclef adds the "
+                              "ImageCLEFmedical caption protocol (docs/evaluation-protocols.md).")
     p.add_argument("predictions", help="PRED.jsonl: {\"key\", \"prediction\"} per line (evaluate's "
                    "predictions.jsonl works as is)")
     p.add_argument("--refs", help="REFS.jsonl: {\"key\", \"captions\": [...]} per line; default: the "
@@ -56,6 +89,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", help="write the scores here (JSON)")
     p.add_argument("--spice", choices=("auto", "on", "off"), default="auto",
                    help="SPICE: when its models are installed (auto), required (on), or skipped (off)")
+    add_protocol_arguments(p)
     p.set_defaults(func=run_score)
 
     c = subparsers.add_parser("caption", help="caption image files with a trained checkpoint",
@@ -88,12 +122,22 @@ def run_evaluate(args) -> int:
     if args.compare:
         from msmedcap.eval.report import print_compare
 
+        if args.resamples < 0:
+            return _error("evaluate", "--resamples must be at least 0")
+
+        from msmedcap.eval.io import InputError
+        from msmedcap.eval.significance import print_compare_significance
+
         try:
             print_compare(args.compare, markdown=args.markdown)
-        except (FileNotFoundError, ValueError) as e:
+            if args.resamples > 0 and len(args.compare) > 1:
+                print_compare_significance(args.compare, resamples=args.resamples, seed=args.significance_seed,
+                                           markdown=args.markdown)
+        except (FileNotFoundError, ValueError, InputError) as e:
             return _error("evaluate", str(e))
         return 0
 
+    from msmedcap.config import ConfigError
     from msmedcap.eval.checkpoints import CheckpointError, default_out_dir, find_export, load_for_eval
     from msmedcap.eval.scoring import JavaMissing, require_java
 
@@ -102,7 +146,11 @@ def run_evaluate(args) -> int:
         export = find_export(args.checkpoint)
         rank, world_size, device = init_distributed(getattr(args, "dist_timeout_s", None))
         model, cfg = load_for_eval(export, args.overrides, device, data=args.data)
-    except (CheckpointError, JavaMissing) as e:
+        if cfg.eval.protocol == "imageclef":  # its models, before minutes of generation
+            from msmedcap.eval.imageclef import check_settings
+
+            check_settings(cfg.eval.imageclef)
+    except (CheckpointError, JavaMissing, ConfigError) as e:
         return _error("evaluate", str(e))
     from msmedcap.eval.evaluate import evaluate
 
@@ -125,10 +173,14 @@ def run_evaluate(args) -> int:
 
 
 def run_score(args) -> int:
+    from msmedcap.config import ConfigError
     from msmedcap.eval.io import InputError, read_predictions, read_references, write_json
     from msmedcap.eval.report import print_scores
     from msmedcap.eval.scoring import ScoringError, check_keys, score_records
 
+    given = [f"--{n.replace('_', '-')}" for n in IMAGECLEF_FLAGS if getattr(args, n) is not None]
+    if given and args.protocol != "imageclef":
+        return _error("score", f"{', '.join(given)}: only with --protocol imageclef")
     try:
         preds = read_predictions(args.predictions)
         if args.refs:
@@ -142,9 +194,19 @@ def run_score(args) -> int:
                 raise InputError(f"{args.predictions}: {len(no_refs)} line(s) carry no 'references' list "
                                  f"(e.g. key {no_refs[0]!r}); pass --refs REFS.jsonl")
             records = preds
+        if args.protocol == "imageclef":  # models and files checked before any scoring
+            from msmedcap.eval.imageclef import check_settings
+
+            settings = imageclef_settings(args)
+            check_settings(settings, [str(r["key"]) for r in records])
         start = time.time()
         scores = score_records(records, spice=args.spice)
-    except (InputError, ScoringError) as e:
+        if args.protocol == "imageclef":
+            from msmedcap.eval.imageclef import score_imageclef
+
+            scores["imageclef"] = score_imageclef(records, settings)
+            scores["imageclef"].pop("per_sample")
+    except (InputError, ScoringError, ConfigError) as e:
         return _error("score", str(e))
     scores.pop("per_sample")
     scores.pop("per_sample_findings")

@@ -128,16 +128,41 @@ def generate_records(model, batches, gen_kwargs: dict, limit: int = 0, thumbnail
         captions = model.generate(inputs, **gen_kwargs)
         if len(captions) != len(batch["key"]):
             raise RuntimeError(f"model.generate returned {len(captions)} captions for {len(batch['key'])} samples")
-        thumbs = batch_thumbnails(inputs) if thumbnails else [None] * len(captions)  # inputs: decoded on the device (data.gpu_decode)
-        domains = batch["domain"].tolist() if torch.is_tensor(batch["domain"]) else list(batch["domain"])
-        for i, caption in enumerate(captions):
-            rec = {"key": str(batch["key"][i]), "source": str(batch["source"][i]),
-                   "domain": DOMAINS[domains[i]] if isinstance(domains[i], int) else str(domains[i]),
-                   "references": [batch["caption"][i]], "prediction": caption.strip()}
-            if thumbs[i]:
-                rec["thumbnail"] = thumbs[i]
-            records.append(rec)
+        thumbs = batch_thumbnails(inputs) if thumbnails else None  # inputs: decoded on the device (data.gpu_decode)
+        records += batch_records(batch, captions, thumbs)
     return records[:limit] if limit else records
+
+
+def batch_records(batch: dict, captions: list, thumbs: Optional[list] = None) -> list:
+    """A batch's records: key, source, domain, references, prediction[, thumbnail]."""
+    domains = batch["domain"].tolist() if torch.is_tensor(batch["domain"]) else list(batch["domain"])
+    records = []
+    for i, caption in enumerate(captions):
+        rec = {"key": str(batch["key"][i]), "source": str(batch["source"][i]),
+               "domain": DOMAINS[domains[i]] if isinstance(domains[i], int) else str(domains[i]),
+               "references": [batch["caption"][i]], "prediction": caption.strip()}
+        if thumbs and thumbs[i]:
+            rec["thumbnail"] = thumbs[i]
+        records.append(rec)
+    return records
+
+
+def merge_parts(parts: list, specs: Sequence[str], max_samples: int) -> tuple:
+    """Every rank's ``{"records", "skipped"}`` (as gathered on rank 0) -> (records, skipped counts,
+    expected total or None), checked exact-once: with manifests, the records and the samples skipped and
+    counted must add up to the shards' total (a broken tar stream has no per-sample count, so then only
+    duplicates are checked)."""
+    from msmedcap.eval.gather import check_exact_once
+
+    records = [r for part in parts for r in part["records"]]
+    skipped: dict = {}
+    for part in parts:
+        for reason, n in part["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    total = manifest_total(specs) if max_samples <= 0 and "bad_tar" not in skipped else None
+    check_exact_once(records, per_rank=[len(p["records"]) for p in parts],
+                     expected=None if total is None else total - sum(skipped.values()))
+    return records, skipped, total
 
 
 # --------------------------------------------------------------------------- the job
@@ -167,7 +192,7 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
         times); ``None`` on the other ranks.
     """
     from msmedcap.data.loader import make_eval_loader
-    from msmedcap.eval.gather import check_exact_once, gather_to_rank0
+    from msmedcap.eval.gather import gather_to_rank0
     from msmedcap.eval.gallery import write_gallery
     from msmedcap.eval.io import write_json, write_jsonl
     from msmedcap.eval.report import print_scores
@@ -195,24 +220,22 @@ def evaluate(model, cfg, out_dir, rank: int = 0, world_size: int = 1, specs: Opt
     parts = gather_to_rank0({"records": records, "skipped": skipped}, rank, world_size)
     if rank != 0:
         return None
-    everything = [r for part in parts for r in part["records"]]
-    skipped = {}
-    for part in parts:
-        for reason, n in part["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    # None lost: with manifests, evaluated + skipped-and-counted samples must add up to the shards'
-    # total (a broken tar stream has no per-sample count, so then only duplicates are checked).
-    total = manifest_total(specs) if cfg.eval.max_samples <= 0 and "bad_tar" not in skipped else None
-    check_exact_once(everything, per_rank=[len(p["records"]) for p in parts],
-                     expected=None if total is None else total - sum(skipped.values()))
+    everything, skipped, total = merge_parts(parts, specs, cfg.eval.max_samples)  # none lost, none twice
 
     start = time.time()
     scores = score_records(everything)
-    score_s = time.time() - start
     for rec in everything:
         rec["scores"] = scores["per_sample"][rec["key"]]
         rec["findings"] = scores["per_sample_findings"][rec["key"]]
     del scores["per_sample"], scores["per_sample_findings"]
+    if cfg.eval.protocol == "imageclef":
+        from msmedcap.eval.imageclef import score_imageclef
+
+        scores["imageclef"] = score_imageclef(everything, cfg.eval.imageclef, device=model_device(model).type)
+        for rec in everything:
+            rec["imageclef"] = scores["imageclef"]["per_sample"][rec["key"]]
+        del scores["imageclef"]["per_sample"]
+    score_s = time.time() - start
     scores.update(
         checkpoint=None if checkpoint is None else str(checkpoint),
         data=specs,

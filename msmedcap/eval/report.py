@@ -118,10 +118,30 @@ def lexicon_table(scores: dict, title: str = "Lexicon agreement") -> Optional[Ta
     return table
 
 
+def imageclef_table(scores: dict, title: str = "ImageCLEFmedical caption protocol") -> Optional[Table]:
+    """Rows: each protocol metric and the two aggregates: value, samples, model, or why it was skipped.
+    None when the scores carry no ImageCLEF block (eval.protocol=coco)."""
+    block = scores.get("imageclef")
+    if not block:
+        return None
+    table = Table(title=title)
+    for head in ("metric", "value", "n", "model / skipped"):
+        table.add_column(head, justify="right" if head in ("value", "n") else "left")
+    for name, m in block["metrics"].items():
+        table.add_row(name, fmt(m["value"]), str(m["n"]), m["model"] or "" if m["ran"] else f"skipped: {m['skipped']}")
+    for name in ("relevance", "factuality"):
+        agg = block[name]
+        table.add_row(f"[bold]{name}[/bold]", fmt(agg["value"]), "", f"mean of {', '.join(agg['parts'])}"
+                      + (f"; skipped: {agg['skipped']}" if agg["skipped"] else ""))
+    table.caption = f"as {block['evaluator']['repository']} at {block['evaluator']['commit'][:12]} computes them"
+    return table
+
+
 def print_scores(scores: dict, title: str = "Caption scores", console: Optional[Console] = None) -> None:
     console = console or make_console()
     console.print(scores_table(scores, title))
-    for table in (findings_table(scores, title=f"Findings · {title}"), lexicon_table(scores, title=f"Lexicon · {title}")):
+    for table in (findings_table(scores, title=f"Findings · {title}"), lexicon_table(scores, title=f"Lexicon · {title}"),
+                  imageclef_table(scores, title=f"ImageCLEFmedical · {title}")):
         if table is not None:
             console.print(table)
 
@@ -155,13 +175,18 @@ def load_run(path: str) -> tuple:
     return variant or Path(path).name, scores
 
 
+def run_names(paths: Sequence[str], names: Optional[Sequence[str]] = None) -> list:
+    """The runs' row names: the model variant (``names``: as load_run gives them), with the run
+    directory where a variant repeats (two seeds, two budgets)."""
+    names = names or [load_run(p)[0] for p in paths]
+    return [n if names.count(n) == 1 else f"{n} ({Path(p).name})" for n, p in zip(names, paths)]
+
+
 def compare_rows(paths: Sequence[str]) -> dict:
     """{dataset: [(model, metrics)]}; datasets = "all", each domain, and each source any run has
     (a source that is its domain's only one is not repeated)."""
     runs = [load_run(p) for p in paths]
-    names = [n for n, _ in runs]
-    # Same variant twice (two seeds, two budgets): tell the rows apart by their run directory.
-    runs = [(n if names.count(n) == 1 else f"{n} ({Path(p).name})", s) for (n, s), p in zip(runs, paths)]
+    runs = list(zip(run_names(paths, [n for n, _ in runs]), (s for _, s in runs)))
     datasets = {"all": [(n, s["overall"]) for n, s in runs]}
     sole = {}  # source -> its domain, where it is that domain's only source
     for group in GROUPS:

@@ -219,6 +219,18 @@ def score_captions(refs: Mapping[str, Sequence[str]], preds: Mapping[str, str],
     return out
 
 
+def cider(refs: Mapping[str, Sequence[str]], preds: Mapping[str, str]) -> float:
+    """Corpus CIDEr alone, tokenized and computed as :func:`score_captions` does (no METEOR process: what
+    validation during training scores, msmedcap.train.validation)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    refs = {str(k): list(v) for k, v in refs.items()}
+    preds = {str(k): v for k, v in preds.items()}
+    check_keys(refs, preds)
+    gts, res = tokenize(refs, preds)
+    return float(Cider().compute_score(gts, res)[0])
+
+
 def group_keys(records: Sequence[Mapping], fields: Sequence[str] = ("domain", "source")) -> dict:
     """{"domain": {"general": [keys]}, "source": {...}} from records carrying those fields."""
     groups: dict = {f: {} for f in fields}

@@ -80,20 +80,20 @@ def blip2_text_config(directory) -> dict:
     return text
 
 
+# HF BLIP-2 name prefix <-> this model's, CLIP branch (the vision tower is mapped separately); export reverses it
+BLIP2_PREFIXES = (("query_tokens", "qformers.clip.query_tokens"), ("qformer.", "qformers.clip.bert."),
+                  ("vision_model.post_layernorm.", "qformers.clip.ln_vision."),
+                  ("language_projection.", "captioner.projections.clip."), ("language_model.", "captioner.lm."))
+
+
 def blip2_key_map(state: dict) -> dict:
     """HF BLIP-2 names -> this model's names, CLIP branch (the vision tower is mapped separately)."""
     out = {}
     for key, value in state.items():
-        if key == "query_tokens":
-            out["qformers.clip.query_tokens"] = value
-        elif key.startswith("qformer."):
-            out["qformers.clip.bert." + key[len("qformer."):]] = value
-        elif key.startswith("vision_model.post_layernorm."):
-            out["qformers.clip.ln_vision." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("language_projection."):
-            out["captioner.projections.clip." + key[len("language_projection."):]] = value
-        elif key.startswith("language_model."):
-            out["captioner.lm." + key[len("language_model."):]] = value
+        for theirs, ours in BLIP2_PREFIXES:
+            if key.startswith(theirs):
+                out[ours + key[len(theirs):]] = value
+                break
     return out
 
 

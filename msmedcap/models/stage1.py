@@ -15,6 +15,8 @@ head and its loss run on the label-bearing positions only.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -26,8 +28,22 @@ TEMP_BOUNDS = (0.001, 0.5)  # BLIP-2's clamp of the ITC temperature
 TEXT_MULTIPLE = 8  # stage-1 text lengths are rounded up to this
 
 
+_RANK_LOCAL = [False]
+
+
+@contextmanager
+def rank_local():
+    """The losses of this rank's batch alone, with no collective (validation: the ranks hold uneven shares
+    of the held-out set, so they do not run the same number of forwards)."""
+    _RANK_LOCAL[0] = True
+    try:
+        yield
+    finally:
+        _RANK_LOCAL[0] = False
+
+
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _RANK_LOCAL[0] and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def gather(x: torch.Tensor, with_grad: bool) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,14 +21,16 @@ CONFIG_FILE = "config.yaml"
 
 
 # --------------------------------------------------------------------------- trainable export
-def save_trainable(model, path_dir, cfg) -> Path:
+def save_trainable(model, path_dir, cfg, values: Optional[dict] = None) -> Path:
     """Write ``trainable.safetensors`` (trainable parameters only) and ``config.yaml`` (the full
-    :class:`Config`; a bare ModelConfig is wrapped) into ``path_dir``."""
+    :class:`Config`; a bare ModelConfig is wrapped) into ``path_dir``. ``values``: tensors written in place
+    of some parameters' own (the optimizer's fp32 masters, msmedcap.train.engine.fp32_masters)."""
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(cfg, ModelConfig):
         cfg = Config(model=cfg)
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.trainable_named_parameters()}
+    values = values or {}
+    tensors = {n: values.get(n, p).detach().to("cpu").contiguous() for n, p in model.trainable_named_parameters()}
     meta = {"format": "msmedcap-trainable", "variant": model.cfg.variant}
     atomic_write(path_dir / TRAINABLE_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
     atomic_write(path_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(cfg.to_yaml()))

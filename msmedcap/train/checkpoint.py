@@ -96,12 +96,16 @@ class TrainState:
     data: DataPosition
     config: Optional[dict] = None
     rng: Optional[dict] = None
+    # The validation's best-so-far record (msmedcap.train.validation.Validator.record), None without validation.
+    validation: Optional[dict] = None
 
     def client_state(self) -> dict:
         """What DeepSpeed stores with the engine (``trainer_state.json``: the same without the config)."""
-        return {"stage": self.stage, "step": self.step, "world_size": self.data.world_size, "seed": self.data.seed,
-                "data": {"micro_batches": self.data.micro_batches, "num_workers": self.data.num_workers},
-                "config": self.config}
+        state = {"stage": self.stage, "step": self.step, "world_size": self.data.world_size, "seed": self.data.seed,
+                 "data": {"micro_batches": self.data.micro_batches, "num_workers": self.data.num_workers}}
+        if self.validation is not None:
+            state["validation"] = self.validation
+        return {**state, "config": self.config}
 
     @classmethod
     def from_client_state(cls, state: dict, rng: Optional[dict] = None) -> "TrainState":
@@ -109,7 +113,7 @@ class TrainState:
         return cls(stage=state.get("stage"), step=int(state.get("step", 0)),
                    data=DataPosition(seed=state.get("seed"), world_size=state.get("world_size"),
                                      num_workers=data.get("num_workers"), micro_batches=int(data.get("micro_batches", 0))),
-                   config=state.get("config"), rng=rng)
+                   config=state.get("config"), rng=rng, validation=state.get("validation"))
 
     def check_continues(self, now: DataPosition, path) -> None:
         """Raise :class:`IncompatibleCheckpoint` unless this run's data position parameters are the

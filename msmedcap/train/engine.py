@@ -94,17 +94,26 @@ def build_engine(model: nn.Module, cfg: Config, stage: int, ds_config: dict, mod
     return engine, scheduler
 
 
+def fp32_masters(model: nn.Module, stage: int) -> dict:
+    """``{name: the optimizer's fp32 master}`` of each parameter ``stage`` trains that has one (none under
+    an fp32 engine without ZeRO, where the two are one). Collective under ZeRO (each rank holds a part of
+    the masters): every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, p in model.stage_named_parameters(stage):
+        full = safe_get_full_fp32_param(p)
+        if full is not None:
+            masters[name] = full
+    return masters
+
+
 def master_weights_into(model: nn.Module, stage: int) -> int:
     """The optimizer's fp32 master copy of each parameter ``stage`` trains into the model, in place of
     the engine's bf16/fp16 working copy (what an export should hold, and the next stage start from).
-    Collective under ZeRO (each rank holds a part of the masters): every rank calls it. Returns how many
-    parameters were replaced (0 under an fp32 engine without ZeRO, where the two are one)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    replaced = 0
-    for _, p in model.stage_named_parameters(stage):
-        full = safe_get_full_fp32_param(p)
-        if full is not None:
-            p.data = full.to(p.device)
-            replaced += 1
-    return replaced
+    Collective under ZeRO: every rank calls it. Returns how many parameters were replaced."""
+    masters = fp32_masters(model, stage)
+    params = dict(model.stage_named_parameters(stage))
+    for name, full in masters.items():
+        params[name].data = full.to(params[name].device)
+    return len(masters)

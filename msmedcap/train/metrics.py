@@ -1,8 +1,9 @@
 """Rank 0's view of training: rich progress, ``metrics.jsonl``, TensorBoard, ``loss.png``; the log
 window every rank sums its micro-batches into.
 
-One JSON object per log step (``stage``, ``step`` and the keys below); a resumed run first drops
-the records a killed run wrote after its checkpoint, so the file reads as one uninterrupted run.
+One JSON object per log step (``stage``, ``step`` and the keys below), and one per validation
+(``stage``, ``step`` and ``val/...`` keys, msmedcap.train.validation); a resumed run first drops the
+records a killed run wrote after its checkpoint, so the file reads as one uninterrupted run.
 """
 from __future__ import annotations
 
@@ -72,13 +73,14 @@ class MetricsLog:
         self.progress: Optional[Progress] = None
         self.task = None
         self.stage = None
+        self.train_info = self.val_info = ""  # the progress line: the last log step's numbers, the last validation's
 
     def start_stage(self, stage: int, start_step: int, total_steps: int) -> None:
         """Keep the records before (stage, start_step); open the progress display."""
         kept = [r for r in read_records(self.path)
                 if r["stage"] < stage or (r["stage"] == stage and r["step"] <= start_step)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.stage = stage
+        self.stage, self.train_info, self.val_info = stage, "", ""
         self.progress = Progress(
             TextColumn(f"[bold]stage {stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
@@ -86,21 +88,40 @@ class MetricsLog:
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="starting")
         self.progress.start()
 
-    def log(self, record: dict) -> None:
+    def _write(self, record: dict) -> dict:
+        """The record in metrics.jsonl and its numbers in TensorBoard (``stageN/KEY``)."""
         record = {"stage": self.stage, **record}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        step = record["step"]
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("stage", "step") and math.isfinite(v):
-                    self.tb.add_scalar(f"stage{self.stage}/{k}", v, step)
+                    self.tb.add_scalar(f"stage{self.stage}/{k}", v, record["step"])
+        return record
+
+    def log_validation(self, record: dict) -> None:
+        """One validation's record (``val/...`` keys); its main numbers join the progress line."""
+        record = self._write(record)
+        shown = [(k[4:], record.get(k)) for k in ("val/loss", "val/cider", "val/findings")]
+        info = "val " + " ".join(f"{name} {v:.3f}" for name, v in shown if isinstance(v, (int, float)))
+        if record.get("val/best_step") is not None:
+            info += f" (best {record['val/best']:.3f} @ {record['val/best_step']})"
+        self.val_info = info
+        self.progress.update(self.task, info=f"{self.train_info} | {info}" if self.train_info else info)
+        if not self.console.is_terminal:
+            print(f"stage {self.stage} step {record['step']}/{self.progress.tasks[0].total} | {info}", flush=True)
+
+    def log(self, record: dict) -> None:
+        record = self._write(record)
+        step = record["step"]
         losses = " ".join(f"{k[5:] or 'loss'} {v:.3f}" for k, v in record.items()
                           if k.startswith("loss") and "/" not in k)  # per-branch heads: in the file only
         skipped = sum(record.get("skipped_samples", {}).values())
         info = (f"{losses} | lr {record['lr']:.2e} | {record['samples_per_s']:.1f} samples/s"
                 f" | skipped {skipped} samples, {record['overflow_skipped_steps']} steps")
-        self.progress.update(self.task, completed=step, info=info)
+        self.train_info = info
+        shown = f"{info} | {self.val_info}" if self.val_info else info  # logs: the validation has its own line
+        self.progress.update(self.task, completed=step, info=shown)
         if not self.console.is_terminal:  # logs and batch jobs: a plain line per log step
             total = self.progress.tasks[0].total
             print(f"stage {self.stage} step {step}/{total} | {info}", flush=True)
@@ -133,9 +154,10 @@ def plot_losses(metrics_path: Path, out: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         rs = [r for r in records if r["stage"] == stage]
-        keys = sorted({k for r in rs for k in r if k.startswith("loss")})
+        keys = sorted({k for r in rs for k in r if k.startswith("loss")}) + (["val/loss"] if any(
+            r.get("val/loss") is not None for r in rs) else [])
         for k in keys:
-            pts = [(r["step"], r[k]) for r in rs if k in r]
+            pts = [(r["step"], r[k]) for r in rs if r.get(k) is not None]
             ax.plot(*zip(*pts), label=k, linewidth=2 if k == "loss" else 1)
         ax.set_title(f"stage {stage}")
         ax.set_xlabel("step")

@@ -27,6 +27,10 @@ class StageResult:
     skipped_samples: dict = field(default_factory=dict)
     overflow_skipped_steps: int = 0
     finished_earlier: bool = False  # read back from stageN/result.json: finished by an earlier invocation
+    # validation (msmedcap.train.validation): the best step by train.keep_best_by {metric, mode, value, step,
+    # export}, and the step train.early_stop_patience ended the stage at
+    best: Optional[dict] = None
+    early_stopped_at: Optional[int] = None
 
 
 def write_stage_record(path: Path, result: StageResult) -> None:
@@ -68,6 +72,13 @@ def summarize(out: Path, world_size: int, results: list, evaluation: Optional[di
     if not console.is_terminal:
         console = Console(width=160)  # logs: no wrapping at 80 columns
     console.print(table)
+    for r in results:
+        if r.early_stopped_at is not None:
+            console.print(f"stage {r.stage}: stopped early at step {r.early_stopped_at} (train.early_stop_patience)",
+                          highlight=False)
+        if r.best and r.best.get("step") is not None:
+            console.print(f"stage {r.stage}: best {r.best['metric']} {r.best['value']:.4f} at step {r.best['step']}: "
+                          f"{r.best['export']}", highlight=False)
     if evaluation:
         console.print(f"held-out CIDEr {evaluation['CIDEr']:.4f} (BLEU-4 {evaluation['Bleu_4']:.4f}) vs "
                       f"{evaluation['baseline_CIDEr']:.4f} ({evaluation['baseline_Bleu_4']:.4f}) for the most "

@@ -8,6 +8,7 @@ setup, steps, log steps and finish (:class:`StageRun`). Output layout::
     OUTPUT_DIR/config.yaml  metrics.jsonl  loss.png  tensorboard/  summary.json  eval/
     OUTPUT_DIR/stage1/checkpoints/stepNNNNNNNN/ ...   (see checkpoint.py)
     OUTPUT_DIR/stage1/export/                          the finished stage's trainable weights + config
+    OUTPUT_DIR/stage1/best/                            the best validated step's (train.keep_best_by)
     OUTPUT_DIR/stage2/...
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from msmedcap.train.engine import (StageLoss, build_engine, master_weights_into,
 from msmedcap.train.metrics import MetricsLog, Window, count_flops, peak_memory_mb  # noqa: F401 (Window re-exported)
 from msmedcap.train.signals import StopRequest, fault_point
 from msmedcap.train.summary import StageResult, read_stage_record, summarize, write_stage_record
+from msmedcap.train.validation import Validator
 from msmedcap.train.world import (  # noqa: F401 (to_device re-exported)
     first_line, init_world, is_collective_failure, leave_now, to_device)
 
@@ -210,13 +212,22 @@ class Trainer:
         for s in stages:
             self.ds_config(s)  # a contradicting JSON fails before any work
         self.resolve_lm_dtype()
-        if cfg.train.eval_at_end and stages[-1] == 2:
+        scoring = [(key, off) for key, off, needed in (
+            ("train.eval_at_end=true", "train.eval_at_end=false", cfg.train.eval_at_end and stages[-1] == 2),
+            (f"train.eval_generate_every={cfg.train.eval_generate_every}", "train.eval_generate_every=0",
+             cfg.train.eval_generate_every and 2 in stages)) if needed]
+        if scoring:  # pycocoevalcap's tokenizer runs in Java: fail now, not after training
             from msmedcap.eval.scoring import JavaMissing, require_java
 
             try:
-                require_java()  # the final evaluation needs it: fail now, not after training
+                require_java()
             except JavaMissing as e:
-                raise ConfigError(f"train.eval_at_end=true: {e} (or set train.eval_at_end=false)") from e
+                key, off = scoring[0]
+                raise ConfigError(f"{key}: {e} (or set {off})") from e
+        if cfg.train.eval_at_end and stages[-1] == 2 and cfg.eval.protocol == "imageclef":
+            from msmedcap.eval.imageclef import check_settings
+
+            check_settings(cfg.eval.imageclef)  # its models and files, before training
         plan = self.plan(stages, resume, overwrite)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -289,10 +300,16 @@ class StageRun:
                                        world.barrier, every=cfg.train.ckpt_every,
                                        export=lambda d: save_trainable(model, d, cfg), export_dir=export_dir(cfg, stage))
         self.state = TrainState(stage, 0, self.trainer.data_position(), config=cfg.to_dict())
+        self.validator = Validator(cfg, stage, world, model, self.trainer.log, stage_dir(cfg, stage) / "best") \
+            if cfg.train.eval_every else None
         if resume_from is not None:  # refused when written with another seed, world size or worker count
             loaded = self.ckpts.load(self.engine, resume_from, expect=self.state.data)
             self.state.step, self.state.data.micro_batches, self.state.rng = loaded.step, loaded.data.micro_batches, loaded.rng
+            if self.validator:  # the best-so-far record continues
+                self.validator.restore(loaded.validation)
             world.print0(f"stage {stage}: resumed from {resume_from} at step {self.state.step}")
+        if self.validator:
+            self.state.validation = self.validator.record
         seed_everything(cfg.train.seed + 1000 * stage + world.rank)  # per-rank dropout / negative sampling
         # The loader's position counts micro-batches; with the seed, world size and workers it fixes the stream.
         self.batches = start_loader(
@@ -329,6 +346,10 @@ class StageRun:
             at_log = step % self.cfg.train.log_every == 0 or step == total
             if at_log:
                 self.log()
+            early_stop = False
+            if self.validator and self.validator.due(step, total):  # before the checkpoint: it keeps the record
+                early_stop = self.validator.run(step, total)
+                self.state.validation = self.validator.record
             fault_point("step.end", self.stage, step, rank)
             # the stop flag is a collective: agreed at log and checkpoint steps only
             stopping = (at_log or self.ckpts.due(step, total)) and self.trainer.stop.agreed(self.world.device)
@@ -336,6 +357,11 @@ class StageRun:
                 self.result.checkpoint = str(self.ckpts.save(self.engine, self.state))
             if stopping:
                 self.result.stopped_by = self.trainer.stop.name
+                break
+            if early_stop:
+                self.result.early_stopped_at = step
+                self.world.print0(f"stage {self.stage}: stopping early at step {step}: no better "
+                                  f"{self.validator.keep.metric} in {self.validator.patience} validations")
                 break
         return self.finish()
 
@@ -403,6 +429,7 @@ class StageRun:
         if self.model.feature_cache is not None:  # the last segment's rows synced and indexed
             self.model.feature_cache.close()
         result.seconds = time.time() - self.t_start
+        result.best = self.validator.summary() if self.validator else None
         if not result.stopped_by and self.world.rank == 0:
             write_stage_record(stage_record(cfg, self.stage), result)
         self.trainer.model = self.model

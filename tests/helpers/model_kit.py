@@ -61,3 +61,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def msmedcap_tiny_eva(pretrained=False, **kwargs):
+    """EVA as timm builds EVA01-g-14 (eva_giant_patch14_224), at toy size."""
+    from timm.models.eva import Eva
+
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory extras
+        kwargs.pop(key, None)
+    return Eva(img_size=28, patch_size=14, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, **kwargs)
+
+
+def tiny_eva_clip_json(directory):
+    """An open_clip model config on :func:`msmedcap_tiny_eva` (registered with timm), as EVA01-g-14's
+    is on timm's EVA; written into ``directory`` -> its path (``model.clip.name``, image size 28)."""
+    import json
+    from pathlib import Path
+
+    import timm
+
+    if not timm.list_models("msmedcap_tiny_eva"):
+        timm.models.register_model(msmedcap_tiny_eva)
+    path = Path(directory) / "tiny-eva.json"
+    path.write_text(json.dumps({
+        "embed_dim": 16, "custom_text": True,
+        "vision_cfg": {"image_size": 28, "timm_model_name": "msmedcap_tiny_eva", "timm_model_pretrained": False,
+                       "timm_pool": "token", "timm_proj": None},
+        "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}))
+    return path

@@ -1,8 +1,9 @@
-"""Reading a training run's output: a free port for a launcher's rendezvous, metrics.jsonl's records,
-the losses per stage and step."""
+"""Starting a training run and reading its output: the environment of a run started as a subprocess, a
+free port for a launcher's rendezvous, metrics.jsonl's records, the losses per stage and step."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -18,6 +19,17 @@ def with_overrides(base: list, *changes: str) -> list:
     """``base`` with each key of ``changes`` replaced (or added)."""
     keys = {c.split("=", 1)[0] for c in changes}
     return [o for o in base if o.split("=", 1)[0] not in keys] + list(changes)
+
+
+def run_env(fault: str | None = None, **extra) -> dict:
+    """This process's environment for a training subprocess: one thread, no inherited rank or fault;
+    ``fault``: its ``MSMEDCAP_FAULT`` (msmedcap.train.signals.fault_point); ``extra``: more variables."""
+    e = {k: v for k, v in os.environ.items() if k not in ("MSMEDCAP_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    e["OMP_NUM_THREADS"] = "1"
+    if fault:
+        e["MSMEDCAP_FAULT"] = fault
+    e.update(extra)
+    return e
 
 
 def free_port() -> int:

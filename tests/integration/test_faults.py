@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from msmedcap.train.metrics import read_records
 from helpers.runs import TINY_RUN, free_port, losses, records, with_overrides
+from helpers.runs import run_env as env
 
 pytestmark = pytest.mark.slow
 
@@ -72,15 +73,6 @@ def record(name: str, **data) -> None:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"{name}.json").write_text(json.dumps({"test": name, "heavy": HEAVY, **data}, indent=1))
-
-
-def env(fault: str | None = None, **extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("MSMEDCAP_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    e["OMP_NUM_THREADS"] = "1"
-    if fault:
-        e["MSMEDCAP_FAULT"] = fault
-    e.update(extra)
-    return e
 
 
 def pretrain(out: Path, *args) -> list:

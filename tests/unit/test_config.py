@@ -156,6 +156,7 @@ FIELD_CASES = {
     "model.allow_random_weights": ("true", ["maybe", "1"]),
     "data.train": ("[a.tar::2, b.tar]", ["{a: 1}", "3"]),
     "data.eval": ("[a.tar]", ["{a: 1}", "3"]),
+    "data.val": ("[a.tar]", ["{a: 1}", "3"]),
     "data.num_workers": ("0", ["-1", "x"]),
     "data.shuffle_buffer": ("1", ["0"]),
     "data.shuffle_initial": ("10", ["0"]),
@@ -175,6 +176,12 @@ FIELD_CASES = {
     "train.ckpt_every": ("1", ["0"]),
     "train.keep_last": ("1", ["0"]),
     "train.eval_at_end": ("false", ["maybe"]),
+    # validation keys alone: each needs train.eval_every (tests/unit/test_validation_config.py has the rest)
+    "train.eval_every": ("0", ["-1", "x", "2"]),  # 2: no data.val
+    "train.eval_generate_every": ("0", ["-1", "4"]),
+    "train.keep_best_by": ("null", ["[a]", "val/loss:min"]),
+    "train.early_stop_patience": ("0", ["-1", "3"]),
+    "eval.val_max_samples": ("5", ["-1"]),
     "eval.batch_size": ("1", ["0"]),
     "eval.num_beams": ("1", ["0", "x"]),
     "eval.min_len": ("0", ["-1", "31"]),  # 31 > eval.max_len 30
@@ -183,6 +190,10 @@ FIELD_CASES = {
     "eval.length_penalty": ("-0.5", [".inf", ".nan", "x"]),
     "eval.max_samples": ("0", ["-1"]),
     "eval.gallery": ("false", ["maybe"]),
+    "eval.protocol": ("imageclef", ["clef2030", "null", "[coco]"]),
+    **{f"eval.imageclef.{k}": ("null", ["''", "[a]"]) for k in (
+        "bertscore_model", "clip_model", "clip_pretrained", "images", "concepts", "concepts_predicted")},
+    "eval.imageclef.bertscore_layers": ("40", ["0", "x", "1.5"]),
     **{f"train.{st}.{k}": v for st in ("stage1", "stage2") for k, v in {
         "steps": ("500", ["0", "x"]),
         "micro_batch_size": ("1", ["0"]),
@@ -244,10 +255,20 @@ def test_paper_preset_patch_sizes():
         load_config("paper", ["model.sam.image_size=512"], check_files=False)
 
 
-def test_a_retired_key_is_dropped_from_old_configs_and_refused_with_another_value():
-    # train.eval_every was declared but never read (issue 12): old exports' config.yaml carry it as 0
+def test_a_retired_key_is_dropped_from_old_configs_and_refused_with_another_value(monkeypatch):
+    import msmedcap.config as config
+
+    monkeypatch.setitem(config.RETIRED_KEYS, "train.old_knob", (0, "it was never implemented"))
+    old = load_config("demo").to_dict()
+    old["train"]["old_knob"] = 0
+    assert "old_knob" not in config_from_dict(old).to_dict()["train"]
+    old["train"]["old_knob"] = 100
+    with pytest.raises(ConfigError, match="train.old_knob was removed: it was never implemented"):
+        config_from_dict(old)
+
+
+def test_old_configs_with_eval_every_0_still_load():
+    """train.eval_every was retired as 0 (issue 12) and is back (issue 25): old exports' 0 means off."""
     old = load_config("demo").to_dict()
     old["train"]["eval_every"] = 0
-    assert "eval_every" not in config_from_dict(old).to_dict()["train"]
-    with pytest.raises(ConfigError, match="train.eval_every was removed: it was never implemented"):
-        load_config("demo", ["train.eval_every=100"])
+    assert config_from_dict(old).train.eval_every == 0

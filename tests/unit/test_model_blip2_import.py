@@ -1,7 +1,7 @@
 """An HF-format BLIP-2 checkpoint imported into the blip2 variant computes what transformers computes."""
 import pytest
 import torch
-from helpers.model_kit import demo_config, make_batch, one_thread
+from helpers.model_kit import demo_config, make_batch, one_thread, tiny_eva_clip_json
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from msmedcap.config import ConfigError
@@ -99,28 +99,8 @@ def test_blip2_import_rejects_a_config_that_does_not_fit(tokenizers, hf_dir):
         build_model(blip2_config(tokenizers, hf_dir, "model.variant=sam-blip2").model)
 
 
-def msmedcap_tiny_eva(pretrained=False, **kwargs):
-    """EVA as timm builds EVA01-g-14 (eva_giant_patch14_224), at toy size."""
-    from timm.models.eva import Eva
-
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory extras
-        kwargs.pop(key, None)
-    return Eva(img_size=28, patch_size=14, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, **kwargs)
-
-
 def test_blip2_vision_tower_loads_into_open_clip_eva(tokenizers, tmp_path):
-    import json
-
-    import timm
-
-    if not timm.list_models("msmedcap_tiny_eva"):
-        timm.models.register_model(msmedcap_tiny_eva)
-    clip_json = tmp_path / "tiny-eva.json"  # an open_clip config on a timm EVA, as EVA01-g-14's is
-    clip_json.write_text(json.dumps({
-        "embed_dim": 16, "custom_text": True,
-        "vision_cfg": {"image_size": 28, "timm_model_name": "msmedcap_tiny_eva", "timm_model_pretrained": False,
-                       "timm_pool": "token", "timm_proj": None},
-        "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}))
+    clip_json = tiny_eva_clip_json(tmp_path)  # an open_clip config on a timm EVA, as EVA01-g-14's is
     cfg = demo_config(tokenizers)
     q = cfg.model.qformer
     hf_cfg = Blip2Config(
