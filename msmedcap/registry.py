@@ -34,8 +34,9 @@ class EncoderSpec:
     config: type  # the dataclass of model.<branch>; has image_size
     # A msmedcap.models.encoders.FrozenEncoder subclass called with the config section (or "module:Class").
     encoder: Union[str, Callable[[Any], Any]]
-    # The image geometry, built as transform(section.image_size) (or "module:Class"): mean, std, target,
-    # pixels, out_shape, tensor_pixels, __call__, as msmedcap.data.transforms.ClipTransform.
+    # The image geometry (or "module:Class"), built by make_transform: transform.from_config(section) where the
+    # class has it, else transform(section.image_size); mean, std, target, pixels, out_shape, tensor_pixels,
+    # __call__, as msmedcap.data.transforms.ClipTransform.
     transform: Union[str, type]
     # The transform fits the whole image in the input (longest-side resize) and the encoder zero-pads it
     # to a square (SAM). Thumbnails prefer such an image (uncropped) at equal size and crop the padding.
