@@ -408,9 +408,9 @@ def random_frozen_parts(m: ModelConfig) -> dict:
     out = {}
     if "sam" in m.branches and not m.sam.checkpoint:
         out["model.sam.checkpoint"] = m.sam.missing_weights()
-    if "clip" in m.branches and not m.clip.pretrained and not m.blip2_checkpoint:
-        out["model.clip.pretrained"] = (f"an open_clip pretrained tag of {m.clip.name} (EVA01-g-14: "
-                                        "laion400m_s11b_b41k) or a weights file")
+    clip_missing = m.clip.missing_weights() if "clip" in m.branches and not m.blip2_checkpoint else None
+    if clip_missing:
+        out[clip_missing[0]] = clip_missing[1]
     if not m.lm.name_or_path and not m.blip2_checkpoint:
         out["model.lm.name_or_path"] = ("an LM name or directory (facebook/opt-2.7b, google/flan-t5-xl, ...); "
                                         "model.lm.config alone "
@@ -448,6 +448,13 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if cfg.data.resize_on_device and (cfg.data.jpeg_draft or cfg.data.gpu_decode):
         raise ConfigError("data.resize_on_device: not with data.jpeg_draft or data.gpu_decode (each changes where "
                           "and from what the encoders' images are resized); set one of them")
+    if "sam" in m.branches and m.sam.preprocess == "medsam" and (cfg.data.resize_on_device or cfg.data.gpu_decode
+                                                                  or cfg.data.jpeg_draft):
+        import warnings
+
+        warnings.warn("model.sam.preprocess=medsam: with data.resize_on_device, data.gpu_decode or data.jpeg_draft the "
+                      "SAM images are not resized as MedSAM's script does (skimage's spline in the workers): close, not "
+                      "equal (docs/encoders.md)", ConfigWarning, stacklevel=2)
     for name, st in (("stage1", t.stage1), ("stage2", t.stage2)):
         betas = st.betas
         if not (isinstance(betas, list) and len(betas) == 2 and all(
@@ -466,6 +473,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     check_validation_config(cfg)
     if not check_files:
         return
+    if "clip" in m.branches and m.clip.name.startswith(("hf-hub:", "local-dir:")):
+        from msmedcap.data.clip_preprocess import clip_preprocess
+
+        clip_preprocess(m.clip)  # the repository's or folder's preprocess_cfg: readable, one open_clip applies
     for section in ("train", "eval", "val"):
         for spec in getattr(cfg.data, section):
             parsed = parse_shard_spec(spec)

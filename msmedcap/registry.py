@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -33,8 +34,9 @@ class EncoderSpec:
     config: type  # the dataclass of model.<branch>; has image_size
     # A msmedcap.models.encoders.FrozenEncoder subclass called with the config section (or "module:Class").
     encoder: Union[str, Callable[[Any], Any]]
-    # The image geometry, built as transform(section.image_size) (or "module:Class"): mean, std, target,
-    # pixels, out_shape, tensor_pixels, __call__, as msmedcap.data.transforms.ClipTransform.
+    # The image geometry (or "module:Class"), built by make_transform: transform.from_config(section) where the
+    # class has it, else transform(section.image_size); mean, std, target, pixels, out_shape, tensor_pixels,
+    # __call__, as msmedcap.data.transforms.ClipTransform.
     transform: Union[str, type]
     # The transform fits the whole image in the input (longest-side resize) and the encoder zero-pads it
     # to a square (SAM). Thumbnails prefer such an image (uncropped) at equal size and crop the padding.
@@ -60,7 +62,10 @@ class EncoderSpec:
         return _load(self.transform)
 
     def make_transform(self, section) -> Any:
-        return self.transform_class(section.image_size)
+        """The transform for config ``section``: ``transform.from_config(section)`` where the class has it
+        (preprocessing beyond the size: the CLIP and SAM transforms), else ``transform(section.image_size)``."""
+        cls = self.transform_class
+        return cls.from_config(section) if hasattr(cls, "from_config") else cls(section.image_size)
 
     def build(self, section) -> Any:
         """The (not yet frozen) encoder for config ``section``."""
@@ -97,7 +102,30 @@ def encoder_specs(branches) -> list:
     return [encoder_spec(b) for b in branches]
 
 
+def clip_identity(section) -> dict:
+    """The whole section, and the resolved preprocess config where it is not the one every store before issue
+    23 was computed with (open_clip's default: OpenAI mean/std, bicubic, shortest side), so those stores keep
+    hitting and another preprocessing gets another store."""
+    from open_clip.transform import PreprocessCfg
+
+    from msmedcap.data.clip_preprocess import clip_preprocess
+
+    out = dataclasses.asdict(section)
+    pre = json.loads(json.dumps(clip_preprocess(section), sort_keys=True))
+    if pre != json.loads(json.dumps({**dataclasses.asdict(PreprocessCfg()), "size": section.image_size})):
+        out["preprocess"] = pre
+    return out
+
+
+def sam_identity(section) -> dict:
+    """The whole section; ``preprocess`` only when not ``sam`` (stores before issue 23 were ``sam``)."""
+    out = dataclasses.asdict(section)
+    if out.get("preprocess") == "sam":
+        del out["preprocess"]
+    return out
+
+
 register_encoder(EncoderSpec("clip", ClipConfig, "msmedcap.models.encoders:ClipEncoder",
-                                  "msmedcap.data.transforms:ClipTransform"))
+                                  "msmedcap.data.transforms:ClipTransform", identity=clip_identity))
 register_encoder(EncoderSpec("sam", SamConfig, "msmedcap.models.encoders:SamEncoder",
-                                  "msmedcap.data.transforms:SamTransform", padded=True))
+                                  "msmedcap.data.transforms:SamTransform", padded=True, identity=sam_identity))

@@ -1,9 +1,11 @@
 """Per-encoder image geometry, each from the ORIGINAL decoded image (never one resized from the
 other), with the encoders' own preprocessing:
 
-- CLIP: open_clip's eval transform: bicubic resize of the shorter side, center crop (then CLIP mean/std).
-- SAM: segment-anything's ResizeLongestSide (bilinear), then ``Sam.preprocess``'s normalisation (SAM
-  mean/std) and zero padding to a square at the bottom/right.
+- CLIP: open_clip's eval transform for the model's own preprocess config (msmedcap.data.clip_preprocess:
+  by default bicubic resize of the shorter side, center crop, then OpenAI CLIP mean/std).
+- SAM (``model.sam.preprocess``): ``sam``: segment-anything's ResizeLongestSide (bilinear), then
+  ``Sam.preprocess``'s normalisation (SAM mean/std) and zero padding to a square at the bottom/right;
+  ``medsam``: MedSAM's squash to size x size and per-image [0, 1] min-max scaling.
 
 The loader's workers do only the PIL part (:meth:`ClipTransform.pixels`, :meth:`SamTransform.pixels`:
 uint8 RGB at the resized size; a greyscale image is resized as one channel and made RGB after),
@@ -14,7 +16,9 @@ for code that trains on it directly (the demo encoders) and for the tests that c
 open_clip's and segment-anything's own preprocessing.
 
 Another encoder's transform (registered with it in msmedcap.registry) has the same interface:
-``mean``/``std``, ``target``, ``pixels``, ``out_shape``, ``tensor_pixels`` (data.gpu_decode), ``__call__``.
+``mean``/``std`` (and ``minmax``: per-image min-max scaling instead), ``target``, ``pixels``, ``out_shape``,
+``tensor_pixels`` (data.gpu_decode), ``__call__``; ``from_config(section)`` when the section holds more than
+``image_size``.
 """
 from __future__ import annotations
 
@@ -56,21 +60,62 @@ def _pil(image: Image.Image) -> Image.Image:
     return image if image.mode in ("RGB", "L") else image.convert("RGB")
 
 
+def _resize(image: torch.Tensor, hw: list, bicubic: bool) -> torch.Tensor:
+    """torchvision's antialiased resize of a uint8 ``[3, h, w]`` tensor (PIL's filters) to ``hw``."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import resize
+
+    mode = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
+    return resize(image, hw, interpolation=mode, antialias=True)
+
+
 class ClipTransform:
-    """open_clip's eval transform (``image_transform(size, is_train=False)``: bicubic Resize of the
-    shorter side, CenterCrop, ToTensor, Normalize); equal to it to float rounding (tested)."""
+    """open_clip's eval transform (``image_transform_v2(PreprocessCfg, is_train=False)``) for the model's
+    own preprocess config (msmedcap.data.clip_preprocess): ``resize_mode`` ``shortest`` (Resize of the
+    shorter side, CenterCrop: the default), ``squash`` (Resize to size x size) or ``longest``
+    (ResizeKeepRatio of the longer side, CenterCropOrPad with ``fill_color``); bicubic or bilinear;
+    then ToTensor and Normalize with the model's mean/std. Equal to open_clip's to float rounding (tested)."""
 
     mean, std = CLIP_MEAN, CLIP_STD
+    minmax = False  # normalised with mean/std (encoder_input)
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD, interpolation: str = "bicubic",
+                 resize_mode: str = "shortest", fill_color: int = 0):
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.bicubic = interpolation != "bilinear"  # open_clip: "random" is bicubic at eval
+        self.resize_mode, self.fill_color = resize_mode, fill_color
+
+    @classmethod
+    def from_config(cls, section) -> "ClipTransform":
+        """The transform of ``model.clip`` (open_clip's preprocess config of its name and weights)."""
+        from msmedcap.data.clip_preprocess import clip_preprocess
+
+        p = clip_preprocess(section)
+        return cls(p["size"], p["mean"], p["std"], p["interpolation"], p["resize_mode"], p["fill_color"])
 
     def target(self, source: tuple) -> tuple:
         """(w, h) of the resize for a source of ``source`` = (w, h) (before any JPEG draft)."""
         w, h = source
         s = self.size
+        if self.resize_mode == "squash":
+            return (s, s)
+        if self.resize_mode == "longest":
+            from types import SimpleNamespace
+
+            from open_clip.transform import ResizeKeepRatio
+
+            nh, nw = ResizeKeepRatio.get_params(SimpleNamespace(size=(w, h)), (s, s), 1.0)
+            return (nw, nh)
         # torchvision's Resize(int): the shorter side becomes s, the longer int(s * long / short)
         return (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+
+    def _place(self, new: tuple) -> tuple:
+        """(left, top) of the s x s output in the resized image (a crop), or of the resized image in the
+        output (``longest``: padding, as open_clip's center_crop_or_pad splits it)."""
+        s = self.size
+        if self.resize_mode == "longest":
+            return (s - new[0]) // 2, (s - new[1]) // 2
+        return int(round((new[0] - s) / 2.0)), int(round((new[1] - s) / 2.0))
 
     def pixels(self, image: Image.Image, source: tuple | None = None) -> np.ndarray:
         """uint8 s x s x 3 (a greyscale image is resized as one channel, then made RGB). ``source``: the (w, h) the geometry follows
@@ -78,9 +123,13 @@ class ClipTransform:
         image = _pil(image)
         new = self.target(source or image.size)
         if new != image.size:
-            image = image.resize(new, Image.BICUBIC)
+            image = image.resize(new, Image.BICUBIC if self.bicubic else Image.BILINEAR)
         s = self.size
-        left, top = int(round((new[0] - s) / 2.0)), int(round((new[1] - s) / 2.0))
+        left, top = self._place(new)
+        if self.resize_mode == "longest":
+            out = np.full((s, s, 3), self.fill_color, np.uint8)
+            out[top:top + new[1], left:left + new[0]] = _rgb(np.asarray(image))
+            return out
         return np.asarray(image.crop((left, top, left + s, top + s)).convert("RGB"))
 
     def out_shape(self, source: tuple) -> tuple:
@@ -88,41 +137,68 @@ class ClipTransform:
 
     def tensor_pixels(self, image: torch.Tensor) -> torch.Tensor:
         """The same geometry on a decoded uint8 ``[3, h, w]`` tensor on any device (data.gpu_decode):
-        torchvision's antialiased bicubic resize (PIL's filter, a = -0.5), the same crop; ``[s, s, 3]``."""
-        from torchvision.transforms.v2 import InterpolationMode
-        from torchvision.transforms.v2.functional import resize
-
+        torchvision's antialiased bicubic/bilinear resize (PIL's filters), the same crop or pad; ``[s, s, 3]``."""
         h, w = image.shape[-2:]
         new = self.target((w, h))
         if new != (w, h):
-            image = resize(image, [new[1], new[0]], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            image = _resize(image, [new[1], new[0]], self.bicubic)
         s = self.size
-        left, top = int(round((new[0] - s) / 2.0)), int(round((new[1] - s) / 2.0))
+        left, top = self._place(new)
+        if self.resize_mode == "longest":
+            out = torch.full((3, s, s), self.fill_color, dtype=torch.uint8, device=image.device)
+            out[:, top:top + new[1], left:left + new[0]] = image
+            return out.permute(1, 2, 0)
         return image[:, top:top + s, left:left + s].permute(1, 2, 0)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return _normalised(self.pixels(image), self.mean, self.std)
 
 
+SAM_PREPROCESS = ("sam", "medsam")  # model.sam.preprocess
+
+
 class SamTransform:
-    """segment-anything's ResizeLongestSide (bilinear PIL resize of the longer side to ``size``) and
-    ``Sam.preprocess`` (normalise with SAM mean/std, zero-pad bottom/right to size x size)."""
+    """``preprocess="sam"``: segment-anything's ResizeLongestSide (bilinear PIL resize of the longer side to
+    ``size``) and ``Sam.preprocess`` (normalise with SAM mean/std, zero-pad bottom/right to size x size).
+
+    ``preprocess="medsam"``: MedSAM's own inference preprocessing (bowang-lab/MedSAM, MedSAM_Inference.py):
+    a greyscale image made 3-channel, ``skimage.transform.resize`` to size x size (a squash; order=3,
+    anti_aliasing=True, preserve_range=True), truncated to uint8; then, per image, ``(x - min) / max(max -
+    min, 1e-8)`` over all its pixels and channels: [0, 1], no mean/std (``minmax``, in encoder_input).
+    The workers' path equals MedSAM's bit for bit (tested); the device resize (``tensor_pixels``:
+    data.resize_on_device, data.gpu_decode) is torchvision's antialiased bicubic, close but not equal
+    (docs/encoders.md)."""
 
     mean, std = SAM_MEAN, SAM_STD
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, preprocess: str = "sam"):
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        self.size = size
+        if preprocess not in SAM_PREPROCESS:
+            raise ValueError(f"SamTransform: preprocess {preprocess!r} is not one of {SAM_PREPROCESS}")
+        self.size, self.preprocess = size, preprocess
+        self.minmax = preprocess == "medsam"
         self.shape = ResizeLongestSide.get_preprocess_shape
 
+    @classmethod
+    def from_config(cls, section) -> "SamTransform":
+        return cls(section.image_size, section.preprocess)
+
     def target(self, source: tuple) -> tuple:
+        if self.minmax:
+            return (self.size, self.size)
         h, w = self.shape(source[1], source[0], self.size)
         return (w, h)
 
     def pixels(self, image: Image.Image, source: tuple | None = None) -> np.ndarray:
         """uint8 h x w x 3 at the resized size, no padding."""
         image = _pil(image)
+        if self.minmax:
+            from skimage.transform import resize  # MedSAM's resize (its setup.py requires scikit-image)
+
+            rgb = _rgb(np.asarray(image))  # MedSAM: np.repeat of a grey image to 3 channels, then resize
+            return resize(rgb, (self.size, self.size), order=3, preserve_range=True,
+                          anti_aliasing=True).astype(np.uint8)
         new = self.target(source or image.size)
         if new != image.size:
             image = image.resize(new, Image.BILINEAR)
@@ -134,18 +210,24 @@ class SamTransform:
 
     def tensor_pixels(self, image: torch.Tensor) -> torch.Tensor:
         """The same geometry on a decoded uint8 ``[3, h, w]`` tensor (data.gpu_decode): antialiased
-        bilinear resize; ``[h', w', 3]``."""
-        from torchvision.transforms.v2 import InterpolationMode
-        from torchvision.transforms.v2.functional import resize
-
+        bilinear resize (``medsam``: bicubic, to size x size); ``[h', w', 3]``."""
         h, w = image.shape[-2:]
         new = self.target((w, h))
         if new != (w, h):
-            image = resize(image, [new[1], new[0]], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            image = _resize(image, [new[1], new[0]], self.minmax)
         return image.permute(1, 2, 0)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.minmax:
+            return torch.from_numpy(_min_max(self.pixels(image))).permute(2, 0, 1)
         return _normalised(self.pixels(image), self.mean, self.std, pad_to=self.size)
+
+
+def _min_max(pixels: np.ndarray) -> np.ndarray:
+    """MedSAM's [0, 1] scaling of a uint8 image, in its operations (uint8 subtraction, float64 division)
+    and then float32 as its ``torch.tensor(...).float()``."""
+    low = pixels.min()
+    return ((pixels - low) / np.clip(pixels.max() - low, a_min=1e-8, a_max=None)).astype(np.float32)
 
 
 def encoder_transforms(cfg) -> dict:

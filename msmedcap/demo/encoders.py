@@ -103,10 +103,10 @@ def clip_model(model_cfg=None, pretrained: str | None = None):
     import open_clip
 
     from msmedcap.config import resolve_asset
-    from msmedcap.models.encoders import _open_clip_name
+    from msmedcap.data.clip_preprocess import open_clip_name
 
     m = model_cfg or demo_model_config()
-    return open_clip.create_model(_open_clip_name(m.clip.name), force_image_size=m.clip.image_size,
+    return open_clip.create_model(open_clip_name(m.clip.name), force_image_size=m.clip.image_size,
                                   pretrained=resolve_asset(pretrained) if pretrained else None)
 
 

@@ -10,12 +10,12 @@ import logging
 import types
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from msmedcap.config import ClipConfig, ConfigError, SamConfig, resolve_asset
+from msmedcap.data.clip_preprocess import open_clip_name
 from msmedcap.data.transforms import ClipTransform, SamTransform
 from msmedcap.models import sam_patches
 
@@ -109,13 +109,15 @@ def _conv_forward_fp32_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def encoder_input(pixels: torch.Tensor, mean: tuple, std: tuple, dtype: torch.dtype, pad_to: int = 0,
-                  sizes: torch.Tensor | None = None) -> torch.Tensor:
+                  sizes: torch.Tensor | None = None, minmax: bool = False) -> torch.Tensor:
     """The encoder's input from the batch's uint8 pixels, on their device: ``[B, H, W, 3]`` (channels
     last, as the loader stacks them) -> ``[B, 3, P, P]`` in ``dtype``, ``((x / 255) - mean) / std``,
     then zero beyond each image's ``sizes[i] = (h, w)`` (the batch's padding) and zero-padded
     bottom/right to ``pad_to`` (SAM's ``Sam.preprocess``). Computed in float32 and rounded once to
     ``dtype``: the same float32 operations as ``msmedcap.data.transforms._lookup``, so equal to the
-    float32 tensors the workers used to build (then cast to the encoder's dtype), bit for bit on CPU."""
+    float32 tensors the workers used to build (then cast to the encoder's dtype), bit for bit on CPU.
+    ``minmax`` (MedSAM): ``(x - min) / max(max - min, 1e-8)`` per image over its pixels and channels instead
+    of mean/std, on the uint8 values as MedSAM divides them."""
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != 3:
         raise ValueError(f"encoder_input: expected uint8 [B, H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}")
     b, h, w, _ = pixels.shape
@@ -125,7 +127,10 @@ def encoder_input(pixels: torch.Tensor, mean: tuple, std: tuple, dtype: torch.dt
     # channels first before the arithmetic: on the channels-last view every op broadcasts mean/std along
     # the innermost dimension (3 wide), a slow path on CPU (2.3 -> 0.7 ms for 8 SAM inputs of 128 px
     # here); the same float32 operations either way, element by element
-    x = pixels.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(m).div_(s)
+    if minmax:  # MedSAM squashes to the full square: every row is all image, no batch padding inside it
+        x = _min_max(pixels.permute(0, 3, 1, 2).contiguous())
+    else:
+        x = pixels.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(m).div_(s)
     if sizes is not None:
         sizes = sizes.to(dev)
         rows = torch.arange(h, device=dev).view(1, h, 1) < sizes[:, 0].view(b, 1, 1)
@@ -134,6 +139,20 @@ def encoder_input(pixels: torch.Tensor, mean: tuple, std: tuple, dtype: torch.dt
     if pad_to and (h < pad_to or w < pad_to):
         x = nn.functional.pad(x, (0, max(pad_to - w, 0), 0, max(pad_to - h, 0)))
     return x.to(dtype, memory_format=torch.contiguous_format)
+
+
+def _min_max(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, ...]`` -> float32, ``(x - min) / max(max - min, 1e-8)`` per image, as MedSAM computes it (float64
+    division, then float32: ``msmedcap.data.transforms._min_max``), through a 256-entry table per image."""
+    b = pixels.shape[0]
+    flat = pixels.reshape(b, -1)
+    low, high = flat.amin(dim=1).double(), flat.amax(dim=1).double()
+    values = torch.arange(256, dtype=torch.float64, device=pixels.device)
+    table = ((values[None] - low[:, None]) / (high - low).clamp(min=1e-8)[:, None]).float()
+    out = torch.empty(flat.shape, dtype=torch.float32, device=pixels.device)
+    for i in range(b):  # one image's int64 indices at a time (25 MB at 1024 px), not the batch's
+        out[i] = table[i][flat[i].long()]
+    return out.view(pixels.shape)
 
 
 class FrozenEncoder(nn.Module):
@@ -170,7 +189,7 @@ class FrozenEncoder(nn.Module):
     def prepare(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         if images.dtype == torch.uint8:
             t = self.transform
-            return encoder_input(images, t.mean, t.std, self.dtype, self.pad_to, sizes)
+            return encoder_input(images, t.mean, t.std, self.dtype, self.pad_to, sizes, getattr(t, "minmax", False))
         return images.to(self.dtype)
 
     def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,19 +198,6 @@ class FrozenEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- CLIP
-def _open_clip_name(name: str) -> str:
-    """A built-in open_clip model name, or a model-config JSON registered with open_clip first."""
-    import open_clip
-
-    if name.endswith(".json"):
-        path = Path(resolve_asset(name))
-        if not path.is_file():
-            raise ConfigError(f"model.clip.name: open_clip model config not found: {path}")
-        open_clip.add_model_config(path)
-        return path.stem
-    return name
-
-
 class ClipEncoder(FrozenEncoder):
     """open_clip vision tower cut after ``feature_layer`` (BLIP-2 takes the penultimate block's tokens,
     class token included: EVA01-g-14 at 224 gives 257 x 1408). Blocks after it are removed."""
@@ -200,7 +206,7 @@ class ClipEncoder(FrozenEncoder):
         super().__init__()
         import open_clip
 
-        name = _open_clip_name(cfg.name)
+        name = open_clip_name(cfg.name)
         pretrained = resolve_asset(cfg.pretrained) if cfg.pretrained else None  # a tag, a file, a pkg:// file
         try:
             clip = open_clip.create_model(name, pretrained=pretrained, force_image_size=cfg.image_size,
@@ -234,7 +240,8 @@ class ClipEncoder(FrozenEncoder):
         size = visual.image_size if trunk is None else trunk.patch_embed.img_size
         patch = visual.patch_size if trunk is None else trunk.patch_embed.patch_size
         self.num_tokens = 1 + (size[0] // patch[0]) * (size[1] // patch[1])
-        self.transform = ClipTransform(cfg.image_size)
+        self.transform = ClipTransform.from_config(cfg)
+        _check_preprocess(cfg.name, self.transform, open_clip.get_model_preprocess_cfg(clip))
         del clip  # the text tower is never used
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -242,6 +249,24 @@ class ClipEncoder(FrozenEncoder):
                                                 intermediates_only=True, output_fmt="NLC",
                                                 output_extra_tokens=True)
         return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+
+
+def _check_preprocess(name: str, transform: ClipTransform, built: dict) -> None:
+    """The transform the loader resolved (msmedcap.data.clip_preprocess) is the one open_clip set on the
+    model it built: a difference would feed the encoder images it was not made for."""
+    from open_clip.utils import to_2tuple
+
+    mine = {"size": to_2tuple(transform.size), "mean": transform.mean, "std": transform.std,
+            "bicubic": transform.bicubic, "resize_mode": transform.resize_mode, "fill_color": transform.fill_color}
+    def triple(v) -> tuple:  # open_clip's image_transform takes one number for all channels
+        return tuple(float(x) for x in ((v,) * 3 if isinstance(v, (int, float)) else v))
+
+    theirs = {"size": to_2tuple(built["size"]), "mean": triple(built["mean"]), "std": triple(built["std"]),
+              "bicubic": built.get("interpolation", "bicubic") != "bilinear",
+              "resize_mode": built.get("resize_mode", "shortest"), "fill_color": built.get("fill_color", 0)}
+    if mine != theirs:
+        raise ConfigError(f"model.clip.name: {name}: the preprocessing resolved for the loader {mine} differs from "
+                          f"the one open_clip set on the built model {theirs}")
 
 
 def _state_dict_error_lists(message: str) -> tuple:
@@ -355,7 +380,7 @@ class SamEncoder(FrozenEncoder):
         grid = self.encoder.img_size // self.encoder.patch_embed.proj.kernel_size[0]
         chans = self.encoder.neck[0].out_channels
         self.layout = cfg.token_layout
-        self.transform, self.pad_to = SamTransform(self.encoder.img_size), self.encoder.img_size
+        self.transform, self.pad_to = SamTransform(self.encoder.img_size, cfg.preprocess), self.encoder.img_size
         self.width, self.num_tokens = (grid * grid, chans) if self.layout == "channels" else (chans, grid * grid)
         self.chunk = cfg.encoder_chunk
         sam_patches.install(self.encoder)  # SDPA attention, fp32 LayerNorm2d: same outputs, paper shapes fit

@@ -2,6 +2,7 @@
 (msmedcap.models.encoders.SamEncoder). Light: no segment-anything import."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -27,6 +28,9 @@ class SamConfig:
     checkpoint: Optional[str] = None
     image_size: int = 1024
     token_layout: Literal["channels", "spatial"] = "channels"
+    # The image preprocessing the weights expect: `sam` (ResizeLongestSide, SAM mean/std, zero pad) or `medsam`
+    # (MedSAM's: squash to image_size x image_size, [0, 1] min-max per image, no mean/std). docs/encoders.md
+    preprocess: Literal["sam", "medsam"] = "sam"
     # ImageEncoderViT kwargs overriding the registry type (tiny presets); empty = the registry's.
     encoder: dict = field(default_factory=dict)
     # Images per SAM encoder call (the batch runs in chunks of this many, outputs concatenated); 0 = all.
@@ -40,6 +44,9 @@ class SamConfig:
         """Ranges; the registry's types are fixed (image size, no encoder overrides); tiny takes
         ImageEncoderViT kwargs."""
         check_bounds(self, key, each(("image_size",), AT_LEAST_1) + each(("encoder_chunk",), AT_LEAST_0))
+        if self.preprocess == "medsam" and importlib.util.find_spec("skimage") is None:
+            raise ConfigError(f"{key}.preprocess=medsam resizes with scikit-image, as MedSAM does: "
+                              "pip install 'msmedcap[medsam]' (or scikit-image)")
         if self.type != "tiny":
             if self.encoder:
                 raise ConfigError(f"{key}.encoder must be empty for {key}.type={self.type} (overrides are for "

@@ -117,6 +117,7 @@ FIELD_CASES = {
     "model.sam.checkpoint": ("pkg://assets/sam/tiny-demo.pth", ["''", "[a]", "null"]),
     "model.sam.image_size": ("256", ["0", "100", "-8"]),  # 100: not a multiple of patch 8
     "model.sam.token_layout": ("spatial", ["rows"]),
+    "model.sam.preprocess": ("medsam", ["medsam2", "clip", 1]),
     "model.sam.encoder": ("{embed_dim: 64, depth: 2, num_heads: 2, patch_size: 16, out_chans: 32, "
                           "global_attn_indexes: [1], window_size: 8}",
                           ["[1]", "{depth: 0}", "{patchsize: 8}", "{patch_size: 3}", "{global_attn_indexes: [5]}",
