@@ -131,7 +131,7 @@ def bertscore_scores(pairs: Mapping, model_dir: str, layers: Optional[int], devi
     sep = get_tokenizer(model_dir, use_fast=False).sep_token
     scorer = BERTScorer(model_type=model_dir, num_layers=bertscore_layer(model_dir, layers), idf=True,
                         idf_sents=[r if r.strip() else sep for r in refs.values()], device=device,
-                        batch_size=batch_size)
+                        batch_size=batch_size, nthreads=0)  # its idf Pool forks after torch's threads: can deadlock
     out = {k: (1.0 if not r and not p else 0.0) for k, (r, p) in pairs.items()}
     scored = [k for k in pairs if refs[k].strip() and preds[k].strip()]
     if scored:
