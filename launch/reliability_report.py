@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Render the fault tests' own numbers (tests/test_faults.py with MSMEDCAP_RELIABILITY_OUT=DIR) as
+"""Render the fault tests' own numbers (tests/integration/test_faults.py with MSMEDCAP_RELIABILITY_OUT=DIR) as
 the Markdown table of docs/reliability.md.
 
-    MSMEDCAP_RELIABILITY_OUT=runs/rel python -m pytest -q tests/test_faults.py          # CI size
-    MSMEDCAP_FAULTS_HEAVY=1 MSMEDCAP_RELIABILITY_OUT=runs/rel-heavy python -m pytest -q tests/test_faults.py
+    MSMEDCAP_RELIABILITY_OUT=runs/rel python -m pytest -q tests/integration/test_faults.py          # CI size
+    MSMEDCAP_FAULTS_HEAVY=1 MSMEDCAP_RELIABILITY_OUT=runs/rel-heavy python -m pytest -q tests/integration/test_faults.py
     python launch/reliability_report.py runs/rel-heavy                                  # print the table
     python launch/reliability_report.py runs/rel-heavy --into docs/reliability.md --section heavy
 """

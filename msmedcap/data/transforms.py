@@ -298,7 +298,7 @@ def resize_pending(batch: dict, transforms: dict, device) -> None:
     with each image's (h, w); a row of size (0, 0) was not decoded: a feature-cache hit). For each
     ``{name: transform}`` whose ``batch[name]`` is not there yet, resize every decoded row on ``device``
     with the transform's ``tensor_pixels`` (torchvision's antialiased bicubic/bilinear: PIL's filters,
-    within 3 grey levels of the workers' PIL resize, mostly equal: tests/test_data_device_resize.py) and put
+    within 3 grey levels of the workers' PIL resize, mostly equal: tests/unit/test_data_device_resize.py) and put
     ``batch[name]`` (uint8 ``[B, H', W', 3]``, zeros beyond each image as ``stack_pixels`` gives them) and
     ``batch[name + "_size"]``: the same entries the workers would have made. Normalisation and padding
     then follow as for every batch (``FrozenEncoder.prepare``)."""

@@ -12,7 +12,7 @@ two branches), the token embeddings of *every* distinct token of the caption, th
 positions filled with repeats, in shuffled order, with noise. It learns that the caption says
 exactly what the context holds, whichever position holds it: the contract stage 2's projections
 then have to meet, and that :func:`steer_accuracy` checks (greedy decoding from such a prefix must
-reproduce held-out captions; tests/test_demo_lm.py).
+reproduce held-out captions; tests/demo/test_demo_lm.py).
 
     msmedcap demo lm            # rewrites msmedcap/assets/opt-demo (~3 CPU minutes)
 """

@@ -50,7 +50,7 @@ def prefill_once_per_sample(lm: nn.Module, num_beams: int):
     forward; during ``lm.generate`` that first forward runs here on every ``num_beams``-th row, and its
     logits and (empty before, dynamic) cache are repeated ``num_beams`` times: what the expanded
     forward computes, as each row's outputs depend on that row alone (equal bit for bit on this CPU:
-    tests/test_eval_generate.py compares every step's beam scores). 4.2 -> 2.1 ms per batch-8 call of
+    tests/integration/test_eval_generate.py compares every step's beam scores). 4.2 -> 2.1 ms per batch-8 call of
     the demo model, 1.6 -> 1.3 ms at batch 1. Anything else (no prefix embeddings, rows that are not
     exact repeats, another cache type, later steps) goes to the LM's own forward unchanged."""
     if num_beams <= 1:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # What the stage-2 captioning loss reaches inside a Q-Former (``qformers.<branch>.`` + this): the query
 # path (learned queries, ln_vision, the embedding LayerNorm, self-attention, cross-attention, query FFN).
 # The text side (embeddings, text FFN) and the stage-1 heads (ITC projections, temp, ITM, ITG) are not.
-# tests/test_stage_scope.py checks this rule against autograd on a real batch.
+# tests/integration/test_stage_scope.py checks this rule against autograd on a real batch.
 STAGE2_QFORMER = re.compile(r"(query_tokens|ln_vision\.|bert\.layernorm\."
                             r"|bert\.encoder\.layer\.\d+\.(attention|crossattention|intermediate_query|output_query)\.)")
 

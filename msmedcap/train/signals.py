@@ -69,7 +69,7 @@ FAULT_ACTIONS = ("kill", "enospc", "hang")
 
 def fault_point(name: str, stage: Optional[int] = None, step: Optional[int] = None, rank: Optional[int] = None,
                 path=None) -> None:
-    """A named moment where the fault tests (tests/test_faults.py) strike, deterministically.
+    """A named moment where the fault tests (tests/integration/test_faults.py) strike, deterministically.
 
     ``MSMEDCAP_FAULT=ACTION@NAME[@STAGE.STEP][#RANK]`` (several separated by ``,``): when this
     process reaches point NAME (at that stage and step, on that rank; any when omitted), ``kill``

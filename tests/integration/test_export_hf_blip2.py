@@ -1,7 +1,7 @@
 """`msmedcap export --hf`: a blip2 export as transformers' Blip2ForConditionalGeneration (transformers
 5.x, loaded with its own from_pretrained and Blip2Processor, no msmedcap code), captioning as `msmedcap
 caption` does, and imported back (model.blip2_checkpoint) bit for bit. The CLIP tower is a tiny timm EVA
-inside open_clip, as open_clip builds EVA01-g-14 (BLIP-2's tower; tests/test_model_blip2_import.py)."""
+inside open_clip, as open_clip builds EVA01-g-14 (BLIP-2's tower; tests/unit/test_model_blip2_import.py)."""
 import json
 
 import numpy as np

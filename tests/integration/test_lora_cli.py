@@ -6,7 +6,7 @@ and the default precision (bf16 on a CPU with native bf16, else fp32):
 - ``msmedcap evaluate --checkpoint`` and ``msmedcap caption`` on the export (LoRA merged into the LM)
   give the same captions, and so does the self-contained directory of ``msmedcap export --bundle``;
 - a SIGKILL mid-step (after a checkpoint) and ``--resume auto``: losses and final weights, LoRA
-  included, equal the uninterrupted run's (as tests/test_faults.py does for the model without LoRA).
+  included, equal the uninterrupted run's (as tests/integration/test_faults.py does for the model without LoRA).
 """
 from __future__ import annotations
 
