@@ -161,7 +161,8 @@ def report(args, seeds: list, records: list, command: str, console=None) -> dict
     if args.resamples > 0 and len(args.variants) > 1:
         result["significance"] = table1_significance(args.out, args.variants, seeds, args.resamples,
                                                      args.significance_seed)
-        md += "\n" + significance_markdown(result["significance"])
+        significance_md = significance_markdown(result["significance"])
+        md += "\n" + significance_md
     write_json(out / "table1.json", result)
     atomic_write_text(out / "table1.md", md + "\n")
     console = console or make_console()
@@ -171,7 +172,7 @@ def report(args, seeds: list, records: list, command: str, console=None) -> dict
         for t in table1_tables(agg, sources=args.sources):
             console.print(t)
         if result.get("significance"):
-            console.print(significance_markdown(result["significance"]), markup=False, highlight=False)
+            console.print(significance_md, markup=False, highlight=False)
     if missing:
         console.print(f"[yellow]{len(missing)} run(s) without scores: "
                       + ", ".join(f"{v} seed {s}" for v, s, _ in missing) + "[/yellow]")

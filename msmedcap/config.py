@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from msmedcap.checks import AT_LEAST_0, AT_LEAST_1, POSITIVE
+from msmedcap.data.clip_preprocess import clip_preprocess, has_schema
 from msmedcap.data.shard_spec import check_local_shards, expand_braces, parse_shard_spec
 from msmedcap.errors import ConfigError, ConfigWarning  # noqa: F401  (the config's errors, re-exported)
 from msmedcap.models.clip_settings import ClipConfig
@@ -337,22 +339,21 @@ def _is_hub_name(path: str) -> bool:
 
 # Numeric ranges of the data, train and eval sections, checked before any work: (dotted key, test, what is
 # allowed). The model's components check their own (msmedcap.models.*_settings).
-_AT_LEAST_1, _AT_LEAST_0, _POSITIVE = ((lambda v: v >= 1), ">= 1"), ((lambda v: v >= 0), ">= 0"), ((lambda v: v > 0), "> 0")
 BOUNDS = [
     *[(f"train.{st}.{k}", *b) for st in ("stage1", "stage2") for k, b in (
-        ("lr", _POSITIVE), ("min_lr", _AT_LEAST_0), ("warmup_lr", _AT_LEAST_0), ("warmup_steps", _AT_LEAST_0),
-        ("weight_decay", _AT_LEAST_0), ("grad_clip", _AT_LEAST_0),
-        ("steps", _AT_LEAST_1), ("micro_batch_size", _AT_LEAST_1), ("grad_accum", _AT_LEAST_1))],
-    *[(f"data.{k}", *_AT_LEAST_1) for k in ("shuffle_buffer", "shuffle_initial", "segment_batches", "max_image_pixels")],
-    ("data.num_workers", *_AT_LEAST_0),
+        ("lr", POSITIVE), ("min_lr", AT_LEAST_0), ("warmup_lr", AT_LEAST_0), ("warmup_steps", AT_LEAST_0),
+        ("weight_decay", AT_LEAST_0), ("grad_clip", AT_LEAST_0),
+        ("steps", AT_LEAST_1), ("micro_batch_size", AT_LEAST_1), ("grad_accum", AT_LEAST_1))],
+    *[(f"data.{k}", *AT_LEAST_1) for k in ("shuffle_buffer", "shuffle_initial", "segment_batches", "max_image_pixels")],
+    ("data.num_workers", *AT_LEAST_0),
     ("data.jpeg_draft", (lambda v: v == 0 or 1 <= v < float("inf")), "0 (off) or >= 1"),
-    ("train.log_every", *_AT_LEAST_1), ("train.ckpt_every", *_AT_LEAST_1), ("train.keep_last", *_AT_LEAST_1),
+    ("train.log_every", *AT_LEAST_1), ("train.ckpt_every", *AT_LEAST_1), ("train.keep_last", *AT_LEAST_1),
     ("train.memory_limit_gib", (lambda v: v is None or v > 0), "> 0 or null (the GPU's memory)"),
-    ("eval.batch_size", *_AT_LEAST_1), ("eval.num_beams", *_AT_LEAST_1), ("eval.max_len", *_AT_LEAST_1),
-    ("eval.min_len", *_AT_LEAST_0), ("eval.repetition_penalty", *_POSITIVE), ("eval.max_samples", *_AT_LEAST_0),
-    ("eval.val_max_samples", *_AT_LEAST_0), ("train.eval_every", *_AT_LEAST_0),
-    ("train.eval_generate_every", *_AT_LEAST_0), ("train.early_stop_patience", *_AT_LEAST_0),
-    ("train.dist_timeout_s", *_AT_LEAST_1),
+    ("eval.batch_size", *AT_LEAST_1), ("eval.num_beams", *AT_LEAST_1), ("eval.max_len", *AT_LEAST_1),
+    ("eval.min_len", *AT_LEAST_0), ("eval.repetition_penalty", *POSITIVE), ("eval.max_samples", *AT_LEAST_0),
+    ("eval.val_max_samples", *AT_LEAST_0), ("train.eval_every", *AT_LEAST_0),
+    ("train.eval_generate_every", *AT_LEAST_0), ("train.early_stop_patience", *AT_LEAST_0),
+    ("train.dist_timeout_s", *AT_LEAST_1),
     ("eval.imageclef.bertscore_layers", (lambda v: v is None or v >= 1), ">= 1 or null"),
     ("train.seed", (lambda v: 0 <= v < 2**32), "in [0, 2**32) (numpy's seed range)"),
 ]
@@ -372,10 +373,6 @@ def config_fields(cls=None, prefix: str = "") -> dict:
         else:
             out[key] = tp
     return out
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_fields(cfg: "Config") -> None:
@@ -406,11 +403,10 @@ def random_frozen_parts(m: ModelConfig) -> dict:
     weights when ``blip2_checkpoint`` provides them (msmedcap.models.loading.import_blip2 then checks that
     it provides every tensor)."""
     out = {}
-    if "sam" in m.branches and not m.sam.checkpoint:
-        out["model.sam.checkpoint"] = m.sam.missing_weights()
-    clip_missing = m.clip.missing_weights() if "clip" in m.branches and not m.blip2_checkpoint else None
-    if clip_missing:
-        out[clip_missing[0]] = clip_missing[1]
+    for missing in (m.sam.missing_weights() if "sam" in m.branches else None,
+                    m.clip.missing_weights() if "clip" in m.branches and not m.blip2_checkpoint else None):
+        if missing:
+            out[missing[0]] = missing[1]
     if not m.lm.name_or_path and not m.blip2_checkpoint:
         out["model.lm.name_or_path"] = ("an LM name or directory (facebook/opt-2.7b, google/flan-t5-xl, ...); "
                                         "model.lm.config alone "
@@ -473,8 +469,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     check_validation_config(cfg)
     if not check_files:
         return
-    if "clip" in m.branches and m.clip.name.startswith(("hf-hub:", "local-dir:")):
-        from msmedcap.data.clip_preprocess import clip_preprocess
+    if "clip" in m.branches and has_schema(m.clip.name):
 
         clip_preprocess(m.clip)  # the repository's or folder's preprocess_cfg: readable, one open_clip applies
     for section in ("train", "eval", "val"):

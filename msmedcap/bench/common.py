@@ -127,7 +127,7 @@ def random_weight_overrides(cfg, workdir: Path) -> list:
     for key, name, hub_standin in (("qformer", m.qformer.tokenizer, lambda: synthetic_bert_vocab(workdir / "bert-vocab")),
                                    ("lm", m.lm.tokenizer, None)):
         if not _local(name):  # a hub name: a stand-in of its size (BERT) or the demo's; a missing pkg:// file: the demo's
-            standin = hub_standin() if hub_standin and not name.startswith("pkg://") else demo_tokenizers(workdir)[key]
+            standin = hub_standin() if hub_standin and not name.startswith("pkg://") else demo_tokenizers()[key]
             out.append(f"model.{key}.tokenizer={standin}")
     if m.lm.name_or_path and not _local(m.lm.name_or_path):
         size = OPT_2_7B if "opt-2.7b" in m.lm.name_or_path else None
@@ -139,7 +139,7 @@ def random_weight_overrides(cfg, workdir: Path) -> list:
     return out
 
 
-def demo_tokenizers(workdir: Path) -> dict:
+def demo_tokenizers() -> dict:
     """The demo preset's shipped tokenizers (stand-ins for a preset whose tokenizers are not local)."""
     from msmedcap.config import load_config
 
@@ -223,7 +223,7 @@ def timed(fn: Callable, dev: torch.device, iters: int, warmup: int) -> float:
 def packaged_ds_config(cfg, stage: int, world_size: int) -> dict:
     """The packaged copy of ds_configs/zero2.json (an installed wheel has no checkout) filled from
     ``cfg``'s stage for this machine's accelerator."""
-    from msmedcap.config import resolve_asset
+    from msmedcap.paths import resolve_asset
     from msmedcap.train.ds_config import read_ds_json
     from msmedcap.train.engine import stage_ds_config
 

@@ -48,7 +48,6 @@ FRAGMENTATION = 0.90
 ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
 # The longest caption a measured batch holds: ROCO's p99 in BERT WordPieces, what a micro batch of ~100 holds.
 LONGEST_CAPTION_TOKENS = 123
-RANDOM_OK = ["model.allow_random_weights=true"]  # the planner measures shapes: stand-ins of the real weights' sizes
 
 
 def usable_bytes(memory_gib: float) -> float:
@@ -483,7 +482,7 @@ def run(args) -> int:
     if len(sizes) < 2 or sorted(sizes) != list(sizes) or sizes[0] < 1:
         raise ConfigError(f"--measure {args.measure}: at least two increasing micro batches")
     work = tempfile.TemporaryDirectory(prefix="msmedcap-plan-")
-    cfg, standins = bench_config(args.config, [*RANDOM_OK, *args.overrides], Path(work.name))
+    cfg, standins = bench_config(args.config, args.overrides, Path(work.name))
     from msmedcap.bench.common import CAPTIONS
 
     captions = captions_from_shards(cfg, 256) or CAPTIONS

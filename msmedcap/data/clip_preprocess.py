@@ -31,15 +31,15 @@ def has_schema(name: str) -> bool:
     return name.startswith(SCHEMAS)
 
 
-def open_clip_name(name: str) -> str:
+def open_clip_name(name: str, key: str = "model.clip.name") -> str:
     """A built-in open_clip model name or a schema name as it is, or a model-config JSON registered with
-    open_clip first (its stem is then the name)."""
+    open_clip first (its stem is then the name); ``key`` is the setting a missing JSON is named by."""
     import open_clip
 
     if name.endswith(".json") and not has_schema(name):
         path = Path(resolve_asset(name))
         if not path.is_file():
-            raise ConfigError(f"model.clip.name: open_clip model config not found: {path}")
+            raise ConfigError(f"{key}: open_clip model config not found: {path}")
         open_clip.add_model_config(path)
         return path.stem
     return name

@@ -109,7 +109,7 @@ def check_shm(cfg, stage: int, ranks: int, available: Optional[int] = None) -> i
     """Raise ConfigError when ``ranks`` ranks' train loaders need more shared memory than ``/dev/shm``
     has free (``available``: that figure, else os.statvfs): workers would die with a bus error
     mid-run. Returns the need in bytes."""
-    from msmedcap.config import ConfigError
+    from msmedcap.errors import ConfigError
 
     need = shm_need_bytes(cfg, stage, ranks)
     if available is None:

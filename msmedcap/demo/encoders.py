@@ -102,7 +102,7 @@ def clip_model(model_cfg=None, pretrained: str | None = None):
     """The full open_clip CLIP (both towers) of the preset's ``model.clip.name``."""
     import open_clip
 
-    from msmedcap.config import resolve_asset
+    from msmedcap.paths import resolve_asset
     from msmedcap.data.clip_preprocess import open_clip_name
 
     m = model_cfg or demo_model_config()

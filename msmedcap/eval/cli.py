@@ -198,13 +198,13 @@ def run_score(args) -> int:
             from msmedcap.eval.imageclef import check_settings
 
             settings = imageclef_settings(args)
-            check_settings(settings, [str(r["key"]) for r in records])
+            why = check_settings(settings, [str(r["key"]) for r in records])
         start = time.time()
         scores = score_records(records, spice=args.spice)
         if args.protocol == "imageclef":
             from msmedcap.eval.imageclef import score_imageclef
 
-            scores["imageclef"] = score_imageclef(records, settings)
+            scores["imageclef"] = score_imageclef(records, settings, why=why)
             scores["imageclef"].pop("per_sample")
     except (InputError, ScoringError, ConfigError) as e:
         return _error("score", str(e))

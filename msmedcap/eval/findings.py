@@ -119,11 +119,16 @@ def parser_for(record: Mapping) -> Optional[FindingsParser]:
     return None
 
 
+def registered_parsers() -> list:
+    """Every registered parser (plugins loaded), in registration order: by source, then by predicate."""
+    load_parser_plugins()
+    return list(_BY_SOURCE.values()) + [p for _, p in _BY_PREDICATE]
+
+
 def registered_fields() -> list:
     """Every registered parser's fields, in registration order (the tables' column order)."""
-    load_parser_plugins()
     seen: list = []
-    for p in list(_BY_SOURCE.values()) + [p for _, p in _BY_PREDICATE]:
+    for p in registered_parsers():
         seen += [f for f in p.fields if f not in seen]
     return seen
 
@@ -276,8 +281,7 @@ def score_findings(records: Sequence[Mapping], groups: Optional[Mapping[str, Map
 
 # --------------------------------------------------------------------------- display helpers
 def field_header(field: str) -> str:
-    load_parser_plugins()
-    for p in list(_BY_SOURCE.values()) + [p for _, p in _BY_PREDICATE]:
+    for p in registered_parsers():
         if field in p.headers:
             return p.headers[field]
     return field.replace("_", " ")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from msmedcap.config import ConfigError
+from msmedcap.data.clip_preprocess import open_clip_name
 
 EVALUATOR = {"repository": "https://github.com/taubsity/clef-caption-evaluation",
              "commit": "ce1308618eb379bc6d1650f6853c10efc628d952",
@@ -153,11 +154,7 @@ def load_open_clip(name: str, pretrained: Optional[str], device: str = "cpu") ->
     with a weights file, or ``local-dir:DIR`` (open_clip_config.json + weights, BiomedCLIP's layout)."""
     import open_clip
 
-    if name.endswith(".json"):  # a model config of its own: registered with open_clip under its file's stem
-        if not Path(name).is_file():
-            raise ConfigError(f"eval.imageclef.clip_model: open_clip model config not found: {name}")
-        open_clip.add_model_config(name)
-        name = Path(name).stem
+    name = open_clip_name(name, key="eval.imageclef.clip_model")
     try:
         model, preprocess = open_clip.create_model_from_pretrained(name, pretrained=pretrained, device=device,
                                                                    return_transform=True)
@@ -271,13 +268,14 @@ def _mean(values) -> Optional[float]:
     return sum(present) / len(present) if present else None
 
 
-def score_imageclef(records: Sequence[Mapping], settings, device: str = "cpu") -> dict:
+def score_imageclef(records: Sequence[Mapping], settings, device: str = "cpu", why: Optional[dict] = None) -> dict:
     """The protocol on records (key, references, prediction) -> ``{"protocol", "evaluator", "metrics":
     {metric: {"ran", "value", "n", "model", "skipped"}}, "relevance": {...}, "factuality": {...},
-    "per_sample": {key: {metric: value}}}``. ``settings``: a :class:`msmedcap.config.ImageclefConfig`."""
+    "per_sample": {key: {metric: value}}}``. ``settings``: a :class:`msmedcap.config.ImageclefConfig`;
+    ``why``: what :func:`check_settings` said of them for these records, when the caller checked already."""
     pairs = _pairs(records)
     keys = list(pairs)
-    why = check_settings(settings, keys)
+    why = check_settings(settings, keys) if why is None else why
     s = settings
     layer = bertscore_layer(s.bertscore_model, s.bertscore_layers) if why["bertscore"] is None else None
     run = {  # metric -> (compute, model, how)

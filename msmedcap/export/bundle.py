@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from msmedcap.config import Config, ConfigError, config_from_dict, resolve_asset
+from msmedcap.models.lora import lora_parameter_names
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def bundle_config(model, cfg: Config) -> dict:
     data = copy.deepcopy(cfg.to_dict())
     m = data["model"]
     m["lm"].update(name_or_path=None, config=lm_architecture(model.captioner.lm.config), tokenizer=LM_TOKENIZER)
-    if not any(n.startswith("captioner.lm.") for n, _ in model.trainable_named_parameters()):
+    if not lora_parameter_names(model):
         m["lm"]["lora"] = None  # merged into the LM's weights (models.lora.merge_lora): the LM is plain again
     m["qformer"].update(tokenizer=QFORMER_TOKENIZER, init_from=None)
     m["clip"]["pretrained"] = None

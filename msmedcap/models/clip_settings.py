@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from msmedcap.checks import AT_LEAST_1, check_bounds, each
-from msmedcap.data.clip_preprocess import SCHEMAS, model_image_size  # light: open_clip only inside its functions
+from msmedcap.data.clip_preprocess import has_schema, model_image_size  # light: open_clip only inside its functions
 from msmedcap.errors import ConfigError
 from msmedcap.paths import resolve_asset
 
@@ -47,7 +47,7 @@ class ClipConfig:
         if self.image_size is None:
             self.image_size = model_image_size(self.name)
         check_bounds(self, key, each(("image_size",), AT_LEAST_1))
-        if self.name.startswith(SCHEMAS):
+        if has_schema(self.name):
             if self.pretrained:
                 raise ConfigError(f"{key}.pretrained: not with {key}.name={self.name} (its weights come with the "
                                   "name; open_clip ignores pretrained there); unset it")
@@ -74,7 +74,7 @@ class ClipConfig:
                 return None  # what open_clip's local-dir loader takes as weights (factory._find_checkpoint_in_dir)
             return ("model.clip.name", f"a folder with open_clip weights (open_clip_model.safetensors, ...) beside "
                                        f"its open_clip_config.json; {folder} has none")
-        if self.name.startswith(SCHEMAS) or self.pretrained:
+        if has_schema(self.name) or self.pretrained:
             return None
         return ("model.clip.pretrained", f"an open_clip pretrained tag of {self.name} (EVA01-g-14: "
                                          "laion400m_s11b_b41k) or a weights file")

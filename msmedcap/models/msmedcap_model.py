@@ -62,11 +62,11 @@ class MSMedCap(nn.Module):
         lm_tok = load_lm_tokenizer(cfg.lm.tokenizer)
         self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches}, lm_tok,
                                    lm_dtype(cfg), caption_end(cfg, lm_tok), with_lm=with_lm)
-        parts = {"model.sam.checkpoint": f"SAM {cfg.sam.type} image encoder",
-                 "model.clip.pretrained": f"CLIP tower {cfg.clip.name}", "model.lm.name_or_path": "LM"}
+        parts = {"model.sam": f"SAM {cfg.sam.type} image encoder", "model.clip": f"CLIP tower {cfg.clip.name}",
+                 "model.lm": "LM"}  # by section: the key within it depends on how the part is named
         for key in random_frozen_parts(cfg):  # refused by config validation unless model.allow_random_weights
             if with_lm or key != "model.lm.name_or_path":
-                warn_random(parts[key], key)
+                warn_random(parts[key.rsplit(".", 1)[0]], key)
         # routing[d, i] = samples of domain d train branch i in stage 1
         routing = [[b in cfg.routing.get(d, []) for b in self.branches] for d in DOMAINS]
         self.register_buffer("routing", torch.tensor(routing, dtype=torch.bool), persistent=False)

@@ -14,7 +14,7 @@ from msmedcap.errors import ConfigError
 SAM_ENCODER_KEYS = {"embed_dim": int, "depth": int, "num_heads": int, "patch_size": int, "out_chans": int,
                     "window_size": int, "global_attn_indexes": list, "use_abs_pos": bool, "rel_pos_zero_init": bool}
 TINY_SAM_PATCH = 16
-SAM_REGISTRY_IMAGE_SIZE, SAM_REGISTRY_PATCH = 1024, 16  # vit_b/l/h as segment-anything builds them
+SAM_REGISTRY_IMAGE_SIZE = 1024  # vit_b/l/h as segment-anything builds them
 # What a frozen part without weights needs, by key: the files users download (README, "The paper preset").
 SAM_CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
 
@@ -79,11 +79,11 @@ class SamConfig:
             raise ConfigError(f"{key}.image_size must be a multiple of the SAM patch size {patch} "
                               f"({key}.encoder.patch_size), got {self.image_size}")
 
-    def missing_weights(self) -> Optional[str]:
-        """What to set ``checkpoint`` to when it is not set (None when it is)."""
+    def missing_weights(self) -> Optional[tuple]:
+        """(key, what to set it to) when this encoder would be random, else None (as ClipConfig's)."""
         if self.checkpoint:
             return None
         name = SAM_CHECKPOINTS.get(self.type)
-        return (f"the SAM {self.type} checkpoint ({name}, linked from segment-anything's README: "
+        return "model.sam.checkpoint", (f"the SAM {self.type} checkpoint ({name}, linked from segment-anything's README: "
                 f"https://dl.fbaipublicfiles.com/segment_anything/{name})" if name else
                 "a checkpoint of this tiny SAM (e.g. one written by msmedcap demo encoders sam)")
