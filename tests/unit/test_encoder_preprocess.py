@@ -335,3 +335,24 @@ def test_medsam_through_gpu_decode(medsam_shard, monkeypatch):
     diff = (pending["sam_image"].int() - cpu["sam_image"].int()).abs()
     assert not diff[[0, 2, 3]].any()
     assert 0 < diff[1].float().mean() < 4  # torchvision's decoder and bicubic against PIL + skimage's spline
+
+
+def test_a_weightless_local_dir_tower_builds_random_only_when_allowed(tmp_path, caplog):
+    """A ``local-dir:`` folder without a weights file is a frozen part without weights: refused naming
+    model.clip.name, and with model.allow_random_weights built random under the loud warning (the warning
+    once looked its part up in a list beside random_frozen_parts' keys, and raised KeyError for this one)."""
+    import logging
+
+    from msmedcap.models import build_model
+
+    folder = tmp_path / "tower"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(SIGLIP_LIKE))
+    base = [f"model.clip.name=local-dir:{folder}", "model.clip.pretrained=null", "model.clip.image_size=null",
+            "model.variant=blip2"]
+    with pytest.raises(ConfigError, match=r"model\.clip\.name must be set"):
+        demo_config(*base)
+    cfg = demo_config(*base, "model.allow_random_weights=true")
+    with caplog.at_level(logging.WARNING):
+        build_model(cfg.model)
+    assert "RANDOM WEIGHTS" in caplog.text and "model.clip.name" in caplog.text
