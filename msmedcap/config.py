@@ -23,6 +23,7 @@ from msmedcap.models.clip_settings import ClipConfig
 from msmedcap.models.lm_settings import LMConfig, pretrained_config
 from msmedcap.models.qformer_settings import QFormerConfig
 from msmedcap.models.sam_settings import SamConfig
+from msmedcap.models.stage1_settings import Stage1Config
 from msmedcap.paths import resolve_asset
 from msmedcap.train.validation_settings import check_validation_config
 
@@ -41,6 +42,7 @@ class ModelConfig:
     sam: SamConfig = field(default_factory=SamConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)  # stage 1's objectives (models/stage1_settings.py)
     # Mixed semantic pretraining: which branches each sample's domain trains in stage 1.
     routing: dict = field(default_factory=lambda: {"general": ["clip", "sam"], "medical": ["sam"]})
     # Frozen encoders' dtype: auto = fp16 on GPU, bf16 on CPU.
@@ -433,6 +435,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     m.clip.check()
     m.sam.check()
     m.qformer.check()
+    m.stage1.check()
     m.lm.check(m.qformer.num_query_tokens, len(m.branches))
     for domain, branches in m.routing.items():
         if domain not in ("general", "medical"):

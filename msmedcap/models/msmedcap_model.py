@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from msmedcap.data.transforms import NATIVE_KEY, resize_pending
 from msmedcap.models.feature_cache import KEY as CACHE_KEY, batch_rows
 from msmedcap.models.encoders import DTYPES, built_in, fixed_seed, frozen_dtype, warn_random
 from msmedcap.models.qformer import QFormer
+from msmedcap.models.counterfactuals import counterfactual_texts
 from msmedcap.models.stage1 import stage1_branch_loss, touch
 from msmedcap.registry import encoder_spec
 from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
@@ -54,6 +56,8 @@ class MSMedCap(nn.Module):
         dtype = frozen_dtype(cfg.frozen_dtype)
         qtok = load_qformer_tokenizer(cfg.qformer.tokenizer)
         self.dec_token_id = qtok.bos_token_id
+        self.counterfactuals = cfg.stage1.counterfactuals.build()  # None when off
+        self._qformer_tokenizer = qtok if self.counterfactuals is not None else None
         with fixed_seed(), built_in(dtype):  # each frozen part built and loaded in its run dtype (no fp32 copy)
             self.encoders = nn.ModuleDict({b: encoder_spec(b).build(getattr(cfg, b)).freeze(dtype) for b in self.branches})
         self.qformers = nn.ModuleDict({
@@ -250,6 +254,12 @@ class MSMedCap(nn.Module):
         routed = self.route(batch["domain"])
         ids = batch["text_input_ids"].to(self.device)
         mask = batch["text_attention_mask"].to(self.device)
+        cf = None
+        if self.counterfactuals is not None:
+            settings = self.cfg.stage1.counterfactuals
+            cf = counterfactual_texts(self.counterfactuals, batch["caption"], self._qformer_tokenizer,
+                                      self.cfg.qformer.max_text_len, generator, settings.itm_share, settings.itc)
+            cf = replace(cf, **{k: getattr(cf, k).to(self.device) for k in ("ids", "mask", "valid", "set_index")})
         total = self._touch_trainables()
         out = {}
         for i, b in enumerate(self.branches):
@@ -260,9 +270,12 @@ class MSMedCap(nn.Module):
                 enc = self.encoders[b]
                 tokens = torch.zeros(0, enc.num_tokens, enc.width, dtype=enc.dtype, device=self.device)
             losses = stage1_branch_loss(self.qformers[b], tokens, ids[index], mask[index], len(routed),
-                                        self.dec_token_id, generator, max_text_len=self.cfg.qformer.max_text_len)
+                                        self.dec_token_id, generator, max_text_len=self.cfg.qformer.max_text_len,
+                                        counterfactuals=None if cf is None else cf.rows(index),
+                                        skip_same_text=self.cfg.stage1.negatives_skip_same_text)
             for head, value in losses.items():
-                total = total + value
+                if not head.startswith("n_"):  # counts, not losses
+                    total = total + value
                 out[f"{b}/{head}"] = value.detach()
                 out[head] = out.get(head, 0.0) + value.detach()
         out["loss"] = total

@@ -171,10 +171,13 @@ def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, targets: torch.Tensor
             + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=LABEL_SMOOTHING)) / 2
 
 
-def sample_negatives(sim: torch.Tensor, targets: torch.Tensor, generator=None) -> torch.Tensor:
-    """For each row, one column drawn with probability softmax(sim), never the row's own positive."""
+def sample_negatives(sim: torch.Tensor, targets: torch.Tensor, generator=None, skip=None) -> torch.Tensor:
+    """For each row, one column drawn with probability softmax(sim), never the row's own positive (nor,
+    where ``skip`` [rows, columns] is given, a column it marks)."""
     with torch.no_grad():
         weights = sim.float().softmax(dim=1)
+        if skip is not None:
+            weights = weights.masked_fill(skip, 0)
         weights[torch.arange(len(targets)), targets] = 0
         weights += 1e-12 * (weights.sum(1, keepdim=True) == 0)  # a single sample: it is its own negative
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
@@ -213,13 +216,24 @@ def itg_loss(qformer: QFormer, input_ids: torch.Tensor, attention_mask: torch.Te
 
 def stage1_branch_loss(qformer: QFormer, encoder_tokens: torch.Tensor, text_ids: torch.Tensor,
                        text_mask: torch.Tensor, rows: int, dec_token_id: int, generator=None,
-                       max_text_len: int = 512) -> dict:
+                       max_text_len: int = 512, counterfactuals=None, skip_same_text: bool = False) -> dict:
     """ITC + ITM + ITG of one Q-Former on its ``n <= rows`` routed samples (``n`` may be 0 on this
     rank). ``rows`` is the micro batch size, equal on all ranks; the text is padded to
-    :func:`text_length` (``max_text_len``: ``model.qformer.max_text_len``). Returns scalar tensors."""
+    :func:`text_length` (``max_text_len``: ``model.qformer.max_text_len``). ``counterfactuals``: a
+    :class:`Counterfactual` of these samples (model.stage1.counterfactuals); ``skip_same_text``: mined
+    negatives skip samples with the positive's caption. Returns scalar tensors: the three losses, and
+    ``n_cf`` (counterfactual negatives used) when counterfactuals are given."""
     n = text_ids.shape[0]
     pad_id = qformer.embeddings.word_embeddings.padding_idx or 0
-    text_ids, text_mask = fit_text(text_ids, text_mask, text_length(text_mask, max_text_len), pad_id)
+    cf = counterfactuals
+    masks = text_mask
+    if cf is not None:  # one length for both, so a counterfactual is never cut shorter than its positive
+        width = max(text_mask.shape[1], cf.mask.shape[1])
+        masks = torch.cat([fit_text(text_ids, text_mask, width, pad_id)[1], fit_text(cf.ids, cf.mask, width, pad_id)[1]])
+    length = text_length(masks, max_text_len)
+    text_ids, text_mask = fit_text(text_ids, text_mask, length, pad_id)
+    if cf is not None:
+        cf = cf.fitted(length, pad_id)
     # requires_grad of everything gathered: from the parameters (and grad mode), the same on every rank
     trained = [p for p in qformer.parameters() if p.requires_grad]
     grad = torch.is_grad_enabled() and bool(trained)
@@ -248,9 +262,13 @@ def stage1_branch_loss(qformer: QFormer, encoder_tokens: torch.Tensor, text_ids:
         image_all, text_all, ids_all, mask_all = (t[keep] for t in (image_all, text_all, ids_all, mask_all))
         targets = valid_all[: rank() * rows].sum() + torch.arange(n, device=text_ids.device)
         sim_i2t, sim_t2i = itc_logits(image_feats, text_feat, image_all, text_all, bounded_temp(qformer.temp))
-        loss_itc = itc_loss(sim_i2t, sim_t2i, targets)
-        neg_img = sample_negatives(sim_t2i, targets, generator)  # a hard negative image per text
-        neg_txt = sample_negatives(sim_i2t, targets, generator)  # a hard negative text per image
+        if cf is not None and cf.itc:
+            loss_itc = _itc_loss_with_counterfactuals(qformer, image_feats, sim_i2t, sim_t2i, targets, cf)
+        else:
+            loss_itc = itc_loss(sim_i2t, sim_t2i, targets)
+        same = (text_ids[:, None, :] == ids_all[None]).all(-1) if skip_same_text else None  # [n, columns]
+        neg_img = sample_negatives(sim_t2i, targets, generator, same)  # a hard negative image per text
+        neg_txt = sample_negatives(sim_i2t, targets, generator, same)  # a hard negative text per image
         want = keep[neg_img]  # global rows (rank-major, padding rows counted)
     else:
         want = keep.new_zeros(0)
@@ -259,13 +277,32 @@ def stage1_branch_loss(qformer: QFormer, encoder_tokens: torch.Tensor, text_ids:
     # every rank's loss depends on the gathered tensors: all ranks run the gathers' backward
     anchor = touch([image_all, text_all, neg_images])
     if n == 0:
-        return {"itc": anchor, "itm": anchor.detach(), "itg": anchor.detach()}
+        out = {"itc": anchor, "itm": anchor.detach(), "itg": anchor.detach()}
+        return out if cf is None else {**out, **cf.counts(torch.zeros(0, dtype=torch.bool, device=anchor.device))}
 
     images, ids, mask, labels = itm_pairs(neg_images, ids_all, mask_all, image_embeds, text_ids, text_mask, neg_txt)
+    counts = {}
+    if cf is not None:  # a share of the (image, other text) negatives: the image's own counterfactual instead
+        use = cf.valid & (torch.rand(n, generator=generator, device=cf.valid.device) < cf.itm_share)
+        rows = 2 * n + use.nonzero().squeeze(1)
+        ids, mask = ids.index_put((rows,), cf.ids[use]), mask.index_put((rows,), cf.mask[use])
+        counts = cf.counts(use)
     vl = qformer.multimodal(ids, mask, images)
     loss_itm = F.cross_entropy(qformer.itm_head(vl).float().mean(dim=1), labels)
 
     dec_ids = text_ids.clone()
     dec_ids[:, 0] = dec_token_id  # [DEC] replaces [CLS]
     loss_itg = itg_loss(qformer, dec_ids, text_mask, query_kv)
-    return {"itc": loss_itc + anchor, "itm": loss_itm, "itg": loss_itg}
+    return {"itc": loss_itc + anchor, "itm": loss_itm, "itg": loss_itg, **counts}
+
+
+def _itc_loss_with_counterfactuals(qformer, image_feats, sim_i2t, sim_t2i, targets, cf) -> torch.Tensor:
+    """:func:`itc_loss` where each image with a counterfactual also scores it, one extra text column
+    (rows without one keep the usual columns)."""
+    feat = F.normalize(qformer.text_proj(qformer.text(cf.ids, cf.mask)[:, 0]), dim=-1)
+    sim_cf = torch.einsum("nqd,nd->nq", image_feats.float(), feat.float()).amax(-1) / bounded_temp(qformer.temp)
+    plain = F.cross_entropy(sim_i2t.float(), targets, label_smoothing=LABEL_SMOOTHING, reduction="none")
+    extended = F.cross_entropy(torch.cat([sim_i2t.float(), sim_cf[:, None]], 1), targets,
+                               label_smoothing=LABEL_SMOOTHING, reduction="none")
+    i2t = torch.where(cf.valid, extended, plain).mean()
+    return (i2t + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=LABEL_SMOOTHING)) / 2

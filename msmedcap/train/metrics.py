@@ -116,6 +116,8 @@ class MetricsLog:
         step = record["step"]
         losses = " ".join(f"{k[5:] or 'loss'} {v:.3f}" for k, v in record.items()
                           if k.startswith("loss") and "/" not in k)  # per-branch heads: in the file only
+        if "n_cf" in record:
+            losses += f" counterfactuals {record['n_cf']:.1f}"
         skipped = sum(record.get("skipped_samples", {}).values())
         info = (f"{losses} | lr {record['lr']:.2e} | {record['samples_per_s']:.1f} samples/s"
                 f" | skipped {skipped} samples, {record['overflow_skipped_steps']} steps")
@@ -187,7 +189,8 @@ class Window:
         for k, v in out.items():
             if isinstance(v, torch.Tensor) and v.numel() != 1:
                 continue
-            key = "loss" if k == "loss" else (k if k.startswith("loss") else f"loss_{k}")
+            count = k.startswith("n_") or "/n_" in k  # counts per micro-batch (e.g. n_cf, sam/n_cf), not losses
+            key = k if k.startswith("loss") or count else f"loss_{k}"
             v = v.detach().reshape(()).double() if isinstance(v, torch.Tensor) else float(v)
             self.sums[key] = self.sums[key] + v if key in self.sums else v
             self.counts[key] = self.counts.get(key, 0) + 1
