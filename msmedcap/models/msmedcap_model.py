@@ -275,7 +275,7 @@ class MSMedCap(nn.Module):
                                         skip_same_text=self.cfg.stage1.negatives_skip_same_text)
             for head, value in losses.items():
                 if not head.startswith("n_"):  # counts, not losses
-                    total = total + value
+                    total = total + value * self.cfg.stage1.weight(head)
                 out[f"{b}/{head}"] = value.detach()
                 out[head] = out.get(head, 0.0) + value.detach()
         out["loss"] = total

@@ -7,6 +7,8 @@ from typing import Optional
 from msmedcap.checks import check_bounds
 from msmedcap.errors import ConfigError
 
+HEADS = ("itc", "itm", "itg")
+
 
 @dataclass
 class CounterfactualsConfig:
@@ -45,6 +47,16 @@ class Stage1Config:
     # ITM's mined negatives skip samples whose caption is the positive's (a duplicate caption describes
     # the image as well as its own: BLIP-2 draws it as a negative all the same).
     negatives_skip_same_text: bool = False
+    # Each head's weight in stage 1's loss (the logged losses are unweighted); BLIP-2 sums them, all 1.
+    loss_weights: dict = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "itg": 1.0})
 
     def check(self, key: str = "model.stage1") -> None:
         self.counterfactuals.check(f"{key}.counterfactuals")
+        for head, w in self.loss_weights.items():
+            if head not in HEADS:
+                raise ConfigError(f"{key}.loss_weights: unknown head {head!r} ({', '.join(HEADS)})")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+                raise ConfigError(f"{key}.loss_weights.{head} must be a number >= 0, got {w!r}")
+
+    def weight(self, head: str) -> float:
+        return float(self.loss_weights.get(head, 1.0))
