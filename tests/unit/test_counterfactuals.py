@@ -200,3 +200,60 @@ def test_loss_weights_scale_each_head_in_the_total_and_are_checked(tokenizers):
         demo_config(tokenizers, "model.stage1.loss_weights={itx: 1}")
     with pytest.raises(ConfigError, match="model.stage1.loss_weights.itm must be a number >= 0"):
         demo_config(tokenizers, "model.stage1.loss_weights={itm: -1}")
+
+
+# each caption names one side once: its counterfactual does not depend on the generator
+SIDED = ["a chest x-ray showing a small nodule in the left lung", "mri of the brain showing a lesion in the right frontal lobe",
+         "a chest x-ray showing a small nodule in the right lung", "mri of the brain showing a lesion in the left frontal lobe"]
+SIDE_ONLY = ("model.stage1.counterfactuals.enabled=true", "model.stage1.counterfactuals.sets=null",
+             "model.stage1.counterfactuals.use=[side]", "model.stage1.counterfactuals.itc=true",
+             "model.stage1.negatives_skip_same_text=true")
+
+
+def _two_rank_worker(rank, port, tokenizers, result):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = demo_config(tokenizers, *SIDE_ONLY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    batch = make_batch(cfg, captions=SIDED, domains=[1, 1, 1, 1], seed=rank)
+    out = model.stage1_loss(batch, generator=torch.Generator().manual_seed(rank))
+    out["loss"].backward()  # every rank through the same collectives
+    result[rank] = {"sam_itc": out["sam/itc"].item(), "n_cf": out["n_cf"].item()}
+    dist.destroy_process_group()
+
+
+def test_counterfactual_itc_column_across_two_ranks_is_the_one_batch_loss(tokenizers):
+    """ITC with each image's own counterfactual as an extra column: two gloo ranks give the one-process
+    loss of both batches (the column is the rank's own; the other columns are gathered)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.start_processes(_two_rank_worker, args=(port, tokenizers, result), nprocs=2, start_method="fork")
+    cfg = demo_config(tokenizers, *SIDE_ONLY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    b0, b1 = (make_batch(cfg, captions=SIDED, domains=[1, 1, 1, 1], seed=r) for r in (0, 1))
+    both = {k: (v + b1[k] if isinstance(v, list) else torch.cat([v, b1[k]])) for k, v in b0.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = model.stage1_loss(both, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        plain = build_model(demo_config(tokenizers).model).eval()  # the same weights, no counterfactual column
+        without = plain.stage1_loss(both, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_num_threads(threads)
+    assert (result[0]["sam_itc"] + result[1]["sam_itc"]) / 2 == pytest.approx(out["sam/itc"].item(), abs=1e-3)
+    assert abs(out["sam/itc"].item() - without["sam/itc"].item()) > 1e-3  # the column counts
+    assert result[0]["n_cf"] + result[1]["n_cf"] <= 8
