@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: config validation builds a generator, and needs none
+    import torch
 
 # Findings of English radiology captions (ROCO, MedICaT, MIMIC-CXR reports): each group's terms name
 # different findings, never synonyms.
@@ -60,12 +61,12 @@ def normalise_sets(sets, key: str = "model.stage1.counterfactuals.sets") -> dict
         for group in groups:
             terms = [" ".join(str(t).split()) for t in group]
             if len({t.lower() for t in terms}) != len(terms) or len(terms) < 2:
-                raise ValueError(f"{key}.{name}: a group needs two or more distinct terms, got {group!r}")
+                raise ValueError(f"{key}.{name}: each group must be two or more distinct terms, got {group!r}")
             for t in terms:
                 if not t or all(w == SLOT for w in t.split()):
-                    raise ValueError(f"{key}.{name}: term {t!r} has no word of its own")
+                    raise ValueError(f"{key}.{name}: term {t!r} must be more than {SLOT!r} (a word of its own)")
             if len({t.split().count(SLOT) for t in terms}) != 1:
-                raise ValueError(f"{key}.{name}: the terms of {group!r} must have the same number of {SLOT!r}")
+                raise ValueError(f"{key}.{name}: the terms of {group!r} must be alike in their number of {SLOT!r}")
         out[str(name)] = [[" ".join(str(t).split()) for t in g] for g in groups]
     return out
 
@@ -133,7 +134,9 @@ class Counterfactuals:
         return self.apply(caption, site, others[_draw(len(others), generator)]), name
 
 
-def _draw(n: int, generator: Optional[torch.Generator]) -> int:
+def _draw(n: int, generator: Optional["torch.Generator"]) -> int:
+    import torch
+
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(n, (1,), generator=generator, device=device)) if n > 1 else 0
 
@@ -154,29 +157,23 @@ class CounterfactualTexts:
         return replace(self, ids=self.ids[index], mask=self.mask[index], valid=self.valid[index],
                        set_index=self.set_index[index])
 
-    def fitted(self, length: int, pad_id: int) -> "CounterfactualTexts":
-        """``length`` text columns (pad columns dropped or added)."""
-        from msmedcap.models.stage1 import fit_text
-
-        ids, mask = fit_text(self.ids, self.mask, length, pad_id)
-        return replace(self, ids=ids, mask=mask)
-
     def counts(self, used: torch.Tensor) -> dict:
         """``n_cf`` (counterfactual negatives used) and ``n_cf/SET`` per set, as float tensors (no host sync)."""
+        import torch
+
         chosen = self.set_index[used] if used.numel() else self.set_index[:0]
         per_set = (chosen[:, None] == torch.arange(len(self.names), device=chosen.device)).sum(0).float()
         return {"n_cf": per_set.sum(), **{f"n_cf/{name}": per_set[i] for i, name in enumerate(self.names)}}
 
 
-def counterfactual_texts(maker: Counterfactuals, captions: list, tokenizer, max_len: int, generator=None,
-                         itm_share: float = 0.5, itc: bool = False) -> CounterfactualTexts:
-    """Each caption's counterfactual (:meth:`Counterfactuals.make`), tokenised as the loader tokenises
-    the Q-Former text (msmedcap.tokenization.encode_qformer_text)."""
-    from msmedcap.tokenization import encode_qformer_text
+def counterfactual_texts(maker: Counterfactuals, captions: list, encode, generator=None, itm_share: float = 0.5,
+                         itc: bool = False) -> CounterfactualTexts:
+    """Each caption's counterfactual (:meth:`Counterfactuals.make`), tokenised by ``encode`` (texts ->
+    ``input_ids``/``attention_mask``: the loader's Q-Former text encoding)."""
+    import torch
 
     made = [maker.make(c, generator) for c in captions]
-    texts = [text if text is not None else c for (text, _), c in zip(made, captions)]
-    enc = encode_qformer_text(tokenizer, texts, max_len)
+    enc = encode([text if text is not None else c for (text, _), c in zip(made, captions)])
     index = {name: i for i, name in enumerate(maker.names)}
     return CounterfactualTexts(
         ids=enc["input_ids"], mask=enc["attention_mask"],

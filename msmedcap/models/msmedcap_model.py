@@ -11,6 +11,7 @@ import logging
 import re
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from msmedcap.models.qformer import QFormer
 from msmedcap.models.counterfactuals import counterfactual_texts
 from msmedcap.models.stage1 import stage1_branch_loss, touch
 from msmedcap.registry import encoder_spec
-from msmedcap.tokenization import load_lm_tokenizer, load_qformer_tokenizer
+from msmedcap.tokenization import encode_qformer_text, load_lm_tokenizer, load_qformer_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +258,9 @@ class MSMedCap(nn.Module):
         cf = None
         if self.counterfactuals is not None:
             settings = self.cfg.stage1.counterfactuals
-            cf = counterfactual_texts(self.counterfactuals, batch["caption"], self._qformer_tokenizer,
-                                      self.cfg.qformer.max_text_len, generator, settings.itm_share, settings.itc)
+            encode = partial(encode_qformer_text, self._qformer_tokenizer, max_len=self.cfg.qformer.max_text_len)
+            cf = counterfactual_texts(self.counterfactuals, batch["caption"], encode, generator, settings.itm_share,
+                                      settings.itc)
             cf = replace(cf, **{k: getattr(cf, k).to(self.device) for k in ("ids", "mask", "valid", "set_index")})
         total = self._touch_trainables()
         out = {}

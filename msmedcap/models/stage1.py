@@ -16,6 +16,7 @@ head and its loss run on the label-bearing positions only.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -233,7 +234,7 @@ def stage1_branch_loss(qformer: QFormer, encoder_tokens: torch.Tensor, text_ids:
     length = text_length(masks, max_text_len)
     text_ids, text_mask = fit_text(text_ids, text_mask, length, pad_id)
     if cf is not None:
-        cf = cf.fitted(length, pad_id)
+        cf = replace(cf, **dict(zip(("ids", "mask"), fit_text(cf.ids, cf.mask, length, pad_id))))
     # requires_grad of everything gathered: from the parameters (and grad mode), the same on every rank
     trained = [p for p in qformer.parameters() if p.requires_grad]
     grad = torch.is_grad_enabled() and bool(trained)

@@ -113,10 +113,10 @@ def test_every_set_is_drawn_where_a_caption_has_several():
 
 
 @pytest.mark.parametrize("sets, use, message", [
-    ({"margin": ["smooth"]}, [], "two or more distinct terms"),
-    ({"margin": ["smooth", "Smooth"]}, [], "two or more distinct terms"),
-    ({"count": ["* lesion", "*"]}, [], "no word of its own"),
-    ({"count": ["one * lesion", "two lesions"]}, [], "same number of"),
+    ({"margin": ["smooth"]}, [], "must be two or more distinct terms"),
+    ({"margin": ["smooth", "Smooth"]}, [], "must be two or more distinct terms"),
+    ({"count": ["* lesion", "*"]}, [], "must be more than"),
+    ({"count": ["one * lesion", "two lesions"]}, [], "must be alike in their number"),
     ({"margin": ["smooth", "irregular"]}, ["shape"], "unknown set 'shape'"),
     ("margin", [], "expected a mapping"),
 ])
