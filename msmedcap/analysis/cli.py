@@ -25,6 +25,10 @@ def add_parser(subparsers) -> None:
     r.add_argument("--workers", type=int, default=0, help="data loader workers (default 0: decode in this process)")
     r.add_argument("--set", action="append", default=[], metavar="section.key=value", dest="overrides",
                    help="override data.* / eval.* of the run's config, e.g. --set data.train='[...]' (repeatable)")
+    r.add_argument("--counterfactuals", action="store_true",
+                   help="instead: how often the model prefers each reference caption to its one-finding counterfactual "
+                        "(LM caption likelihood, each branch's ITC and ITM), per term set, on --train-samples of "
+                        "data.train and on data.eval (msmedcap.analysis.counterfactual_probe)")
     r.set_defaults(func=run_probe)
 
 
@@ -40,6 +44,8 @@ def run_probe(args) -> int:
     for name in ("train_samples", "batch_size"):
         if getattr(args, name) < 1:
             return _error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.counterfactuals:
+        return _run_counterfactual_probe(args)
     try:
         result = probe_run(args.run, out=args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
                            batch_size=args.batch_size, device=args.device, overrides=args.overrides,
@@ -47,4 +53,24 @@ def run_probe(args) -> int:
     except (CheckpointError, FileNotFoundError) as e:
         return _error(str(e))
     print_report(result, as_markdown=args.markdown)
+    return 0
+
+
+def _run_counterfactual_probe(args) -> int:
+    import json
+    from pathlib import Path
+
+    from msmedcap.analysis.counterfactual_probe import counterfactual_probe, markdown
+    from msmedcap.eval.checkpoints import CheckpointError, is_export
+    from msmedcap.eval.io import write_json
+
+    try:
+        result = counterfactual_probe(args.run, train_samples=args.train_samples, eval_samples=args.eval_samples,
+                                      batch_size=args.batch_size, device=args.device, overrides=args.overrides)
+    except (CheckpointError, FileNotFoundError) as e:
+        return _error(str(e))
+    given = Path(args.run)
+    out = Path(args.out) if args.out else (Path(result["export"]) if is_export(given) else given) / "probe"
+    write_json(out / "counterfactuals.json", result)
+    print(markdown(result) if args.markdown else json.dumps(result, indent=1))
     return 0

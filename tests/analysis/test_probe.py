@@ -206,3 +206,28 @@ def test_probe_cli_errors(tmp_path, capsys):
 
     assert main(["probe", str(tmp_path / "nothing")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_counterfactual_probe_counts_each_sets_samples_and_writes_its_json(run_dir, capsys):
+    """``msmedcap probe RUN --counterfactuals``: per term set of the run's config (the demo grammar's), the samples
+    whose reference matches it, and the share preferring the reference by LM likelihood and each branch's ITC/ITM."""
+    from msmedcap.cli import main
+    from msmedcap.models.counterfactuals import Counterfactuals
+
+    run, cfg = run_dir
+    assert main(["probe", str(run), "--counterfactuals", "--train-samples", "32", "--eval-samples", "16",
+                 "--batch-size", "8", "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "| split | set | n | LM caption | clip ITC | clip ITM | sam ITC | sam ITM |" in text
+    result = json.loads((run / "probe" / "counterfactuals.json").read_text())
+    sets = cfg.model.stage1.counterfactuals.sets
+    assert result["sets"] == list(sets) == ["margin", "side", "size", "count"]
+    for split, specs, limit in (("train", cfg.data.train, 32), ("eval", cfg.data.eval, 16)):
+        captions = [c for b in P.quota_batches(cfg, specs, 8, limit=limit) for c in b["caption"]]
+        for name in sets:
+            n = sum(bool(Counterfactuals(sets, [name]).sites(c)) for c in captions)
+            got = result[split].get(name)
+            assert (got["n"] if got else 0) == n, (split, name)
+            if got:
+                assert 0 <= got["lm"] <= 1
+                assert all(0 <= v <= 1 for heads in got["branches"].values() for v in heads.values())
