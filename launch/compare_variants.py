@@ -103,12 +103,19 @@ def plan_runs(args) -> list:
     return runs
 
 
+# Keys the trainer resolves and writes into the run's config.yaml (msmedcap.train.trainer.resolve_lm_dtype):
+# "auto" planned matches what it became there.
+RESOLVED_AUTO = ("model.lm.dtype",)
+
+
 def _differences(old, new, prefix: str = "") -> list:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
             out += _differences(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
         return out
+    if new == "auto" and prefix[:-1] in RESOLVED_AUTO:
+        return []
     return [] if old == new else [f"{prefix[:-1]}: {old!r} there, {new!r} now"]
 
 

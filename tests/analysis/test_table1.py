@@ -99,7 +99,9 @@ overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
 kv = dict(a.split("=", 1) for a in overrides)
 out = Path(kv["train.output_dir"])
 out.mkdir(parents=True, exist_ok=True)
-(out / "config.yaml").write_text(load_config(config, overrides).to_yaml())
+cfg = load_config(config, overrides)
+cfg.model.lm.dtype = "bf16"  # as the trainer writes it: model.lm.dtype auto resolved to the engine's precision
+(out / "config.yaml").write_text(cfg.to_yaml())
 if os.environ.get("FAKE_FAIL") == kv["model.variant"] + "/" + kv["train.seed"]:
     sys.exit(3)
 (out / "eval").mkdir(exist_ok=True)
