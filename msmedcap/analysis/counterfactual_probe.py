@@ -30,7 +30,8 @@ def _caption_loglik(model, queries: dict, captions: list) -> torch.Tensor:
     from msmedcap.tokenization import encode_lm_captions
 
     cap = model.captioner
-    enc = encode_lm_captions(cap.tokenizer, captions, model.cfg.lm.max_caption_len, caption_end(model.cfg, cap.tokenizer))
+    end = caption_end(model.cfg, cap.tokenizer)
+    enc = encode_lm_captions(cap.tokenizer, captions, model.cfg.lm.max_caption_len, end)
     ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
     logp = cap.logits(queries, ids, mask).float().log_softmax(-1).gather(-1, ids[..., None])[..., 0]
     return (logp * mask).sum(1)

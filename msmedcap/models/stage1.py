@@ -220,17 +220,18 @@ def stage1_branch_loss(qformer: QFormer, encoder_tokens: torch.Tensor, text_ids:
                        max_text_len: int = 512, counterfactuals=None, skip_same_text: bool = False) -> dict:
     """ITC + ITM + ITG of one Q-Former on its ``n <= rows`` routed samples (``n`` may be 0 on this
     rank). ``rows`` is the micro batch size, equal on all ranks; the text is padded to
-    :func:`text_length` (``max_text_len``: ``model.qformer.max_text_len``). ``counterfactuals``: a
-    :class:`Counterfactual` of these samples (model.stage1.counterfactuals); ``skip_same_text``: mined
-    negatives skip samples with the positive's caption. Returns scalar tensors: the three losses, and
-    ``n_cf`` (counterfactual negatives used) when counterfactuals are given."""
+    :func:`text_length` (``max_text_len``: ``model.qformer.max_text_len``). ``counterfactuals``: these
+    samples' :class:`~msmedcap.models.counterfactuals.CounterfactualTexts` (model.stage1.counterfactuals);
+    ``skip_same_text``: mined negatives skip samples with the positive's caption. Returns scalar tensors:
+    the three losses, and ``n_cf`` (counterfactual negatives used) when counterfactuals are given."""
     n = text_ids.shape[0]
     pad_id = qformer.embeddings.word_embeddings.padding_idx or 0
     cf = counterfactuals
     masks = text_mask
     if cf is not None:  # one length for both, so a counterfactual is never cut shorter than its positive
         width = max(text_mask.shape[1], cf.mask.shape[1])
-        masks = torch.cat([fit_text(text_ids, text_mask, width, pad_id)[1], fit_text(cf.ids, cf.mask, width, pad_id)[1]])
+        masks = torch.cat([fit_text(ids, mask, width, pad_id)[1]
+                           for ids, mask in ((text_ids, text_mask), (cf.ids, cf.mask))])
     length = text_length(masks, max_text_len)
     text_ids, text_mask = fit_text(text_ids, text_mask, length, pad_id)
     if cf is not None:
