@@ -18,12 +18,6 @@ import torch.nn.functional as F
 SEED = 0
 
 
-def _sets(cfg) -> dict:
-    from msmedcap.models.counterfactuals import RADIOLOGY_SETS
-
-    return cfg.model.stage1.counterfactuals.sets or RADIOLOGY_SETS
-
-
 def _caption_loglik(model, queries: dict, captions: list) -> torch.Tensor:
     """Summed log-probability of each caption (with its end) under the LM, given the queries."""
     from msmedcap.models.lm_families import caption_end
@@ -37,30 +31,22 @@ def _caption_loglik(model, queries: dict, captions: list) -> torch.Tensor:
     return (logp * mask).sum(1)
 
 
-def _head_scores(qformer, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
-    """ITC similarity and ITM match probability of each pair (image ``i``, text ``i``)."""
-    feats = F.normalize(qformer.vision_proj(qformer.queries(image_embeds)), dim=-1)
-    text = F.normalize(qformer.text_proj(qformer.text(ids, mask)[:, 0]), dim=-1)
-    itc = torch.einsum("nqd,nd->nq", feats.float(), text.float()).amax(-1)
-    itm = qformer.itm_logits(image_embeds, ids, mask).float().softmax(-1)[:, 1]
-    return itc, itm
-
-
 @torch.no_grad()
 def preferences(model, cfg, specs, limit: int = 0, batch_size: int = 64) -> dict:
     """``{set: {n, lm, branches: {branch: {itc, itm}}}}``: shares of samples preferring the reference."""
     from msmedcap.analysis.probe import quota_batches
-    from msmedcap.models.counterfactuals import Counterfactuals
+    from msmedcap.models.stage1 import pair_similarity
     from msmedcap.tokenization import encode_qformer_text, load_qformer_tokenizer
 
     qtok = load_qformer_tokenizer(cfg.model.qformer.tokenizer)
-    sets = _sets(cfg)
-    makers = {name: Counterfactuals(sets, [name]) for name in sets}
+    settings = cfg.model.stage1.counterfactuals
+    makers = {name: settings.maker([name]) for name in settings.term_sets}
     wins: dict = {}
     for batch in quota_batches(cfg, specs, batch_size, limit):
         features = {b: model.encode(batch, b) for b in model.branches}
         embeds = {b: q.image_embeds(features[b].to(model.device)) for b, q in model.qformers.items()}
         queries = {b: q.queries(embeds[b]) for b, q in model.qformers.items()}
+        image_feats = {b: F.normalize(q.vision_proj(queries[b]), dim=-1) for b, q in model.qformers.items()}
         captions = list(batch["caption"])
         for name, maker in makers.items():
             g = torch.Generator().manual_seed(SEED)
@@ -71,17 +57,18 @@ def preferences(model, cfg, specs, limit: int = 0, batch_size: int = 64) -> dict
             negatives = [text for _, text in made if text is not None]
             positives = [captions[i] for i in rows]
             index = torch.tensor(rows, device=model.device)
+            k = len(rows)
             w = wins.setdefault(name, {"n": 0, "lm": 0, "branches": {b: {"itc": 0, "itm": 0} for b in model.branches}})
-            w["n"] += len(rows)
+            w["n"] += k
             if model.captioner.lm is not None:
                 q = {b: v[index] for b, v in queries.items()}
                 w["lm"] += int((_caption_loglik(model, q, positives) > _caption_loglik(model, q, negatives)).sum())
+            texts = encode_qformer_text(qtok, positives + negatives, cfg.model.qformer.max_text_len)
+            ids, mask = texts["input_ids"].to(model.device), texts["attention_mask"].to(model.device)
             for b, qformer in model.qformers.items():
-                texts = encode_qformer_text(qtok, positives + negatives, cfg.model.qformer.max_text_len)
-                ids, mask = texts["input_ids"].to(model.device), texts["attention_mask"].to(model.device)
-                emb = embeds[b][index].repeat(2, 1, 1)
-                itc, itm = _head_scores(qformer, emb, ids, mask)
-                k = len(rows)
+                text_feat = F.normalize(qformer.text_proj(qformer.text(ids, mask)[:, 0]), dim=-1)
+                itc = pair_similarity(image_feats[b][index].repeat(2, 1, 1), text_feat)
+                itm = qformer.itm_logits(embeds[b][index].repeat(2, 1, 1), ids, mask).float().softmax(-1)[:, 1]
                 w["branches"][b]["itc"] += int((itc[:k] > itc[k:]).sum())
                 w["branches"][b]["itm"] += int((itm[:k] > itm[k:]).sum())
     return {name: {"n": w["n"], "lm": w["lm"] / w["n"] if model.captioner.lm is not None else None,
@@ -92,14 +79,13 @@ def preferences(model, cfg, specs, limit: int = 0, batch_size: int = 64) -> dict
 def counterfactual_probe(run, train_samples: int = 600, eval_samples: int = 0, batch_size: int = 64,
                          device=None, overrides=()) -> dict:
     """Preferences on ``train_samples`` of data.train and on data.eval of a run directory or export."""
-    from msmedcap.eval.checkpoints import find_export, load_for_eval, parse_eval_overrides
+    from msmedcap.eval.checkpoints import find_export, load_for_eval
 
     overrides = list(overrides) + ["data.num_workers=0"]
-    parse_eval_overrides(overrides)
     export = find_export(run)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_for_eval(export, overrides, device=dev)
-    return {"export": str(export), "sets": list(_sets(cfg)),
+    return {"export": str(export), "sets": list(cfg.model.stage1.counterfactuals.term_sets),
             "train": preferences(model, cfg, cfg.data.train, train_samples, batch_size),
             "eval": preferences(model, cfg, cfg.data.eval, eval_samples, batch_size)}
 

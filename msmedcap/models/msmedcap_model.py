@@ -58,7 +58,7 @@ class MSMedCap(nn.Module):
         qtok = load_qformer_tokenizer(cfg.qformer.tokenizer)
         self.dec_token_id = qtok.bos_token_id
         self.counterfactuals = cfg.stage1.counterfactuals.build()  # None when off
-        self._qformer_tokenizer = qtok if self.counterfactuals is not None else None
+        self._qformer_tokenizer = qtok  # the counterfactuals' text, tokenised as the loader tokenises captions
         with fixed_seed(), built_in(dtype):  # each frozen part built and loaded in its run dtype (no fp32 copy)
             self.encoders = nn.ModuleDict({b: encoder_spec(b).build(getattr(cfg, b)).freeze(dtype) for b in self.branches})
         self.qformers = nn.ModuleDict({

@@ -167,6 +167,12 @@ def itc_logits(image_feats: torch.Tensor, text_feat: torch.Tensor, image_all: to
     return sim_i2t, sim_t2i
 
 
+def pair_similarity(image_feats: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
+    """Image ``i`` against text ``i`` only: the max over queries of the query-text cosine, in fp32 ``[n]``
+    (the diagonal of :func:`itc_logits` before the temperature)."""
+    return torch.einsum("nqd,nd->nq", image_feats.float(), text_feat.float()).amax(-1)
+
+
 def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(sim_i2t.float(), targets, label_smoothing=LABEL_SMOOTHING)
             + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=LABEL_SMOOTHING)) / 2
@@ -302,7 +308,7 @@ def _itc_loss_with_counterfactuals(qformer, image_feats, sim_i2t, sim_t2i, targe
     """:func:`itc_loss` where each image with a counterfactual also scores it, one extra text column
     (rows without one keep the usual columns)."""
     feat = F.normalize(qformer.text_proj(qformer.text(cf.ids, cf.mask)[:, 0]), dim=-1)
-    sim_cf = torch.einsum("nqd,nd->nq", image_feats.float(), feat.float()).amax(-1) / bounded_temp(qformer.temp)
+    sim_cf = pair_similarity(image_feats, feat) / bounded_temp(qformer.temp)
     plain = F.cross_entropy(sim_i2t.float(), targets, label_smoothing=LABEL_SMOOTHING, reduction="none")
     extended = F.cross_entropy(torch.cat([sim_i2t.float(), sim_cf[:, None]], 1), targets,
                                label_smoothing=LABEL_SMOOTHING, reduction="none")

@@ -23,20 +23,29 @@ class CounterfactualsConfig:
     # Also score each image against the counterfactuals of its branch's captions as extra ITC text negatives.
     itc: bool = False
 
+    @property
+    def term_sets(self) -> dict:
+        """``sets``, or the built-in RADIOLOGY_SETS when it is null."""
+        from msmedcap.models.counterfactuals import RADIOLOGY_SETS
+
+        return self.sets or RADIOLOGY_SETS
+
+    def maker(self, use=None):
+        """The generator of the sets named by ``use`` (default: this section's ``use``), on or off."""
+        from msmedcap.models.counterfactuals import Counterfactuals
+
+        return Counterfactuals(self.term_sets, self.use if use is None else use)
+
     def build(self):
         """The generator of these settings (None when off)."""
-        from msmedcap.models.counterfactuals import RADIOLOGY_SETS, Counterfactuals
-
-        return Counterfactuals(self.sets or RADIOLOGY_SETS, self.use) if self.enabled else None
+        return self.maker() if self.enabled else None
 
     def check(self, key: str) -> None:
         check_bounds(self, key, [("itm_share", (lambda v: 0 <= v <= 1), "in [0, 1]")])
         if not all(isinstance(u, str) for u in self.use):
             raise ConfigError(f"{key}.use: expected a list of set names, got {self.use!r}")
-        from msmedcap.models.counterfactuals import RADIOLOGY_SETS, Counterfactuals
-
         try:
-            Counterfactuals(self.sets or RADIOLOGY_SETS, self.use)
+            self.maker()
         except ValueError as e:
             raise ConfigError(str(e).replace("model.stage1.counterfactuals", key)) from None
 
