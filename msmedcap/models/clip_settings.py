@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from msmedcap.checks import AT_LEAST_1, check_bounds, each
+from msmedcap.checks import AT_LEAST_0, AT_LEAST_1, check_bounds, each
 from msmedcap.data.clip_preprocess import has_schema, model_image_size  # light: open_clip only inside its functions
 from msmedcap.errors import ConfigError
 from msmedcap.paths import resolve_asset
@@ -34,6 +34,10 @@ class ClipConfig:
     feature_layer: int = -2
     # A trainable LayerNorm on the tokens before this branch's Q-Former (BLIP-2's ln_vision).
     ln_vision: bool = True
+    # A trainable residual MLP on each token before the Q-Former's ln_vision (hidden: this many times the
+    # token width; 0 = none, as BLIP-2) and/or the max over the tokens as one more token. docs/model.md
+    token_mlp: int = 0
+    max_token: bool = False
     # Stage-1 warm start of this branch's Q-Former: LAVIS blip2_pretrained.pth (or any LAVIS Blip2Qformer
     # .pth) or an HF Blip2ForImageTextRetrieval directory (Salesforce/blip2-itm-vit-g); None = off.
     stage1_checkpoint: Optional[str] = None
@@ -46,7 +50,7 @@ class ClipConfig:
         the feature layer must exist. An ``hf-hub:``/``local-dir:`` name brings its weights: no ``pretrained``."""
         if self.image_size is None:
             self.image_size = model_image_size(self.name)
-        check_bounds(self, key, each(("image_size",), AT_LEAST_1))
+        check_bounds(self, key, each(("image_size",), AT_LEAST_1) + each(("token_mlp",), AT_LEAST_0))
         if has_schema(self.name):
             if self.pretrained:
                 raise ConfigError(f"{key}.pretrained: not with {key}.name={self.name} (its weights come with the "

@@ -33,10 +33,10 @@ from msmedcap.tokenization import encode_qformer_text, load_lm_tokenizer, load_q
 log = logging.getLogger(__name__)
 
 # What the stage-2 captioning loss reaches inside a Q-Former (``qformers.<branch>.`` + this): the query
-# path (learned queries, ln_vision, the embedding LayerNorm, self-attention, cross-attention, query FFN).
+# path (learned queries, the token adapter, ln_vision, the embedding LayerNorm, self-attention, cross-attention, query FFN).
 # The text side (embeddings, text FFN) and the stage-1 heads (ITC projections, temp, ITM, ITG) are not.
 # tests/integration/test_stage_scope.py checks this rule against autograd on a real batch.
-STAGE2_QFORMER = re.compile(r"(query_tokens|ln_vision\.|bert\.layernorm\."
+STAGE2_QFORMER = re.compile(r"(query_tokens|adapter\.|ln_vision\.|bert\.layernorm\."
                             r"|bert\.encoder\.layer\.\d+\.(attention|crossattention|intermediate_query|output_query)\.)")
 
 
@@ -63,7 +63,8 @@ class MSMedCap(nn.Module):
             self.encoders = nn.ModuleDict({b: encoder_spec(b).build(getattr(cfg, b)).freeze(dtype) for b in self.branches})
         self.qformers = nn.ModuleDict({
             b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id,
-                       ln_vision=getattr(cfg, b).ln_vision) for b in self.branches})
+                       ln_vision=getattr(cfg, b).ln_vision, token_mlp=getattr(cfg, b).token_mlp,
+                       max_token=getattr(cfg, b).max_token) for b in self.branches})
         lm_tok = load_lm_tokenizer(cfg.lm.tokenizer)
         self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches}, lm_tok,
                                    lm_dtype(cfg), caption_end(cfg, lm_tok), with_lm=with_lm)

@@ -39,20 +39,44 @@ def qformer_hf_config(cfg: QFormerConfig, encoder_width: int, vocab_size: int, p
 # What BLIP-2 adds to BERT (random at init, whatever BERT gives): learned queries, the LayerNorm on the image
 # tokens, the ITC projections and temperature, the ITM head; and every layer's cross-attention. Every other
 # Q-Former tensor comes from BERT when model.qformer.init_from is set (the query FFN as a copy of the text FFN).
-BLIP2_ADDS = ("query_tokens", "ln_vision.", "vision_proj.", "text_proj.", "temp", "itm_head.")
+BLIP2_ADDS = ("query_tokens", "ln_vision.", "vision_proj.", "text_proj.", "temp", "itm_head.", "adapter.")
+
+
+class TokenAdapter(nn.Module):
+    """Trainable, on the encoder tokens before ``ln_vision``: ``x + MLP(x)`` per token (hidden ``ratio`` x
+    the width; the last layer zero, so it starts as the identity), then, with ``max_token``, the max over
+    the tokens appended as one more token. A finding at a few of many positions (a small lesion's margin)
+    then reaches the queries as one token, not averaged away by attention spread over all of them."""
+
+    def __init__(self, width: int, ratio: int, max_token: bool):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, ratio * width), nn.GELU(), nn.Linear(ratio * width, width)) \
+            if ratio else None
+        if self.mlp is not None:
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+        self.max_token = max_token
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.mlp is not None:
+            tokens = tokens + self.mlp(tokens)
+        if self.max_token:
+            tokens = torch.cat([tokens, tokens.amax(dim=1, keepdim=True)], dim=1)
+        return tokens
 
 
 class QFormer(nn.Module):
     """Learned queries cross-attending one encoder's tokens (after a trainable LayerNorm, BLIP-2's
     ``ln_vision``, unless ``ln_vision=False``: then ``self.ln_vision`` is None and the tokens go in as
-    they are, as the MSMedCap reference does for SAM); text shares the self-attention. Heads: ITC
-    projections + temperature, ITM, ITG."""
+    they are, as the MSMedCap reference does for SAM; before it, with ``token_mlp``/``max_token``, a
+    :class:`TokenAdapter`); text shares the self-attention. Heads: ITC projections + temperature, ITM, ITG."""
 
     def __init__(self, cfg: QFormerConfig, encoder_width: int, vocab_size: int, pad_token_id: int,
-                 ln_vision: bool = True):
+                 ln_vision: bool = True, token_mlp: int = 0, max_token: bool = False):
         super().__init__()
         hf = qformer_hf_config(cfg, encoder_width, vocab_size, pad_token_id)
         h = cfg.hidden_size
+        self.adapter = TokenAdapter(encoder_width, token_mlp, max_token) if token_mlp or max_token else None
         self.ln_vision = nn.LayerNorm(encoder_width) if ln_vision else None
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, h) * hf.initializer_range)
         self.embeddings = Blip2TextEmbeddings(hf)
@@ -90,10 +114,15 @@ class QFormer(nn.Module):
 
     # ----------------------------------------------------------------- passes
     def image_embeds(self, encoder_tokens: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder tokens -> trainable LayerNorm (if any), in this module's dtype."""
-        if self.ln_vision is None:
-            return encoder_tokens.to(self.dtype)
-        return self.ln_vision(encoder_tokens.to(self.ln_vision.weight.dtype))
+        """Frozen encoder tokens -> token adapter (if any) -> trainable LayerNorm (if any), in this module's dtype."""
+        tokens = encoder_tokens.to(self.dtype)
+        if self.adapter is not None:
+            tokens = self.adapter(tokens)
+        return tokens if self.ln_vision is None else self.ln_vision(tokens)
+
+    def image_embeds_trained(self) -> bool:
+        """Whether :meth:`image_embeds` has trainable parameters (adapter, ln_vision) being trained."""
+        return any(p.requires_grad for m in (self.adapter, self.ln_vision) if m is not None for p in m.parameters())
 
     def queries(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Query outputs ``[B, Q, H]`` (ITC image side, stage-2 input)."""

@@ -37,13 +37,17 @@ class SamConfig:
     encoder_chunk: int = 0
     # As model.clip.*: the reference code (MSMedCap) cross-attends SAM's neck output with no LayerNorm.
     ln_vision: bool = True
+    # A trainable residual MLP on each token before the Q-Former's ln_vision (hidden: this many times the
+    # token width; 0 = none, as BLIP-2) and/or the max over the tokens as one more token. docs/model.md
+    token_mlp: int = 0
+    max_token: bool = False
     stage1_checkpoint: Optional[str] = None
     stage1_skip: list = field(default_factory=list)
 
     def check(self, key: str = "model.sam") -> None:
         """Ranges; the registry's types are fixed (image size, no encoder overrides); tiny takes
         ImageEncoderViT kwargs."""
-        check_bounds(self, key, each(("image_size",), AT_LEAST_1) + each(("encoder_chunk",), AT_LEAST_0))
+        check_bounds(self, key, each(("image_size",), AT_LEAST_1) + each(("encoder_chunk", "token_mlp"), AT_LEAST_0))
         if self.preprocess == "medsam" and importlib.util.find_spec("skimage") is None:
             raise ConfigError(f"{key}.preprocess=medsam resizes with scikit-image, as MedSAM does: "
                               "pip install 'msmedcap[medsam]' (or scikit-image)")

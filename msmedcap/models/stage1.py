@@ -245,7 +245,7 @@ def stage1_branch_loss(qformer: QFormer, encoder_tokens: torch.Tensor, text_ids:
     # requires_grad of everything gathered: from the parameters (and grad mode), the same on every rank
     trained = [p for p in qformer.parameters() if p.requires_grad]
     grad = torch.is_grad_enabled() and bool(trained)
-    embeds_grad = grad and qformer.ln_vision is not None and any(p.requires_grad for p in qformer.ln_vision.parameters())
+    embeds_grad = grad and qformer.image_embeds_trained()
     zero = touch(trained)
     image_embeds = _grad_as(qformer.image_embeds(encoder_tokens), embeds_grad, zero)
     if n:
