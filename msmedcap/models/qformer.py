@@ -45,7 +45,7 @@ BLIP2_ADDS = ("query_tokens", "ln_vision.", "vision_proj.", "text_proj.", "temp"
 class TokenAdapter(nn.Module):
     """Trainable, on the encoder tokens before ``ln_vision``: ``x + MLP(x)`` per token (hidden ``ratio`` x
     the width; the last layer zero, so it starts as the identity), then, with ``max_token``, the max over
-    the tokens appended as one more token. A finding at a few of many positions (a small lesion's margin)
+    the tokens of the MLP's output (of the tokens, without an MLP) appended as one more token. A finding at a few of many positions (a small lesion's margin)
     then reaches the queries as one token, not averaged away by attention spread over all of them."""
 
     def __init__(self, width: int, ratio: int, max_token: bool):
@@ -58,10 +58,12 @@ class TokenAdapter(nn.Module):
         self.max_token = max_token
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.mlp is not None:
-            tokens = tokens + self.mlp(tokens)
-        if self.max_token:
-            tokens = torch.cat([tokens, tokens.amax(dim=1, keepdim=True)], dim=1)
+        if self.mlp is None:
+            return torch.cat([tokens, tokens.amax(dim=1, keepdim=True)], dim=1)
+        delta = self.mlp(tokens)
+        tokens = tokens + delta
+        if self.max_token:  # the MLP's own max: the encoder's raw maxima (bright organs) would mask it
+            tokens = torch.cat([tokens, delta.amax(dim=1, keepdim=True)], dim=1)
         return tokens
 
 

@@ -237,6 +237,8 @@ def import_stage1(model, branch: str, path, skip: list = ()) -> Stage1Import:
             report.kept[name] = f"model.{branch}.stage1_skip"
         elif reason_absent(name):
             report.kept[name] = reason_absent(name)
+        elif name.startswith("adapter."):
+            report.kept[name] = f"model.{branch}.token_mlp: not in BLIP-2, starts as the identity"
         elif name not in mapped:
             missing.append(name)
     if bad or missing:

@@ -103,11 +103,14 @@ def test_hf_export_captions_as_msmedcap_and_imports_back_bit_for_bit(tmp_path_fa
             "captioner.lm.model.decoder.embed_tokens.weight"].shape
 
 
-def test_hf_export_refuses_what_blip2_cannot_hold_before_any_work(tmp_path_factory, tokenizers, tiny_eva_json, capsys):
-    export, _ = blip2_export(tmp_path_factory, tokenizers, tiny_eva_json, "model.lm.num_soft_prompts=4")
+@pytest.mark.parametrize("override,named", [("model.lm.num_soft_prompts=4", "num_soft_prompts=4"),
+                                             ("model.clip.token_mlp=2", "model.clip.token_mlp")])
+def test_hf_export_refuses_what_blip2_cannot_hold_before_any_work(tmp_path_factory, tokenizers, tiny_eva_json, capsys,
+                                                                  override, named):
+    export, _ = blip2_export(tmp_path_factory, tokenizers, tiny_eva_json, override)
     parent = tmp_path_factory.mktemp("refused")
     assert main(["export", str(export), "--hf", str(parent / "out")]) == 2
-    assert "num_soft_prompts=4" in capsys.readouterr().err
+    assert named in capsys.readouterr().err
     assert list(parent.iterdir()) == []  # nothing half-written, no hidden leftovers
 
 

@@ -35,10 +35,15 @@ def reached(model, loss) -> set:
     return {n for (n, _), g in zip(named, grads) if g is not None}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_the_stage_name_rule_is_what_the_stage_loss_reaches(cfg, stage, monkeypatch):
+@pytest.mark.parametrize("stage,adapter", [(1, False), (2, False), (1, True), (2, True)])
+def test_the_stage_name_rule_is_what_the_stage_loss_reaches(cfg, stage, adapter, monkeypatch):
     torch.manual_seed(0)
+    if adapter:  # the SAM branch's token adapter: trained by both stages, like ln_vision
+        cfg = copy.deepcopy(cfg)
+        cfg.model.sam.token_mlp, cfg.model.sam.max_token = 2, True
     model = build_model(cfg.model)
+    if adapter:  # away from its identity start, so the adapter's first layer is reached too
+        torch.nn.init.normal_(model.qformers["sam"].adapter.mlp[2].weight, std=0.1)
     model.set_stage(None)  # every trainable requires grad: autograd decides what is reached
     monkeypatch.setattr(model, "_touch_trainables", lambda: torch.zeros(()))
     batch = make_batch(cfg, domains=[0, 1, 0, 1, 1, 0, 1, 0])  # both branches get samples in stage 1
@@ -52,6 +57,8 @@ def test_the_stage_name_rule_is_what_the_stage_loss_reaches(cfg, stage, monkeypa
         assert {"captioner.soft_prompts", "captioner.projections.sam.weight", "qformers.clip.query_tokens",
                 "qformers.sam.ln_vision.weight", "qformers.clip.bert.encoder.layer.1.crossattention.attention.key.weight",
                 "qformers.clip.bert.encoder.layer.0.output_query.dense.weight"} <= rule
+        if adapter:
+            assert {"qformers.sam.adapter.mlp.0.weight", "qformers.sam.adapter.mlp.2.bias"} <= rule
         assert not rule & {"qformers.clip.vision_proj.weight", "qformers.sam.itm_head.weight", "qformers.clip.temp",
                            "qformers.clip.embeddings.word_embeddings.weight", "qformers.sam.itg_bias",
                            "qformers.clip.bert.encoder.layer.0.intermediate.dense.weight"}

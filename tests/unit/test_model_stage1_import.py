@@ -239,15 +239,21 @@ def hf_itm_dir(vocab: int, width: int, out):
     return hf
 
 
-@pytest.mark.parametrize("branch,ln_vision", [("clip", True), ("sam", True), ("sam", False)])
-def test_imported_branch_reproduces_blip2_itm_similarity_and_matching(tokenizers, vocab, branch, ln_vision, tmp_path):
+@pytest.mark.parametrize("branch,ln_vision,token_mlp", [("clip", True, 0), ("sam", True, 0), ("sam", False, 0),
+                                                       ("sam", True, 2)])
+def test_imported_branch_reproduces_blip2_itm_similarity_and_matching(tokenizers, vocab, branch, ln_vision, token_mlp,
+                                                                      tmp_path):
+    """With ``token_mlp`` the adapter (not in BLIP-2) is left at its initialisation, the identity: the
+    imported branch still scores as BLIP-2 does."""
     hf = hf_itm_dir(vocab, WIDTH[branch], tmp_path / "blip2-itm")
     model = build_model(config(tokenizers, f"model.{branch}.stage1_checkpoint={tmp_path / 'blip2-itm'}",
-                               f"model.{branch}.ln_vision={str(ln_vision).lower()}")).eval()
+                               f"model.{branch}.ln_vision={str(ln_vision).lower()}",
+                               f"model.{branch}.token_mlp={token_mlp}")).eval()
     report = model.stage1_imports[branch]
+    adapter = {f"adapter.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")} if token_mlp else set()
     assert report.layout == "hf" and set(report.kept) == {"temp", "itg_bias", "itg_transform.0.weight",
                                                           "itg_transform.0.bias", "itg_transform.2.weight",
-                                                          "itg_transform.2.bias"}
+                                                          "itg_transform.2.bias"} | adapter
     qf = model.qformers[branch]
     tok = load_qformer_tokenizer(tokenizers[0])(CAPTIONS, padding="max_length", truncation=True, max_length=32,
                                                 return_tensors="pt")
