@@ -47,8 +47,8 @@ def check_expressible(cfg: Config) -> None:
     if kind != "opt":  # the image token's embedding row and the tied head below are OPT's names
         raise ConfigError(f"export --hf: model.lm is {kind!r}; this export writes BLIP-2 OPT's layout only. Export "
                           "with --bundle (msmedcap.from_pretrained loads it)")
-    if m.clip.token_mlp or m.clip.max_token:
-        raise ConfigError("export --hf: model.clip.token_mlp/max_token: Blip2ForConditionalGeneration feeds the tower's "
+    if m.clip.token_mlp:
+        raise ConfigError(f"export --hf: model.clip.token_mlp={m.clip.token_mlp}: Blip2ForConditionalGeneration feeds the tower's "
                           "tokens to post_layernorm directly; a token adapter before it has no place. Export with --bundle")
     if not m.clip.ln_vision:
         raise ConfigError("export --hf: model.clip.ln_vision=false: Blip2VisionModel always ends in a LayerNorm "

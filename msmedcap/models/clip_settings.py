@@ -35,9 +35,8 @@ class ClipConfig:
     # A trainable LayerNorm on the tokens before this branch's Q-Former (BLIP-2's ln_vision).
     ln_vision: bool = True
     # A trainable residual MLP on each token before the Q-Former's ln_vision (hidden: this many times the
-    # token width; 0 = none, as BLIP-2) and/or the max over the tokens as one more token. docs/model.md
+    # token width; 0 = none, as BLIP-2). docs/model.md
     token_mlp: int = 0
-    max_token: bool = False
     # Stage-1 warm start of this branch's Q-Former: LAVIS blip2_pretrained.pth (or any LAVIS Blip2Qformer
     # .pth) or an HF Blip2ForImageTextRetrieval directory (Salesforce/blip2-itm-vit-g); None = off.
     stage1_checkpoint: Optional[str] = None

@@ -63,8 +63,8 @@ class MSMedCap(nn.Module):
             self.encoders = nn.ModuleDict({b: encoder_spec(b).build(getattr(cfg, b)).freeze(dtype) for b in self.branches})
         self.qformers = nn.ModuleDict({
             b: QFormer(cfg.qformer, self.encoders[b].width, len(qtok), qtok.pad_token_id,
-                       ln_vision=getattr(cfg, b).ln_vision, token_mlp=getattr(getattr(cfg, b), "token_mlp", 0),
-                       max_token=getattr(getattr(cfg, b), "max_token", False)) for b in self.branches})
+                       ln_vision=getattr(cfg, b).ln_vision, token_mlp=getattr(getattr(cfg, b), "token_mlp", 0))
+            for b in self.branches})
         lm_tok = load_lm_tokenizer(cfg.lm.tokenizer)
         self.captioner = Captioner(cfg.lm, {b: cfg.qformer.hidden_size for b in self.branches}, lm_tok,
                                    lm_dtype(cfg), caption_end(cfg, lm_tok), with_lm=with_lm)

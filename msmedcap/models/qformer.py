@@ -43,42 +43,31 @@ BLIP2_ADDS = ("query_tokens", "ln_vision.", "vision_proj.", "text_proj.", "temp"
 
 
 class TokenAdapter(nn.Module):
-    """Trainable, on the encoder tokens before ``ln_vision``: ``x + MLP(x)`` per token (hidden ``ratio`` x
-    the width; the last layer zero, so it starts as the identity), then, with ``max_token``, the max over
-    the tokens of the MLP's output (of the tokens, without an MLP) appended as one more token. A finding at a few of many positions (a small lesion's margin)
-    then reaches the queries as one token, not averaged away by attention spread over all of them."""
+    """Trainable, on each encoder token before ``ln_vision``: ``x + MLP(x)`` (hidden ``ratio`` x the width,
+    GELU; the last layer zero, so the branch starts exactly as without it): the per-position nonlinearity
+    that reads a finding at a lesion's few positions, which cross-attention (a weighted mean) lacks."""
 
-    def __init__(self, width: int, ratio: int, max_token: bool):
+    def __init__(self, width: int, ratio: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(width, ratio * width), nn.GELU(), nn.Linear(ratio * width, width)) \
-            if ratio else None
-        if self.mlp is not None:
-            nn.init.zeros_(self.mlp[2].weight)
-            nn.init.zeros_(self.mlp[2].bias)
-        self.max_token = max_token
+        self.mlp = nn.Sequential(nn.Linear(width, ratio * width), nn.GELU(), nn.Linear(ratio * width, width))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.mlp is None:
-            return torch.cat([tokens, tokens.amax(dim=1, keepdim=True)], dim=1)
-        delta = self.mlp(tokens)
-        tokens = tokens + delta
-        if self.max_token:  # the MLP's own max: the encoder's raw maxima (bright organs) would mask it
-            tokens = torch.cat([tokens, delta.amax(dim=1, keepdim=True)], dim=1)
-        return tokens
+        return tokens + self.mlp(tokens)
 
 
 class QFormer(nn.Module):
     """Learned queries cross-attending one encoder's tokens (after a trainable LayerNorm, BLIP-2's
     ``ln_vision``, unless ``ln_vision=False``: then ``self.ln_vision`` is None and the tokens go in as
-    they are, as the MSMedCap reference does for SAM; before it, with ``token_mlp``/``max_token``, a
-    :class:`TokenAdapter`); text shares the self-attention. Heads: ITC projections + temperature, ITM, ITG."""
+    they are, as the MSMedCap reference does for SAM; before it, with ``token_mlp``, a :class:`TokenAdapter`); text shares the self-attention. Heads: ITC projections + temperature, ITM, ITG."""
 
     def __init__(self, cfg: QFormerConfig, encoder_width: int, vocab_size: int, pad_token_id: int,
-                 ln_vision: bool = True, token_mlp: int = 0, max_token: bool = False):
+                 ln_vision: bool = True, token_mlp: int = 0):
         super().__init__()
         hf = qformer_hf_config(cfg, encoder_width, vocab_size, pad_token_id)
         h = cfg.hidden_size
-        self.adapter = TokenAdapter(encoder_width, token_mlp, max_token) if token_mlp or max_token else None
+        self.adapter = TokenAdapter(encoder_width, token_mlp) if token_mlp else None
         self.ln_vision = nn.LayerNorm(encoder_width) if ln_vision else None
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, h) * hf.initializer_range)
         self.embeddings = Blip2TextEmbeddings(hf)

@@ -38,9 +38,8 @@ class SamConfig:
     # As model.clip.*: the reference code (MSMedCap) cross-attends SAM's neck output with no LayerNorm.
     ln_vision: bool = True
     # A trainable residual MLP on each token before the Q-Former's ln_vision (hidden: this many times the
-    # token width; 0 = none, as BLIP-2) and/or the max over the tokens as one more token. docs/model.md
+    # token width; 0 = none, as BLIP-2). docs/model.md
     token_mlp: int = 0
-    max_token: bool = False
     stage1_checkpoint: Optional[str] = None
     stage1_skip: list = field(default_factory=list)
 

@@ -40,7 +40,7 @@ def test_the_stage_name_rule_is_what_the_stage_loss_reaches(cfg, stage, adapter,
     torch.manual_seed(0)
     if adapter:  # the SAM branch's token adapter: trained by both stages, like ln_vision
         cfg = copy.deepcopy(cfg)
-        cfg.model.sam.token_mlp, cfg.model.sam.max_token = 2, True
+        cfg.model.sam.token_mlp = 2
     model = build_model(cfg.model)
     if adapter:  # away from its identity start, so the adapter's first layer is reached too
         torch.nn.init.normal_(model.qformers["sam"].adapter.mlp[2].weight, std=0.1)

@@ -112,7 +112,6 @@ FIELD_CASES = {
     "model.clip.feature_layer": ("-1", ["3", "-4", "x"]),  # the stand-in has 3 blocks
     "model.clip.ln_vision": ("false", ["maybe"]),
     "model.clip.token_mlp": ("4", ["-1", "1.5", "true"]),
-    "model.clip.max_token": ("true", ["1", "maybe"]),
     "model.clip.stage1_checkpoint": ("null", ["''", "{a: 1}"]),
     "model.clip.stage1_skip": ("[encoder_side]", ["5", "{a: 1}"]),
     "model.sam.type": ("tiny", ["vit_x", "vit_b"]),  # vit_b: the demo's tiny encoder overrides are refused
@@ -127,7 +126,6 @@ FIELD_CASES = {
     "model.sam.encoder_chunk": ("2", ["-1", "x", "1.5"]),
     "model.sam.ln_vision": ("false", ["maybe"]),
     "model.sam.token_mlp": ("2", ["-2", "x"]),
-    "model.sam.max_token": ("false", ["2", "yes please"]),
     "model.sam.stage1_checkpoint": ("null", ["''", "[a]"]),
     "model.sam.stage1_skip": ("[]", ["5"]),
     "model.qformer.hidden_size": ("128", ["0", "66", "x"]),  # 66: not divisible by the 4 heads

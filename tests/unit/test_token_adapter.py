@@ -1,6 +1,6 @@
-"""The token adapter before a Q-Former's ``ln_vision`` (``model.<branch>.token_mlp`` / ``max_token``,
-msmedcap.models.qformer.TokenAdapter): it starts as the identity, its max token is the max over the
-tokens, and it trains where a few positions must decide (a small lesion among SAM's 256)."""
+"""The token adapter before a Q-Former's ``ln_vision`` (``model.<branch>.token_mlp``,
+msmedcap.models.qformer.TokenAdapter): it starts as the identity, it is ``x + MLP(x)`` per token, and
+it trains (its zero last layer does not block the first)."""
 import torch
 
 from msmedcap.models.qformer import QFormer
@@ -10,12 +10,12 @@ TINY = QFormerConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_siz
                      num_query_tokens=4, embed_dim=16, cross_attention_init=0.2)
 
 
-def qformer(seed: int = 0, **adapter) -> QFormer:
+def qformer(seed: int = 0, token_mlp: int = 0) -> QFormer:
     torch.manual_seed(seed)
-    return QFormer(TINY, 24, 50, 0, **adapter)
+    return QFormer(TINY, 24, 50, 0, token_mlp=token_mlp)
 
 
-def test_the_mlp_starts_as_the_identity():
+def test_the_adapter_starts_as_the_identity():
     plain, adapted = qformer().eval(), qformer(token_mlp=4).eval()
     missing, unexpected = adapted.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(missing) == [f"adapter.mlp.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")] and not unexpected
@@ -25,23 +25,23 @@ def test_the_mlp_starts_as_the_identity():
     assert adapted.adapter.mlp[0].weight.shape == (96, 24)  # 4 x the token width
 
 
-def test_the_max_token_is_the_max_over_the_adapted_tokens():
-    q = qformer(token_mlp=2, max_token=True)
+def test_the_adapter_is_a_residual_mlp_per_token_before_ln_vision():
+    q = qformer(token_mlp=2)
     torch.nn.init.normal_(q.adapter.mlp[2].weight, std=0.5)  # away from the identity
-    q.ln_vision = None
     tokens = torch.randn(2, 7, 24)
-    embeds = q.image_embeds(tokens)
-    assert embeds.shape == (2, 8, 24)
-    adapted = tokens + q.adapter.mlp(tokens)
-    torch.testing.assert_close(embeds[:, :7], adapted)
-    torch.testing.assert_close(embeds[:, 7], adapted.amax(dim=1))
+    mlp = q.adapter.mlp
+    adapted = tokens + mlp[2](torch.nn.functional.gelu(mlp[0](tokens)))
+    torch.testing.assert_close(q.image_embeds(tokens), q.ln_vision(adapted))
+    torch.testing.assert_close(q.image_embeds(tokens)[:, 3], q.image_embeds(tokens[:, 3:4])[:, 0])  # per token
     assert q.image_embeds_trained()
+    q.ln_vision.requires_grad_(False)
+    assert q.image_embeds_trained()  # the adapter alone: stage 1 still passes a gradient to the embeds
     q.adapter.requires_grad_(False)
-    assert not q.image_embeds_trained()  # no ln_vision, the adapter frozen: stage 1 passes no gradient to embeds
+    assert not q.image_embeds_trained()
 
 
-def test_no_adapter_without_its_keys():
-    q = qformer(token_mlp=0, max_token=False)
+def test_no_adapter_without_token_mlp():
+    q = qformer(token_mlp=0)
     assert q.adapter is None
     assert not any(n.startswith("adapter.") for n in q.state_dict())
 
@@ -56,7 +56,7 @@ def test_a_finding_at_one_of_many_positions_trains_through_the_adapter():
         tokens[torch.arange(n), where, 1] += torch.where(label.bool(), 2.0, -2.0)  # its "margin"
         return tokens, label
 
-    q = qformer(1, token_mlp=2, max_token=True)
+    q = qformer(1, token_mlp=2)
     head = torch.nn.Linear(32, 2)
     opt = torch.optim.AdamW([*q.parameters(), *head.parameters()], lr=3e-3)
     g = torch.Generator().manual_seed(0)
