@@ -123,7 +123,7 @@ def fetch_rows(x: torch.Tensor, want: torch.Tensor, rows: int) -> torch.Tensor:
     asked = gather(F.pad(want, (0, rows - want.shape[0]), value=-1), with_grad=False).view(world, rows)
     mine = (asked >= 0) & (asked // rows == me)  # [requester, request]: asks for a row of this rank
     send_counts = mine.sum(1).tolist()
-    send = x[(asked % rows)[mine]]  # requester by requester, each in its own order
+    send = x[(asked % rows)[mine]].contiguous()  # requester by requester; x may be a transposed layout
     owner = want // rows
     recv_counts = torch.bincount(owner, minlength=world).tolist()
     out = x.new_empty(want.shape[0], *x.shape[1:])
@@ -132,7 +132,7 @@ def fetch_rows(x: torch.Tensor, want: torch.Tensor, rows: int) -> torch.Tensor:
 
         out = all_to_all_single(out, send, recv_counts, send_counts)
     else:
-        dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts)
+        dist.all_to_all_single(out, send, recv_counts, send_counts)
     order = torch.argsort(owner, stable=True)  # ``out`` holds ``want[order]``: owner by owner
     return out[torch.argsort(order)]
 

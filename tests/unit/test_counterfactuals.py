@@ -13,6 +13,7 @@ from helpers.model_kit import CAPTIONS, demo_config, make_batch, one_thread
 from msmedcap.config import ConfigError, load_config
 from msmedcap.models import build_model
 from msmedcap.models.counterfactuals import RADIOLOGY_SETS, Counterfactuals, normalise_sets
+from msmedcap.models.stage1_settings import CounterfactualsConfig
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -165,9 +166,10 @@ def test_stage1_replaces_the_share_of_text_negatives_by_counterfactuals_and_coun
 
 
 def test_stage1_counterfactuals_off_draw_what_they_drew_before(tokenizers):
-    """Off (the default): no counterfactual text, no count, the same losses as a model built without the key."""
-    cfg = demo_config(tokenizers)
-    assert not cfg.model.stage1.counterfactuals.enabled and not cfg.model.stage1.negatives_skip_same_text
+    """Off (the default; the demo preset turns them on): no counterfactual text, no count."""
+    assert not CounterfactualsConfig().enabled
+    cfg = demo_config(tokenizers, "model.stage1.counterfactuals.enabled=false")
+    assert not cfg.model.stage1.negatives_skip_same_text
     torch.manual_seed(0)
     model = build_model(cfg.model)
     out = model.stage1_loss(make_batch(cfg), generator=torch.Generator().manual_seed(3))

@@ -30,7 +30,8 @@ def vocab(tokenizers):
 
 def config(tokenizers, *overrides):
     return demo_config(tokenizers, "model.frozen_dtype=fp32", f"model.qformer.cross_attention_freq={FREQ}",
-                       "model.sam.token_layout=channels", *overrides).model
+                       "model.sam.token_layout=channels", "model.clip.token_mlp=0", "model.sam.token_mlp=0",
+                       *overrides).model  # BLIP-2's layout: no token adapter unless a test sets one
 
 
 # --------------------------------------------------------------------------- LAVIS

@@ -211,12 +211,13 @@ def test_itm_hard_negative_fetch_equals_the_full_gather(tokenizers):
 
 
 # --------------------------------------------------------------------------- requires_grad across ranks
-def _grad_worker(rank, tokenizers):
+def _grad_worker(rank, tokenizers, token_mlp):
     import torch.distributed as dist
 
-    # SAM without ln_vision (as the paper preset) and routed so that rank 0 has no SAM sample
+    # SAM without ln_vision (as the paper preset; with token_mlp its embeds are the adapter's output, in the
+    # encoder's transposed layout) and routed so that rank 0 has no SAM sample
     cfg = demo_config(tokenizers, "model.sam.ln_vision=false", "model.routing.general=[clip]",
-                      "model.routing.medical=[sam]")
+                      "model.routing.medical=[sam]", f"model.sam.token_mlp={token_mlp}")
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     batch = make_batch(cfg, domains=[0, 0, 0, 0] if rank == 0 else [1, 1, 0, 1], seed=rank)
@@ -241,8 +242,9 @@ def _grad_worker(rank, tokenizers):
     return {"flags": flags}
 
 
-def test_gathered_tensors_need_grad_alike_on_every_rank(tokenizers):
-    result = _run_two_ranks(_grad_worker, tokenizers)
+@pytest.mark.parametrize("token_mlp", [0, 4])
+def test_gathered_tensors_need_grad_alike_on_every_rank(tokenizers, token_mlp):
+    result = _run_two_ranks(_grad_worker, tokenizers, token_mlp)
     assert result[0]["flags"] == result[1]["flags"] and result[0]["flags"]
 
 
