@@ -67,7 +67,6 @@ class QFormer(nn.Module):
         super().__init__()
         hf = qformer_hf_config(cfg, encoder_width, vocab_size, pad_token_id)
         h = cfg.hidden_size
-        self.adapter = TokenAdapter(encoder_width, token_mlp) if token_mlp else None
         self.ln_vision = nn.LayerNorm(encoder_width) if ln_vision else None
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, h) * hf.initializer_range)
         self.embeddings = Blip2TextEmbeddings(hf)
@@ -88,6 +87,8 @@ class QFormer(nn.Module):
         self.itg_bias = nn.Parameter(torch.zeros(vocab_size))
         self.num_queries = cfg.num_query_tokens
         self._init_heads(hf.initializer_range)
+        # drawn last: every other tensor is initialised as without it (the same seed, the same model)
+        self.adapter = TokenAdapter(encoder_width, token_mlp) if token_mlp else None
 
     def _init_heads(self, std: float) -> None:
         for module in (self.vision_proj, self.text_proj, self.itm_head, self.itg_transform[0]):

@@ -106,8 +106,9 @@ def test_batched_beam_search_gives_the_captions_of_batch_1(family, demo_batches,
     model = build_model(family_config(lm_dir).model).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # trainables far from init, so the queries (and captions) depend on the image
-        for _, p in model.trainable_named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+        for n, p in model.trainable_named_parameters():
+            if ".adapter." not in n:  # the token adapter stays the identity: at std 2 its MLP swamps the tokens
+                p.copy_(torch.randn(p.shape, generator=g) * 2.0)
     batch = demo_batches[0]
     lm_class, prefill_rows = type(model.captioner.lm), []
     forward = lm_class.forward
