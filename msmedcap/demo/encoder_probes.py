@@ -155,14 +155,15 @@ class PositionReader(torch.nn.Module):
 
 
 class QFormerReader(torch.nn.Module):
-    """A fresh demo Q-Former (``qformer_cfg``) on the embedding as per-position tokens (``spatial``),
-    a linear layer on the mean of its query outputs: the queries' own route to the labels."""
+    """A fresh demo Q-Former (``qformer_cfg``, with a token adapter when ``token_mlp``) on the embedding as
+    per-position tokens (``spatial``), a linear layer on the mean of its query outputs: the queries' own
+    route to the labels."""
 
-    def __init__(self, channels: int, classes: int, qformer_cfg):
+    def __init__(self, channels: int, classes: int, qformer_cfg, token_mlp: int = 0):
         super().__init__()
         from msmedcap.models.qformer import QFormer
 
-        self.qformer = QFormer(qformer_cfg, channels, vocab_size=8, pad_token_id=0)
+        self.qformer = QFormer(qformer_cfg, channels, vocab_size=8, pad_token_id=0, token_mlp=token_mlp)
         self.out = torch.nn.Linear(qformer_cfg.hidden_size, classes)
 
     def forward(self, x):
@@ -171,7 +172,7 @@ class QFormerReader(torch.nn.Module):
 
 
 def supervised_probe(x_fit: torch.Tensor, y_fit: list, x_test: torch.Tensor, y_test: list, reader: str = "conv-max",
-                     steps: int = 1500, seed: int = 0, qformer_cfg=None) -> tuple:
+                     steps: int = 1500, seed: int = 0, qformer_cfg=None, token_mlp: int = 0) -> tuple:
     """A reader trained on the labels (AdamW 2e-3, batch 64; ``reader``: ``{linear,mlp,conv}-{max,mean}``
     (:class:`PositionReader`) or ``qformer`` (:class:`QFormerReader`, AdamW 1e-3, batch 32)) on SAM
     embeddings ``[N, C, g, g]`` -> (fit accuracy on 500, test predictions right [bool per sample])."""
@@ -182,7 +183,7 @@ def supervised_probe(x_fit: torch.Tensor, y_fit: list, x_test: torch.Tensor, y_t
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if reader == "qformer":
-            head, lr, batch = QFormerReader(x_fit.shape[1], len(classes), qformer_cfg), 1e-3, 32
+            head, lr, batch = QFormerReader(x_fit.shape[1], len(classes), qformer_cfg, token_mlp), 1e-3, 32
         else:
             head, lr, batch = PositionReader(x_fit.shape[1], len(classes), *reader.split("-")), 2e-3, 64
     opt = torch.optim.AdamW(head.parameters(), lr, weight_decay=0.01)
@@ -198,7 +199,8 @@ def supervised_probe(x_fit: torch.Tensor, y_fit: list, x_test: torch.Tensor, y_t
         return fit_acc, (head(x_test).argmax(1) == yt)
 
 
-# Readers of margin_probes, in table order: (row name, SAM weights, reader, Q-Former cross_attention_init)
+# Readers of margin_probes, in table order: (row name, SAM weights, reader, Q-Former cross_attention_init,
+# Q-Former token_mlp)
 MARGIN_READERS = (
     ("conv 3x3, max", "random", "conv-max", None),
     ("conv 3x3, max", "pre-trained", "conv-max", None),
@@ -208,6 +210,7 @@ MARGIN_READERS = (
     ("per position MLP, mean", "pre-trained", "mlp-mean", None),
     ("Q-Former, cross-attention init 0.02 (BERT's)", "pre-trained", "qformer", 0.02),
     ("Q-Former, cross-attention init 0.2 (the demo's)", "pre-trained", "qformer", 0.2),
+    ("Q-Former, init 0.2, token adapter (token_mlp 4, the demo's SAM branch)", "pre-trained", "qformer", 0.2, 4),
 )
 
 
@@ -246,10 +249,11 @@ def margin_probes(n_fit: int = 2000, n_test: int = 400, seed: int = 0, model_cfg
     margins = {split: [s["json"]["margin"] for s in samples] for split, samples in data.items()}
     small = torch.tensor([s["json"]["size"] == "small" for s in data["test"]])
     result = {"n": {"fit": n_fit, "test": n_test}}
-    for row, weights, reader, init in readers:
+    for row, weights, reader, init, *adapter in readers:
         qformer_cfg = dataclasses.replace(m.qformer, cross_attention_init=init) if reader == "qformer" else None
         fit_acc, right = supervised_probe(emb[weights, "fit"], margins["fit"], emb[weights, "test"], margins["test"],
-                                          reader=reader, steps=steps, seed=seed, qformer_cfg=qformer_cfg)
+                                          reader=reader, steps=steps, seed=seed, qformer_cfg=qformer_cfg,
+                                          token_mlp=adapter[0] if adapter else 0)
         result[row, weights] = {"fit": fit_acc, "all": right.float().mean().item(),
                                 "small": right[small].float().mean().item(), "large": right[~small].float().mean().item()}
     return result
