@@ -151,7 +151,7 @@ def test_probe_end_to_end_writes_probe_json(run_dir, capsys):
                            "probes", "caption", "attention", "ablation", "time"}
     assert result["branches"] == ["clip", "sam"] and result["export"].endswith("stage2/export")
     assert result["samples"]["train"]["n"] == 48 and result["samples"]["eval"]["n"] == 24
-    assert result["samples"]["train"]["domain"] == {"general": 24, "medical": 24}
+    assert result["samples"]["train"]["domain"] == {"general": 12, "medical": 36}  # the run's 1 : 3 training mix
 
     # probes: every field of both grammars, every branch x representation, with its counts and majority
     probes = result["probes"]
