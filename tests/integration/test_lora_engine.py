@@ -142,7 +142,10 @@ def test_stage_2_trains_the_lora_and_the_merged_export_captions_as_the_trained_m
     if precision == "fp32":  # the LoRA changed the LM's outputs far beyond the merge's rounding
         assert (without - trained).abs().max() > 1000 * tol
     captions = model.generate(batch, num_beams=3, max_len=30)
-    assert merged.generate(batch, num_beams=3, max_len=30) == captions
+    same = [a == b for a, b in zip(merged.generate(batch, num_beams=3, max_len=30), captions)]
+    # bf16: the merge's rounding may flip a near-tie between two beams (one word, e.g. a margin the model
+    # is unsure of); the logits above are the exact check
+    assert all(same) if precision == "fp32" else sum(same) >= len(same) - 1, (same, captions)
     assert len(set(captions)) > 1
 
 
