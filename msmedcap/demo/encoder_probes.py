@@ -202,14 +202,14 @@ def supervised_probe(x_fit: torch.Tensor, y_fit: list, x_test: torch.Tensor, y_t
 # Readers of margin_probes, in table order: (row name, SAM weights, reader, Q-Former cross_attention_init,
 # Q-Former token_mlp)
 MARGIN_READERS = (
-    ("conv 3x3, max", "random", "conv-max", None),
-    ("conv 3x3, max", "pre-trained", "conv-max", None),
-    ("per position linear, max", "pre-trained", "linear-max", None),
-    ("per position linear, mean (what uniform attention computes)", "pre-trained", "linear-mean", None),
-    ("per position MLP, max", "pre-trained", "mlp-max", None),
-    ("per position MLP, mean", "pre-trained", "mlp-mean", None),
-    ("Q-Former, cross-attention init 0.02 (BERT's)", "pre-trained", "qformer", 0.02),
-    ("Q-Former, cross-attention init 0.2 (the demo's)", "pre-trained", "qformer", 0.2),
+    ("conv 3x3, max", "random", "conv-max", None, 0),
+    ("conv 3x3, max", "pre-trained", "conv-max", None, 0),
+    ("per position linear, max", "pre-trained", "linear-max", None, 0),
+    ("per position linear, mean (what uniform attention computes)", "pre-trained", "linear-mean", None, 0),
+    ("per position MLP, max", "pre-trained", "mlp-max", None, 0),
+    ("per position MLP, mean", "pre-trained", "mlp-mean", None, 0),
+    ("Q-Former, cross-attention init 0.02 (BERT's)", "pre-trained", "qformer", 0.02, 0),
+    ("Q-Former, cross-attention init 0.2 (the demo's)", "pre-trained", "qformer", 0.2, 0),
     ("Q-Former, init 0.2, token adapter (token_mlp 4, the demo's SAM branch)", "pre-trained", "qformer", 0.2, 4),
 )
 
@@ -249,11 +249,11 @@ def margin_probes(n_fit: int = 2000, n_test: int = 400, seed: int = 0, model_cfg
     margins = {split: [s["json"]["margin"] for s in samples] for split, samples in data.items()}
     small = torch.tensor([s["json"]["size"] == "small" for s in data["test"]])
     result = {"n": {"fit": n_fit, "test": n_test}}
-    for row, weights, reader, init, *adapter in readers:
+    for row, weights, reader, init, token_mlp in readers:
         qformer_cfg = dataclasses.replace(m.qformer, cross_attention_init=init) if reader == "qformer" else None
         fit_acc, right = supervised_probe(emb[weights, "fit"], margins["fit"], emb[weights, "test"], margins["test"],
                                           reader=reader, steps=steps, seed=seed, qformer_cfg=qformer_cfg,
-                                          token_mlp=adapter[0] if adapter else 0)
+                                          token_mlp=token_mlp)
         result[row, weights] = {"fit": fit_acc, "all": right.float().mean().item(),
                                 "small": right[small].float().mean().item(), "large": right[~small].float().mean().item()}
     return result

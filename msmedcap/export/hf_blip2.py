@@ -48,8 +48,9 @@ def check_expressible(cfg: Config) -> None:
         raise ConfigError(f"export --hf: model.lm is {kind!r}; this export writes BLIP-2 OPT's layout only. Export "
                           "with --bundle (msmedcap.from_pretrained loads it)")
     if m.clip.token_mlp:
-        raise ConfigError(f"export --hf: model.clip.token_mlp={m.clip.token_mlp}: Blip2ForConditionalGeneration feeds the tower's "
-                          "tokens to post_layernorm directly; a token adapter before it has no place. Export with --bundle")
+        raise ConfigError(f"export --hf: model.clip.token_mlp={m.clip.token_mlp}: Blip2ForConditionalGeneration feeds "
+                          "the tower's tokens to post_layernorm directly; a token adapter before it has no place. "
+                          "Export with --bundle")
     if not m.clip.ln_vision:
         raise ConfigError("export --hf: model.clip.ln_vision=false: Blip2VisionModel always ends in a LayerNorm "
                           "(post_layernorm, BLIP-2's ln_vision); this model has none")

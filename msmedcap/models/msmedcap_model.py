@@ -33,7 +33,8 @@ from msmedcap.tokenization import encode_qformer_text, load_lm_tokenizer, load_q
 log = logging.getLogger(__name__)
 
 # What the stage-2 captioning loss reaches inside a Q-Former (``qformers.<branch>.`` + this): the query
-# path (learned queries, the token adapter, ln_vision, the embedding LayerNorm, self-attention, cross-attention, query FFN).
+# path (learned queries, the token adapter, ln_vision, the embedding LayerNorm, self-attention,
+# cross-attention, query FFN).
 # The text side (embeddings, text FFN) and the stage-1 heads (ITC projections, temp, ITM, ITG) are not.
 # tests/integration/test_stage_scope.py checks this rule against autograd on a real batch.
 STAGE2_QFORMER = re.compile(r"(query_tokens|adapter\.|ln_vision\.|bert\.layernorm\."

@@ -60,7 +60,8 @@ class TokenAdapter(nn.Module):
 class QFormer(nn.Module):
     """Learned queries cross-attending one encoder's tokens (after a trainable LayerNorm, BLIP-2's
     ``ln_vision``, unless ``ln_vision=False``: then ``self.ln_vision`` is None and the tokens go in as
-    they are, as the MSMedCap reference does for SAM; before it, with ``token_mlp``, a :class:`TokenAdapter`); text shares the self-attention. Heads: ITC projections + temperature, ITM, ITG."""
+    they are, as the MSMedCap reference does for SAM; before it, with ``token_mlp``, a
+    :class:`TokenAdapter`); text shares the self-attention. Heads: ITC projections + temperature, ITM, ITG."""
 
     def __init__(self, cfg: QFormerConfig, encoder_width: int, vocab_size: int, pad_token_id: int,
                  ln_vision: bool = True, token_mlp: int = 0):
@@ -106,7 +107,8 @@ class QFormer(nn.Module):
 
     # ----------------------------------------------------------------- passes
     def image_embeds(self, encoder_tokens: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder tokens -> token adapter (if any) -> trainable LayerNorm (if any), in this module's dtype."""
+        """Frozen encoder tokens -> token adapter (if any) -> trainable LayerNorm (if any), in this module's
+        dtype."""
         tokens = encoder_tokens.to(self.dtype)
         if self.adapter is not None:
             tokens = self.adapter(tokens)
