@@ -48,7 +48,8 @@ class ModelConfig:
     # Frozen encoders' dtype: auto = fp16 on GPU, bf16 on CPU.
     frozen_dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     blip2_checkpoint: Optional[str] = None  # HF-format BLIP-2 directory imported into the CLIP branch
-    # Directory caching frozen-encoder outputs by image sha256 (models/feature_cache.py); None = off.
+    # Directory caching frozen-encoder outputs by image sha256 (models/feature_cache.py); None = off;
+    # auto = the run's own, OUTPUT_DIR/feature-cache, while training (the trainer sets it; elsewhere off).
     feature_cache: Optional[str] = None
     # Build frozen parts that have no weights (SAM without sam.checkpoint, CLIP without clip.pretrained, an LM
     # from a bare lm.config) with random weights: for tests and benchmarks, which measure shapes. Off: such a
@@ -58,6 +59,11 @@ class ModelConfig:
     @property
     def branches(self) -> tuple:
         return VARIANT_BRANCHES[self.variant]
+
+    @property
+    def feature_cache_dir(self) -> Optional[str]:
+        """Where the feature cache is; None when off, or ``auto`` before a trainer resolves it."""
+        return None if self.feature_cache in (None, "auto") else self.feature_cache
 
 
 # --------------------------------------------------------------------------- data

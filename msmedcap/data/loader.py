@@ -124,7 +124,7 @@ class SampleProcessor:
         self.caption_end = caption_end(cfg.model, self.lm_tok)
         self.max_text_len = cfg.model.qformer.max_text_len
         self.max_caption_len = cfg.model.lm.max_caption_len
-        self.hash_images = bool(cfg.model.feature_cache)  # the feature cache's key (models/feature_cache.py)
+        self.hash_images = bool(cfg.model.feature_cache_dir)  # the feature cache's key (models/feature_cache.py)
         self.cache = None
         if feature_stores and self.hash_images:
             from msmedcap.models.feature_cache import WorkerReader

@@ -16,8 +16,10 @@ waits for another). Rows are appended at once; their index lines follow after an
 once per segment (``SYNC_EVERY`` batches) and at close, so an index entry never points at rows that
 may not be on disk (an unterminated last index line is ignored). Rows are read through ``np.memmap``.
 
-Switched on with ``model.feature_cache=PATH``. Misses are computed by the encoder and written, so the
-first epoch fills the cache and later epochs skip the encoders. The train loader's workers look each
+Switched on with ``model.feature_cache=PATH`` (``auto``: a trainer's OUTPUT_DIR/feature-cache). Misses
+are computed by the encoder, one image at a time (a row is then the image's own, whatever missed with it,
+so results do not depend on the cache's state), and written, so the first epoch fills the cache and later
+epochs skip the encoders. The train loader's workers look each
 sample up by its hash before decoding (``WorkerReader``, given ``FeatureCache.reader_spec`` through
 ``make_train_loader``): when every branch the sample feeds (stage 1: its routed branches; stage 2:
 all) is stored, the image is not decoded at all and its rows travel in the batch (``<branch>_cached``
@@ -298,7 +300,9 @@ class FeatureCache:
         if sizes is not None and not sizes[miss.to(sizes.device)].all():
             raise RuntimeError(f"feature cache: {branch} has no cached row for an image the loader did not decode "
                                "(the workers' branches differ from the model's)")
-        fresh = encoder(images[miss.to(images.device)], None if sizes is None else sizes[miss.to(sizes.device)])
+        # one image at a time: a row then depends on its image alone, not on which samples missed with it,
+        # so a run's numbers do not depend on the cache's state (cold, warm, or rows lost to a kill)
+        fresh = torch.cat([encoder(images[i:i + 1], None if sizes is None else sizes[i:i + 1]) for i in miss.tolist()])
         if self.write:
             store.put([keys[i] for i in miss.tolist()], fresh)
         if cached is None:

@@ -51,10 +51,10 @@ def build_model(cfg: ModelConfig, init_trainables: bool = True, with_lm: bool = 
     if cfg.blip2_checkpoint:
         import_blip2(model, cfg.blip2_checkpoint)
     add_lora(model)  # after every LM weight is loaded (under the LM's own tensor names)
-    if cfg.feature_cache:
+    if cfg.feature_cache_dir:
         from msmedcap.models.feature_cache import attach_feature_cache
 
-        attach_feature_cache(model, cfg.feature_cache)
+        attach_feature_cache(model, cfg.feature_cache_dir)
     counts = model.parameter_counts()
     log.info("parameters: %s", ", ".join(f"{k} {v['trainable'] / 1e6:.1f}M trainable + {v['frozen'] / 1e6:.1f}M "
                                          "frozen" for k, v in counts.items()))

@@ -90,6 +90,8 @@ class Trainer:
         self.dist = torch.distributed
         self.stop = StopRequest()  # before any DataLoader worker forks (start_loader checks)
         self.out = Path(cfg.train.output_dir)
+        if cfg.model.feature_cache == "auto":  # the run's own cache: its images repeat every epoch
+            cfg.model.feature_cache = str(self.out / "feature-cache")
         self.log: Optional[MetricsLog] = None
         self.model: Optional[nn.Module] = None  # the last trained stage's, for the evaluation
 

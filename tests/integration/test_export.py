@@ -82,6 +82,25 @@ def demo_images(tmp_path, n) -> list:
     return paths
 
 
+def test_the_demo_presets_feature_cache_is_the_runs_own(run_dir):
+    """``model.feature_cache: auto`` (the demo preset) is OUTPUT_DIR/feature-cache: the trainer resolves it,
+    config.yaml names it, both stages fill one store per encoder (stage 2 reads its rows back); a model
+    built outside a trainer has no cache."""
+    import yaml
+
+    from msmedcap.config import load_config
+    from msmedcap.models import build_model
+
+    cache = run_dir / "feature-cache"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["feature_cache"] == str(cache)
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["clip", "sam"]
+    for store in cache.iterdir():
+        rows = [line for f in store.glob("index-*.tsv") for line in f.read_text().splitlines()]
+        assert rows and len(rows) == len({r.split("\t")[0] for r in rows})  # each image once
+    assert load_config("demo").model.feature_cache == "auto"
+    assert build_model(load_config("demo").model).feature_cache is None
+
+
 def test_card_renders_the_runs_summary(run_dir, bundle):
     from huggingface_hub import ModelCard
 

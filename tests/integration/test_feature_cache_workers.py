@@ -48,7 +48,10 @@ def test_a_hit_skips_the_decode_and_its_rows_equal_the_encoder_output(shard, tmp
     spec = cache.reader_spec()
     (full,) = list(make_eval_loader(cfg, [shard], 0, 1, batch_size=6))
     branches_of = {0: ["clip", "sam"], 1: ["sam"]}  # DOMAIN_INDEX general=0, medical=1 (demo routing)
-    fresh = {b: model.encoders[b](*_images(model, full, b)) for b in model.branches}
+    fresh = {}
+    for b in model.branches:  # each image encoded alone, as the cache computes a miss
+        images, sizes = _images(model, full, b)
+        fresh[b] = torch.cat([model.encoders[b](images[i:i + 1], sizes[i:i + 1]) for i in range(len(images))])
     # a train batch before anything is stored: every sample decoded, no rows
     decodes = counting_decodes(monkeypatch)
     batch = next(iter(make_train_loader(cfg, stage, 0, 1, feature_stores=spec)))

@@ -1,5 +1,5 @@
 """LoRA on the LM through the real commands (issue 23, item 3), on the demo preset with tiny step counts
-and the default precision (bf16 on a CPU with native bf16, else fp32):
+and the demo's precision (fp32; bf16 LoRA engines: tests/integration/test_lora_engine.py):
 
 - ``launch/pretrain.py`` trains stage 1 (no LM), then stage 2 with the LoRA starting fresh from stage 1's
   export; its end-of-training evaluation runs the unmerged model;

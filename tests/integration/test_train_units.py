@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def cfg():
     return load_config("demo", ["train.stage1.steps=50", "train.stage1.grad_accum=2", "train.stage1.lr=2e-3",
-                                "train.stage1.min_lr=2e-4", "train.stage1.warmup_lr=2e-5"], check_files=False)
+                                "train.stage1.min_lr=2e-4", "train.stage1.warmup_lr=2e-5", "train.precision=auto"],
+                       check_files=False)
 
 
 def test_auto_values_filled_from_the_run_config(cfg):
@@ -167,8 +168,8 @@ def test_checkpoints_atomic_rotating_trainable_only(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     from msmedcap.train.schedule import warmup_cosine
 
-    cfg = load_config("demo", ["train.stage1.steps=10", "train.stage1.warmup_steps=2", "train.stage1.micro_batch_size=4"],
-                      check_files=False)
+    cfg = load_config("demo", ["train.stage1.steps=10", "train.stage1.warmup_steps=2", "train.stage1.micro_batch_size=4",
+                               "train.precision=bf16"], check_files=False)
     ds = fill_ds_config(read_ds_json(REPO / "ds_configs/zero2.json"), cfg, 1, 1)
     deepspeed.init_distributed("gloo")
     try:
