@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional
+
+# one per rank, made by DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp)
+SHM_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
 
 
 def single_process_env() -> None:
@@ -60,6 +64,8 @@ def init_world(timeout_s: Optional[float] = None, cpu_threads: bool = True, grou
 
         kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), **kwargs)
+        if acc.device_name() == "cpu":
+            release_shm_buffer(dist.get_rank(), dist.get_world_size())
     if dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
     else:
@@ -74,6 +80,18 @@ def init_world(timeout_s: Optional[float] = None, cpu_threads: bool = True, grou
         acc.set_device(local_rank)
         device = torch.device(acc.device_name(local_rank))
     return World(rank, size, local_rank, device)
+
+
+def release_shm_buffer(rank: int, size: int) -> None:
+    """Unlink this rank's segment of DeepSpeed's CPU shared-memory all-reduce once every rank has mapped
+    it: the mappings stay valid and the memory goes with the process. DeepSpeed never unlinks it, so each
+    run left ~66 MB per rank in /dev/shm, which is RAM."""
+    import torch.distributed as dist
+
+    if size > 1:
+        dist.barrier()  # init_distributed returned on every rank: each has opened its peers' segments
+    Path(SHM_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                           port=os.environ.get("MASTER_PORT", ""), rank=rank)).unlink(missing_ok=True)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -45,7 +45,11 @@ def run(cmd: list, log: Path, timeout: int = 900) -> str:
 def straight(tmp_path_factory):
     """Both stages straight through on 2 ranks, evaluated at the end."""
     out = tmp_path_factory.mktemp("straight")
-    log = run(deepspeed_cmd(out), out.parent / "straight.log")
+    cmd = deepspeed_cmd(out)
+    log = run(cmd, out.parent / "straight.log")
+    # DeepSpeed's CPU all-reduce segments (66 MB each, in RAM) do not outlive the run (train/world.py)
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     return out, log
 
 
