@@ -10,6 +10,7 @@ setup, steps, log steps and finish (:class:`StageRun`). Output layout::
     OUTPUT_DIR/stage1/export/                          the finished stage's trainable weights + config
     OUTPUT_DIR/stage1/best/                            the best validated step's (train.keep_best_by)
     OUTPUT_DIR/stage2/...
+    OUTPUT_DIR/feature-cache/                          with model.feature_cache=auto (models/feature_cache.py)
 """
 from __future__ import annotations
 
