@@ -103,9 +103,9 @@ def plan_runs(args) -> list:
     return runs
 
 
-# Keys the trainer resolves and writes into the run's config.yaml (msmedcap.train.trainer.resolve_lm_dtype):
-# "auto" planned matches what it became there.
-RESOLVED_AUTO = ("model.lm.dtype",)
+# Keys the trainer resolves and writes into the run's config.yaml (msmedcap.train.trainer: resolve_lm_dtype,
+# the feature cache's directory): "auto" planned matches what it became there.
+RESOLVED_AUTO = ("model.lm.dtype", "model.feature_cache")
 
 
 def _differences(old, new, prefix: str = "") -> list:

@@ -101,6 +101,8 @@ out = Path(kv["train.output_dir"])
 out.mkdir(parents=True, exist_ok=True)
 cfg = load_config(config, overrides)
 cfg.model.lm.dtype = "bf16"  # as the trainer writes it: model.lm.dtype auto resolved to the engine's precision
+if cfg.model.feature_cache == "auto":  # and the demo's feature cache resolved to the run's own directory
+    cfg.model.feature_cache = str(out / "feature-cache")
 (out / "config.yaml").write_text(cfg.to_yaml())
 if os.environ.get("FAKE_FAIL") == kv["model.variant"] + "/" + kv["train.seed"]:
     sys.exit(3)
