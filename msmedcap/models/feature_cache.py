@@ -19,13 +19,12 @@ may not be on disk (an unterminated last index line is ignored). Rows are read t
 Switched on with ``model.feature_cache=PATH`` (``auto``: a trainer's OUTPUT_DIR/feature-cache). Misses
 are computed by the encoder, one image at a time (a row is then the image's own, whatever missed with it,
 so results do not depend on the cache's state), and written, so the first epoch fills the cache and later
-epochs skip the encoders. The train loader's workers look each
-sample up by its hash before decoding (``WorkerReader``, given ``FeatureCache.reader_spec`` through
-``make_train_loader``): when every branch the sample feeds (stage 1: its routed branches; stage 2:
-all) is stored, the image is not decoded at all and its rows travel in the batch (``<branch>_cached``
-mask, ``<branch>_cached_rows``; pinned by the DataLoader on a GPU); the model uses them instead of the
-encoder. Batches without worker-read rows (eval, benches) are looked up in the model's process. See
-docs/benchmarks.md for when it pays off.
+epochs skip the encoders. The train loader's workers look each sample up by its hash before decoding
+(``WorkerReader``, given ``FeatureCache.reader_spec`` through ``make_train_loader``): when every branch
+the sample feeds (stage 1: its routed branches; stage 2: all) is stored, the image is not decoded at
+all and its rows travel in the batch (``<branch>_cached`` mask, ``<branch>_cached_rows``; pinned by the
+DataLoader on a GPU); the model uses them instead of the encoder. Batches without worker-read rows (eval,
+benches) are looked up in the model's process. See docs/benchmarks.md for when it pays off.
 """
 from __future__ import annotations
 
