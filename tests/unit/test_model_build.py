@@ -38,7 +38,8 @@ def test_variants_build_with_only_qformers_queries_projections_trainable(tokeniz
                                                                           for p in ("encoder", "qformer")}
 
 
-def test_frozen_parts_stay_frozen_in_eval_mode_and_low_precision(model, tokenizers):
+def test_frozen_parts_stay_frozen_in_eval_mode_and_low_precision(tokenizers):
+    model = build_model(demo_config(tokenizers, "model.frozen_dtype=auto").model)  # the demo preset's is fp32
     model.train()
     assert all(not m.training for m in [*model.encoders.values(), model.captioner.lm])
     assert all(q.training for q in model.qformers.values())
