@@ -301,9 +301,10 @@ class FeatureCache:
                                "(the workers' branches differ from the model's)")
         # one image at a time: a row then depends on its image alone, not on which samples missed with it,
         # so a run's numbers do not depend on the cache's state (cold, warm, or rows lost to a kill)
-        fresh = torch.cat([encoder(images[i:i + 1], None if sizes is None else sizes[i:i + 1]) for i in miss.tolist()])
+        missed = miss.tolist()
+        fresh = torch.cat([encoder(images[i:i + 1], None if sizes is None else sizes[i:i + 1]) for i in missed])
         if self.write:
-            store.put([keys[i] for i in miss.tolist()], fresh)
+            store.put([keys[i] for i in missed], fresh)
         if cached is None:
             return fresh
         out = torch.empty(len(keys), *fresh.shape[1:], dtype=fresh.dtype, device=fresh.device)

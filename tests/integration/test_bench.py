@@ -64,6 +64,9 @@ def test_cached_features_equal_fresh_ones_and_a_hit_skips_the_encoder(tmp_path):
     assert calls == {"clip": 6, "sam": 6} and cache.hits == {"clip": 6, "sam": 6}
     for b in model.branches:
         assert second[b].dtype == fresh[b].dtype and torch.equal(first[b], fresh[b]) and torch.equal(second[b], fresh[b])
+    torch.manual_seed(0)
+    cold = build_model(load_config("demo", [f"model.feature_cache={tmp_path / 'cold'}"]).model).eval()
+    assert torch.equal(model.stage2_loss(batch)["loss"], cold.stage2_loss(batch)["loss"])  # warm cache = cold one
 
     # stage 1 encodes only the routed rows (medical -> sam): served from the same store
     index = torch.tensor([1, 4])
